@@ -1,0 +1,133 @@
+"""The artifact folder: vitedge.json, report.json/report.md, and atomic writes into it.
+
+Every file lands by rename from a temporary file in the same folder, and ``staged_outdir``
+builds a whole export in a hidden sibling folder that only replaces files in OUTDIR once
+everything succeeded, so a failure never leaves half-written files behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import VitedgeError
+
+METADATA = "vitedge.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+MODEL = "model.onnx"
+SCHEMA_VERSION = 1
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def ensure_writable_dir(outdir: Path) -> None:
+    """Create ``outdir`` (and parents) or fail with one line saying why."""
+    outdir = Path(outdir)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=outdir, prefix=".vitedge-probe-")
+        probe.close()
+    except OSError as exc:
+        raise VitedgeError(f"cannot write to output folder {outdir}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def staged_outdir(outdir: Path):
+    """Yield a temporary folder; on success move its files into ``outdir``, on failure drop it."""
+    outdir = Path(outdir)
+    created = not outdir.exists()
+    ensure_writable_dir(outdir)
+    stage = Path(tempfile.mkdtemp(prefix=".vitedge-stage-", dir=outdir))
+    try:
+        yield stage
+        for item in stage.iterdir():
+            os.replace(item, outdir / item.name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                outdir.rmdir()
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+class Artifact:
+    """An artifact folder on disk: its metadata, its report, its files."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta = self.root / METADATA
+        if not meta.is_file():
+            raise VitedgeError(f"{self.root} is not a vitedge artifact folder (no {METADATA}); run 'vitedge export' first")
+        try:
+            self.metadata = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise VitedgeError(f"cannot read {meta}: {exc}") from None
+
+    @property
+    def model_path(self) -> Path:
+        path = self.root / self.metadata.get("model", MODEL)
+        if not path.is_file():
+            raise VitedgeError(f"{path} is missing; re-run 'vitedge export'")
+        return path
+
+    def report(self) -> dict:
+        path = self.root / REPORT_JSON
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return {}
+
+    def update_report(self, section: str, data: dict) -> dict:
+        """Set one section of report.json and regenerate report.md from it."""
+        from .report import render_markdown
+
+        report = self.report()
+        report[section] = data
+        write_json_atomic(self.root / REPORT_JSON, report)
+        write_text_atomic(self.root / REPORT_MD, render_markdown(self.metadata, report))
+        return report

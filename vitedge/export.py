@@ -1,0 +1,97 @@
+"""Stage 3, export: a static model → ONNX (opset ≥ 17, constant token counts).
+
+The graph's outputs are ``logits`` [B, classes] and, per token selection, ``kept_tokens_<block>``
+[B, k] (int32): the original patch index of every token that stays (−1 for a fused token), so
+a deployment can show what the model looked at and ``validate`` can compare selections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from .backbone import ViTConfig
+from .errors import VitedgeError
+from .families import TokenPlan
+
+MIN_OPSET = 17
+DEFAULT_OPSET = 18  # what the dynamo exporter emits natively; 17 is reached by conversion
+INPUT_NAME = "images"
+
+
+class ExportWrapper(nn.Module):
+    """Flattens ``forward_tokens`` into the graph's outputs: logits, then kept indices as int32."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        logits, kept = self.model.forward_tokens(images)
+        return (logits, *[k.to(torch.int32) for k in kept])
+
+
+def output_names(plan: TokenPlan) -> list[str]:
+    return ["logits"] + [f"kept_tokens_{step['block']}" for step in plan.selections]
+
+
+def export_onnx(
+    static_model: nn.Module,
+    cfg: ViTConfig,
+    plan: TokenPlan,
+    path: Path,
+    opset: int = DEFAULT_OPSET,
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+) -> onnx.ModelProto:
+    """Export with the dynamo exporter (static shapes; optionally a symbolic batch dimension)."""
+    if opset < MIN_OPSET:
+        raise VitedgeError(f"opset {opset} is too old; vitedge needs opset >= {MIN_OPSET} (LayerNormalization)")
+    if batch_size < 1:
+        raise VitedgeError(f"batch size must be >= 1, got {batch_size}")
+    wrapper = ExportWrapper(static_model).eval()
+    example = torch.randn(max(batch_size, 2) if dynamic_batch else batch_size, cfg.in_chans, cfg.img_size, cfg.img_size)
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    names = output_names(plan)
+    with _quiet():
+        try:
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=names,
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+                optimize=True,
+            )
+        except Exception as exc:  # the exporter raises many types; the first line says what failed
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise VitedgeError(f"ONNX export failed: {first[:300]}") from None
+    proto = program.model_proto
+    if dynamic_batch:
+        for value in list(proto.graph.input) + list(proto.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save_model(proto, str(path))
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress and warnings meant for its own developers; keep them off stdout."""
+    previous = logging.getLogger("torch.onnx").level
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.getLogger("torch.onnx").setLevel(previous)

@@ -1,0 +1,153 @@
+"""DynamicViT (Rao et al., NeurIPS 2021): a learned predictor scores tokens before pruning blocks.
+
+Eval semantics of the official code (raoyongming/DynamicViT): before each pruning block
+(3, 6, 9 for depth 12) the predictor ``score_predictor.{s}`` scores the current patch tokens
+(local features next to the mean of the live tokens' global features, an MLP, log-softmax
+over keep/drop); the top ``int(num_patches * keep_rate ** (s + 1))`` by keep log-probability
+stay, in score order; the class token always stays and the rest are dropped.
+
+The reference follows that code (argsort, policy-weighted mean); the static form uses a
+constant-K TopK and a flat Gather.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbone import ViTConfig, VisionTransformer
+from ..errors import VitedgeError
+from ..rewrite import rewrites
+from ..tokens import gather_tokens, patch_positions, top_tokens
+from . import (
+    BlockTokens,
+    Family,
+    TokenPlan,
+    check_keep_rate,
+    check_prune_blocks,
+    check_setting_names,
+    default_prune_blocks,
+    family,
+)
+
+
+class PredictorLG(nn.Module):
+    """The official token-score predictor; parameter names match ``score_predictor.{s}.*``."""
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2),
+            nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4),
+            nn.GELU(),
+            nn.Linear(embed_dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities [B, N, 2] of (keep, drop); ``policy`` [B, N, 1] weights the global mean."""
+        x = self.in_conv(x)
+        half = x.shape[-1] // 2
+        local, global_part = x[..., :half], x[..., half:]
+        if policy is None:
+            global_mean = global_part.mean(dim=1, keepdim=True)
+        else:
+            global_mean = (global_part * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True)
+        return self.out_conv(torch.cat([local, global_mean.expand_as(local)], dim=-1))
+
+
+def kept_counts(num_patches: int, keep_rate: float, steps: int) -> list[int]:
+    """Patch tokens kept after each pruning step, as the official code rounds (int, not ceil)."""
+    return [int(num_patches * keep_rate ** (step + 1)) for step in range(steps)]
+
+
+class DynamicViT(VisionTransformer):
+    def __init__(self, cfg: ViTConfig, keep_rate: float, prune_blocks: list[int]):
+        super().__init__(cfg)
+        self.prune_blocks = list(prune_blocks)
+        self.keep_rate = keep_rate
+        self.score_predictor = nn.ModuleList(PredictorLG(cfg.embed_dim) for _ in prune_blocks)
+        self.kept = kept_counts(cfg.num_patches, keep_rate, len(prune_blocks))
+
+    def select(self, step: int, x: torch.Tensor, positions: torch.Tensor):
+        """Reference selection, as the official eval code: argsort of the keep score, policy mean."""
+        patches = x[:, 1:]
+        policy = torch.ones_like(patches[..., :1])
+        score = self.score_predictor[step](patches, policy)[..., 0]
+        index = torch.argsort(score, dim=1, descending=True)[:, : self.kept[step]]
+        x = torch.cat([x[:, :1], gather_tokens(patches, index)], dim=1)
+        return x, gather_tokens(positions, index)
+
+    def forward_tokens(self, images):
+        x = self.embed(images)
+        positions = patch_positions(x.shape[0], x.shape[1] - 1, x.device)
+        kept = []
+        for i, block in enumerate(self.blocks):
+            if i in self.prune_blocks:
+                x, positions = self.select(self.prune_blocks.index(i), x, positions)
+                kept.append(positions)
+            x = block(x)
+        return self.classify(x), kept
+
+
+class StaticDynamicViT(DynamicViT):
+    """Same weights; constant-K TopK on the keep score and a plain mean for the global feature."""
+
+    def __init__(self, model: DynamicViT, plan: TokenPlan):
+        super().__init__(model.cfg, model.keep_rate, model.prune_blocks)
+        self.load_state_dict(model.state_dict())
+        self.kept = [step["kept_patches"] for step in plan.selections]
+
+    def select(self, step: int, x: torch.Tensor, positions: torch.Tensor):
+        patches = x[:, 1:]
+        score = self.score_predictor[step](patches)[..., 0]
+        index = top_tokens(score, self.kept[step])
+        x = torch.cat([x[:, :1], gather_tokens(patches, index)], dim=1)
+        return x, gather_tokens(positions, index)
+
+
+@rewrites(DynamicViT)
+def _static_dynamicvit(model: DynamicViT, plan: TokenPlan) -> StaticDynamicViT:
+    return StaticDynamicViT(model, plan)
+
+
+def predictor_flops(dim: int, tokens: int) -> int:
+    macs = tokens * (dim * dim + dim * dim // 2 + (dim // 2) * (dim // 4) + (dim // 4) * 2)
+    return 2 * macs
+
+
+@family("dynamicvit")
+class DynamicViTFamily(Family):
+    summary = "learned predictor keeps the top rho^s of patch tokens before blocks 3/6/9"
+    paper = "Rao et al., DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification, NeurIPS 2021"
+    signature_keys = ("score_predictor.",)
+
+    def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
+        check_setting_names(self.name, overrides, {"keep_rate", "prune_blocks"})
+        rate = overrides.get("keep_rate", 0.7)
+        if isinstance(rate, (list, tuple)):
+            raise VitedgeError(
+                "DynamicViT takes one base keep rate rho (it keeps rho, rho^2, rho^3 at its pruning blocks), not a list"
+            )
+        return {
+            "keep_rate": check_keep_rate(rate),
+            "prune_blocks": check_prune_blocks(overrides.get("prune_blocks") or default_prune_blocks(cfg.depth), cfg.depth),
+        }
+
+    def reference(self, cfg: ViTConfig, settings: dict) -> DynamicViT:
+        return DynamicViT(cfg, settings["keep_rate"], settings["prune_blocks"])
+
+    def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
+        kept = kept_counts(cfg.num_patches, settings["keep_rate"], len(settings["prune_blocks"]))
+        tokens = cfg.num_patches + 1
+        blocks, selections, extra = [], [], 0
+        for i in range(cfg.depth):
+            if i in settings["prune_blocks"]:
+                step = settings["prune_blocks"].index(i)
+                extra += predictor_flops(cfg.embed_dim, tokens - 1)
+                tokens = kept[step] + 1
+                selections.append({"block": i, "kept_patches": kept[step], "tokens_after": tokens})
+            blocks.append(BlockTokens(tokens, tokens))
+        return TokenPlan(tuple(blocks), tuple(selections), extra)

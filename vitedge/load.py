@@ -1,0 +1,159 @@
+"""Stage 1, load: a checkpoint file → the family's reference model with its weights.
+
+Accepts what the official repos save: a raw state dict, ``{"model": ...}`` /
+``{"state_dict": ...}`` wrappers (and DDP's ``module.`` prefix), as ``.pth`` (loaded with
+``weights_only=True``) or ``.safetensors``. vitedge's own checkpoints carry a ``vitedge``
+metadata entry (family, arch, settings, normalisation) that fills in what flags leave out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbone import ViTConfig, arch_config, default_normalization, infer_config, resample_pos_embed
+from .errors import VitedgeError
+from .families import Family, TokenPlan, detect_family, get_family
+
+WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A reference model plus everything the later stages record about it."""
+
+    model: nn.Module
+    family: Family
+    cfg: ViTConfig
+    settings: dict
+    plan: TokenPlan
+    checkpoint: Checkpoint
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dropped_keys: list[str] = field(default_factory=list)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise VitedgeError(f"checkpoint not found: {path}")
+    metadata: dict = {}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                raw = handle.metadata() or {}
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+            if "vitedge" in raw:
+                metadata = json.loads(raw["vitedge"])
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VitedgeError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    state = _unwrap(state, path)
+    return Checkpoint(path, state, file_sha256(path), metadata)
+
+
+def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(2):
+        if isinstance(state, dict):
+            wrapped = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+            if wrapped is not None:
+                state = wrapped
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VitedgeError(f"{path} holds no state dict of tensors (expected a raw state dict or a 'model'/'state_dict' wrapper)")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def resolve_config(checkpoint: Checkpoint, arch: str | None, num_heads: int | None, img_size: int | None) -> ViTConfig:
+    if arch:
+        cfg = arch_config(arch)
+        if num_heads:
+            cfg = ViTConfig(**{**cfg.to_dict(), "num_heads": num_heads})
+    elif "arch" in checkpoint.metadata and not num_heads:
+        cfg = ViTConfig(**checkpoint.metadata["arch"])
+    else:
+        cfg = infer_config(checkpoint.state_dict, num_heads)
+    return cfg.with_img_size(img_size) if img_size else cfg
+
+
+def load_model(
+    checkpoint: str | Path | Checkpoint,
+    family: str | None = None,
+    arch: str | None = None,
+    settings: dict | None = None,
+    img_size: int | None = None,
+    num_heads: int | None = None,
+) -> LoadedModel:
+    """Read ``checkpoint`` and build the reference model of ``family`` (eval mode) with its weights."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    family_name = family or ckpt.metadata.get("family")
+    if not family_name:
+        guess = detect_family(ckpt.state_dict)
+        hint = f" (its keys look like '{guess}')" if guess else ""
+        raise VitedgeError(f"{ckpt.path} does not say its family{hint}; pass --family")
+    fam = get_family(family_name)
+    cfg = resolve_config(ckpt, arch, num_heads, img_size)
+    merged = {**ckpt.metadata.get("settings", {}), **(settings or {})} if family_name == ckpt.metadata.get("family") else dict(settings or {})
+    resolved = fam.resolve_settings(cfg, merged)
+    state, dropped = fam.adapt_state_dict(ckpt.state_dict)
+    if "pos_embed" in state and state["pos_embed"].shape[1] != cfg.num_patches + 1:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], cfg.grid_size)
+    model = fam.reference(cfg, resolved)
+    _load_weights(model, state, ckpt.path, fam, cfg)
+    model.eval()
+    model.set_fused_attention(True)
+    mean, std = default_normalization(cfg.in_chans)
+    mean = tuple(ckpt.metadata.get("mean", mean))
+    std = tuple(ckpt.metadata.get("std", std))
+    return LoadedModel(model, fam, cfg, resolved, fam.token_plan(cfg, resolved), ckpt, mean, std, dropped)
+
+
+def _load_weights(model: nn.Module, state: dict, path: Path, fam: Family, cfg: ViTConfig) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        other = detect_family(state)
+        hint = f"; its keys look like family '{other}'" if other and other != fam.name else ""
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        raise VitedgeError(f"{path} is not a '{fam.name}' checkpoint: {'; '.join(parts)}{hint}")
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise VitedgeError(
+                f"{path} does not match arch (embed {cfg.embed_dim}, depth {cfg.depth}, {cfg.img_size}px): "
+                f"{key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}"
+            )
+    model.load_state_dict(state, strict=True)

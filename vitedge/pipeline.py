@@ -1,0 +1,224 @@
+"""The export pipeline and the small stages around it, as plain functions (the CLI wraps these)."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .artifact import METADATA, MODEL, SCHEMA_VERSION, Artifact, staged_outdir, write_bytes_atomic, write_json_atomic
+from .backbone import ViTConfig, dense_flops
+from .check import check_model
+from .errors import ValidationFailed, VitedgeError
+from .export import DEFAULT_OPSET, INPUT_NAME, export_onnx, output_names
+from .load import LoadedModel, load_model
+from .recipe import load_recipe, merge
+from .rewrite import to_static
+from .runtime import graph_batch, ort_session, run_batched
+from .validate import Thresholds, validate
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tool_versions() -> dict:
+    import onnxruntime
+    import torch
+
+    return {"vitedge": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def build_metadata(loaded: LoadedModel, opset: int, batch: int | str, thresholds: dict) -> dict:
+    cfg = loaded.cfg
+    dense = dense_flops(cfg)
+    static = loaded.plan.flops(cfg)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "family": loaded.family.name,
+        "family_summary": loaded.family.summary,
+        "arch": cfg.to_dict(),
+        "settings": loaded.settings,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [batch, cfg.in_chans, cfg.img_size, cfg.img_size],
+            "batch": batch,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "mean": list(loaded.mean),
+            "std": list(loaded.std),
+            "scale": "pixels / 255, then (x - mean) / std",
+        },
+        "outputs": output_names(loaded.plan),
+        "token_budgets": loaded.plan.to_dict(),
+        "flops": {"dense": dense, "static": static, "ratio": static / dense},
+        "opset": opset,
+        "precision": "fp32",
+        "model": MODEL,
+        "checkpoint": {
+            "path": str(loaded.checkpoint.path.resolve()),
+            "sha256": loaded.checkpoint.sha256,
+            "dropped_keys": loaded.dropped_keys,
+        },
+        "validation": thresholds,
+        "tools": tool_versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def reference_from_metadata(metadata: dict, checkpoint=None) -> LoadedModel:
+    """Rebuild the reference model an artifact was exported from (checks the checkpoint's hash)."""
+    source = metadata["checkpoint"]
+    path = Path(checkpoint or source["path"])
+    loaded = load_model(
+        path,
+        family=metadata["family"],
+        settings=metadata["settings"],
+        img_size=metadata["arch"]["img_size"],
+        num_heads=metadata["arch"]["num_heads"],
+    )
+    if loaded.checkpoint.sha256 != source["sha256"]:
+        raise VitedgeError(f"{path} is not the checkpoint this artifact was exported from (sha256 differs); re-export")
+    return loaded
+
+
+def export(
+    checkpoint,
+    outdir,
+    family: str | None = None,
+    arch: str | None = None,
+    keep_rate=None,
+    img_size: int | None = None,
+    recipe=None,
+    opset: int | None = None,
+    batch_size: int | None = None,
+    dynamic_batch: bool | None = None,
+    num_heads: int | None = None,
+    settings: dict | None = None,
+    validate_data: str | None = "fashion-mnist",
+    validate_limit: int | None = 256,
+    log=_stderr,
+) -> dict:
+    """checkpoint → OUTDIR/{model.onnx, vitedge.json, report.json, report.md}: load, rewrite, export, check, validate.
+
+    Set ``validate_data=None`` to skip the quick validation. Returns the report. Raises
+    VitedgeError on bad input (OUTDIR untouched) and ValidationFailed when the exported
+    graph disagrees with the reference (OUTDIR written, report says why).
+    """
+    options = merge(load_recipe(recipe), {
+        "family": family, "arch": arch, "keep_rate": keep_rate, "img_size": img_size, "opset": opset,
+        "batch_size": batch_size, "dynamic_batch": dynamic_batch, "num_heads": num_heads, "settings": settings,
+    })
+    thresholds = Thresholds.from_dict(options.get("validation", {}).get("thresholds") if isinstance(options.get("validation"), dict) else None)
+    opset = int(options.get("opset") or DEFAULT_OPSET)
+    batch = int(options.get("batch_size") or 1)
+    dynamic = bool(options.get("dynamic_batch", False))
+
+    log(f"[1/4] loading {checkpoint}")
+    loaded = load_model(
+        checkpoint, family=options.get("family"), arch=options.get("arch"), settings=options["settings"],
+        img_size=options.get("img_size"), num_heads=options.get("num_heads"),
+    )
+    log(f"      {loaded.family.name}: {loaded.cfg.embed_dim}-dim, {loaded.cfg.depth} blocks, "
+        f"{loaded.cfg.img_size} px, settings {loaded.settings}")
+    static = to_static(loaded.model, loaded.plan)
+    with staged_outdir(Path(outdir)) as stage:
+        log(f"[2/4] exporting static ONNX (opset {opset}, batch {'dynamic' if dynamic else batch})")
+        proto = export_onnx(static, loaded.cfg, loaded.plan, stage / MODEL, opset, batch, dynamic)
+        metadata = build_metadata(loaded, opset, "dynamic" if dynamic else batch, vars(thresholds))
+        write_json_atomic(stage / METADATA, metadata)
+        log("[3/4] checking static shapes and TensorRT compatibility")
+        result = check_model(proto)
+        if not result.passed:
+            raise VitedgeError(f"exported graph fails the static/TensorRT check: {result.errors[0]}")
+        artifact = Artifact(stage)
+        artifact.update_report("check", result.to_dict())
+        if validate_data:
+            log(f"[4/4] validating on {validate_data}" + (f" ({validate_limit} images)" if validate_limit else ""))
+            try:
+                validate(stage, validate_data, validate_limit, thresholds, log=log)
+            except ValidationFailed:
+                failure = sys.exc_info()[1]
+            else:
+                failure = None
+        else:
+            failure = None
+            log("[4/4] validation skipped")
+    report = Artifact(outdir).report()
+    if failure is not None:
+        raise failure
+    log(f"wrote {Path(outdir) / MODEL} ({(Path(outdir) / MODEL).stat().st_size / 1e6:.1f} MB), FLOPs ratio "
+        f"{metadata['flops']['ratio']:.3f} vs dense")
+    return report
+
+
+def check(outdir) -> dict:
+    """Re-run the static/TensorRT lint on an artifact; writes report.json["check"]."""
+    artifact = Artifact(outdir)
+    try:
+        proto = onnx.load(str(artifact.model_path))
+    except Exception as exc:  # onnx raises DecodeError and friends on damaged files
+        raise VitedgeError(f"cannot read {artifact.model_path}: {exc}") from None
+    result = check_model(proto).to_dict()
+    artifact.update_report("check", result)
+    return result
+
+
+def inspect(outdir) -> dict:
+    """Budgets per block, FLOPs dense vs static, and the graph's op histogram."""
+    artifact = Artifact(outdir)
+    proto = onnx.load(str(artifact.model_path), load_external_data=False)
+    meta = artifact.metadata
+    return {
+        "family": meta["family"],
+        "settings": meta["settings"],
+        "input": meta["input"],
+        "outputs": meta["outputs"],
+        "token_budgets": meta["token_budgets"],
+        "flops": meta["flops"],
+        "ops": dict(collections.Counter(n.op_type for n in proto.graph.node).most_common()),
+        "checkpoint": meta["checkpoint"],
+        "report": {k: v.get("passed") for k, v in artifact.report().items() if isinstance(v, dict) and "passed" in v},
+    }
+
+
+def predict(outdir, images: np.ndarray, threads: int = 2) -> np.ndarray:
+    """Logits for ``images`` (NCHW float32, already normalised as vitedge.json says) via ONNX Runtime."""
+    artifact = Artifact(outdir)
+    expected = artifact.metadata["input"]["shape"][1:]
+    images = np.asarray(images)
+    if images.ndim != 4 or list(images.shape[1:]) != list(expected):
+        raise VitedgeError(f"input has shape {list(images.shape)}; this model takes [N, {', '.join(map(str, expected))}] (NCHW)")
+    if images.dtype != np.float32:
+        raise VitedgeError(f"input dtype is {images.dtype}; this model takes float32 (normalised as in vitedge.json)")
+    session = ort_session(artifact.model_path, threads)
+    return run_batched(session, images)[0]
+
+
+def predict_file(outdir, input_path, output_path) -> np.ndarray:
+    """``predict`` from one .npy file to another (written atomically)."""
+    import io
+
+    input_path = Path(input_path)
+    if not input_path.is_file():
+        raise VitedgeError(f"input file not found: {input_path}")
+    try:
+        images = np.load(input_path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise VitedgeError(f"{input_path} is not a .npy array: {exc}") from None
+    logits = predict(outdir, images)
+    buffer = io.BytesIO()
+    np.save(buffer, logits)
+    output_path = Path(output_path)
+    if not output_path.parent.is_dir():
+        raise VitedgeError(f"output folder {output_path.parent} does not exist")
+    write_bytes_atomic(output_path, buffer.getvalue())
+    return logits
+
+
+__all__ = ["export", "check", "inspect", "predict", "predict_file", "reference_from_metadata", "ViTConfig", "graph_batch"]

@@ -1,0 +1,48 @@
+"""report.md: the human-readable twin of report.json."""
+
+from __future__ import annotations
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f} %"
+
+
+def render_markdown(metadata: dict, report: dict) -> str:
+    lines = [f"# vitedge report: {metadata.get('family')} ({metadata.get('arch', {}).get('embed_dim')}-dim, "
+             f"{metadata.get('arch', {}).get('depth')} blocks, {metadata['input']['shape'][2]} px)", ""]
+    flops = metadata.get("flops", {})
+    if flops:
+        lines += [f"- FLOPs: {flops['static'] / 1e9:.3f} G static vs {flops['dense'] / 1e9:.3f} G dense "
+                  f"(ratio {flops['ratio']:.3f})"]
+    budgets = metadata.get("token_budgets", {})
+    for step in budgets.get("selections", []):
+        lines.append(f"- block {step['block']}: keeps {step['kept_patches']} patch tokens, {step['tokens_after']} tokens after")
+    lines.append("")
+    check = report.get("check")
+    if check:
+        lines += ["## Check", "", f"**{'passed' if check['passed'] else 'FAILED'}** (opset {check['opset']})", ""]
+        lines += [f"- error: {e}" for e in check["errors"]] + [f"- warning: {w}" for w in check["warnings"]]
+        if check.get("topk_k"):
+            lines.append(f"- TopK K (constants): {check['topk_k']}")
+        lines.append("")
+    validate = report.get("validate")
+    if validate:
+        lines += ["## Validation (ONNX Runtime vs reference PyTorch)", "",
+                  f"**{'passed' if validate['passed'] else 'FAILED'}** on {validate['images']} {validate['data']} images", "",
+                  "| metric | value |", "|---|---|",
+                  f"| top-1 agreement | {_pct(validate['top1_agreement'])} |",
+                  f"| max abs logit diff | {validate['max_abs_logit_diff']:.2e} |",
+                  f"| mean abs logit diff | {validate['mean_abs_logit_diff']:.2e} |"]
+        for name, value in validate["kept_agreement"].items():
+            lines.append(f"| {name} set agreement | {_pct(value)} |")
+        if "exported_accuracy" in validate:
+            lines.append(f"| accuracy (reference / exported) | {_pct(validate['reference_accuracy'])} / {_pct(validate['exported_accuracy'])} |")
+        lines += [""] + [f"- failure: {f}" for f in validate["failures"]] + [""]
+    profile = report.get("profile")
+    if profile:
+        lines += ["## Profile", "", "| backend | batch | threads | p50 ms | p90 ms | p99 ms | img/s |", "|---|---|---|---|---|---|---|"]
+        for result in profile.values():
+            lines.append(f"| {result['backend']} | {result['batch']} | {result['threads']} | {result['p50_ms']:.2f} | "
+                         f"{result['p90_ms']:.2f} | {result['p99_ms']:.2f} | {result['throughput_img_s']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)

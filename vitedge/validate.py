@@ -1,0 +1,126 @@
+"""Stage 5, validate: the exported graph (ORT) against the reference PyTorch model on real images.
+
+Token selection can flip under tiny numeric changes, so agreement is measured on what
+matters: top-1 class, the set of kept tokens at every selection, and the logit error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .artifact import Artifact
+from .data import InputSpec, load_dataset
+from .errors import ValidationFailed, VitedgeError
+from .runtime import ort_session, run_batched
+
+
+@dataclass
+class Thresholds:
+    min_top1_agreement: float = 0.999
+    min_kept_agreement: float = 0.999
+    max_abs_logit_diff: float | None = 1e-3
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> Thresholds:
+        values = dict(values or {})
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise VitedgeError(f"unknown validation threshold(s) {', '.join(sorted(unknown))}; known: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**values)
+
+
+def input_spec(metadata: dict) -> InputSpec:
+    inp = metadata["input"]
+    return InputSpec(inp["shape"][2], inp["shape"][1], tuple(inp["mean"]), tuple(inp["std"]))
+
+
+def kept_agreement(reference: np.ndarray, exported: np.ndarray) -> np.ndarray:
+    """Per image: is the set of kept token indices identical?"""
+    return (np.sort(reference, axis=1) == np.sort(exported, axis=1)).all(axis=1)
+
+
+def compare(reference_logits, exported_logits, reference_kept, exported_kept, labels, names):
+    ref_top1 = reference_logits.argmax(1)
+    exp_top1 = exported_logits.argmax(1)
+    diff = np.abs(reference_logits - exported_logits)
+    metrics = {
+        "images": int(len(ref_top1)),
+        "top1_agreement": float((ref_top1 == exp_top1).mean()),
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "kept_agreement": {
+            name: float(kept_agreement(r, e).mean()) for name, r, e in zip(names, reference_kept, exported_kept)
+        },
+    }
+    if labels is not None:
+        metrics["reference_accuracy"] = float((ref_top1 == labels).mean())
+        metrics["exported_accuracy"] = float((exp_top1 == labels).mean())
+    return metrics
+
+
+def verdict(metrics: dict, thresholds: Thresholds) -> list[str]:
+    failures = []
+    if metrics["top1_agreement"] < thresholds.min_top1_agreement:
+        failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {thresholds.min_top1_agreement}")
+    for name, value in metrics["kept_agreement"].items():
+        if value < thresholds.min_kept_agreement:
+            failures.append(f"{name} agreement {value:.4f} < {thresholds.min_kept_agreement}")
+    limit = thresholds.max_abs_logit_diff
+    if limit is not None and metrics["max_abs_logit_diff"] > limit:
+        failures.append(f"max |logit diff| {metrics['max_abs_logit_diff']:.2e} > {limit:g}")
+    return failures
+
+
+def validate(
+    outdir,
+    data: str = "fashion-mnist",
+    limit: int | None = None,
+    thresholds: Thresholds | dict | None = None,
+    batch_size: int = 64,
+    checkpoint=None,
+    threads: int = 2,
+    log=None,
+) -> dict:
+    """Compare the artifact's model.onnx with its reference model; writes report.json["validate"].
+
+    Raises ValidationFailed (after writing the report) when a threshold is missed.
+    """
+    from .pipeline import reference_from_metadata
+
+    artifact = Artifact(outdir)
+    thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(
+        thresholds if thresholds is not None else artifact.metadata.get("validation", {})
+    )
+    loaded = reference_from_metadata(artifact.metadata, checkpoint)
+    dataset = load_dataset(data, limit)
+    spec = input_spec(artifact.metadata)
+    session = ort_session(artifact.model_path, threads)
+    names = artifact.metadata["outputs"][1:]
+    if log:
+        log(f"validating {len(dataset)} {dataset.name} images against the reference model")
+    ref_logits, exp_logits, ref_kept, exp_kept, labels = [], [], [], [], []
+    with torch.inference_mode():
+        for images, batch_labels in dataset.batches(spec, batch_size):
+            logits, kept = loaded.model.forward_tokens(torch.from_numpy(images))
+            outputs = run_batched(session, images, batch_size)
+            ref_logits.append(logits.numpy())
+            exp_logits.append(outputs[0])
+            ref_kept.append([k.numpy() for k in kept])
+            exp_kept.append(outputs[1:])
+            if batch_labels is not None:
+                labels.append(batch_labels)
+    reference_kept = [np.concatenate(parts) for parts in zip(*ref_kept)] if names else []
+    exported_kept = [np.concatenate(parts) for parts in zip(*exp_kept)] if names else []
+    usable_labels = (
+        np.concatenate(labels) if labels and len(dataset.class_names) == loaded.cfg.num_classes else None
+    )
+    metrics = compare(np.concatenate(ref_logits), np.concatenate(exp_logits), reference_kept, exported_kept, usable_labels, names)
+    failures = verdict(metrics, thresholds)
+    section = {"data": dataset.name, **metrics, "thresholds": asdict(thresholds), "passed": not failures, "failures": failures}
+    artifact.update_report("validate", section)
+    if failures:
+        raise ValidationFailed(f"validation failed on {dataset.name}: {'; '.join(failures)}")
+    return section
