@@ -114,7 +114,10 @@ def export(
         "family": family, "arch": arch, "keep_rate": keep_rate, "img_size": img_size, "opset": opset,
         "batch_size": batch_size, "dynamic_batch": dynamic_batch, "num_heads": num_heads, "settings": settings,
     })
-    thresholds = Thresholds.from_dict(options.get("validation", {}).get("thresholds") if isinstance(options.get("validation"), dict) else None)
+    validation = options.get("validation") or {}
+    if not isinstance(validation, dict):
+        raise VitedgeError("recipe 'validation' must be a mapping, e.g. {thresholds: {min_top1_agreement: 0.999}}")
+    thresholds = Thresholds.from_dict(validation.get("thresholds"))
     opset = int(options.get("opset") or DEFAULT_OPSET)
     batch = int(options.get("batch_size") or 1)
     dynamic = bool(options.get("dynamic_batch", False))
@@ -138,16 +141,14 @@ def export(
             raise VitedgeError(f"exported graph fails the static/TensorRT check: {result.errors[0]}")
         artifact = Artifact(stage)
         artifact.update_report("check", result.to_dict())
+        failure = None
         if validate_data:
             log(f"[4/4] validating on {validate_data}" + (f" ({validate_limit} images)" if validate_limit else ""))
             try:
                 validate(stage, validate_data, validate_limit, thresholds, log=log)
-            except ValidationFailed:
-                failure = sys.exc_info()[1]
-            else:
-                failure = None
+            except ValidationFailed as exc:
+                failure = exc
         else:
-            failure = None
             log("[4/4] validation skipped")
     report = Artifact(outdir).report()
     if failure is not None:
