@@ -76,7 +76,8 @@ def ensure_writable_dir(outdir: Path) -> None:
 def staged_outdir(outdir: Path):
     """Yield a temporary folder; on success move its files into ``outdir``, on failure drop it."""
     outdir = Path(outdir)
-    created = not outdir.exists()
+    # The folders this call creates (OUTDIR and any missing parents), innermost first.
+    created = [p for p in (outdir, *outdir.parents) if not p.exists()]
     ensure_writable_dir(outdir)
     stage = Path(tempfile.mkdtemp(prefix=".vitedge-stage-", dir=outdir))
     try:
@@ -85,9 +86,9 @@ def staged_outdir(outdir: Path):
             os.replace(item, outdir / item.name)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        if created:
+        for folder in created:
             with contextlib.suppress(OSError):
-                outdir.rmdir()
+                folder.rmdir()
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)

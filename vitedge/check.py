@@ -10,6 +10,8 @@ add a rule against any tensor quadratic in the token count.
 from __future__ import annotations
 
 import collections
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -85,7 +87,16 @@ def infer_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
     """Shapes of every tensor with symbolic batch pinned, by ORT's symbolic shape inference."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    return SymbolicShapeInference.infer_shapes(_pin_batch(model, batch), auto_merge=True)
+    pinned = _pin_batch(model, batch)
+    # On a graph it cannot fully infer, ORT saves sym_shape_infer_temp.onnx into the working
+    # directory before raising: run it from a scratch folder so nothing lands in the user's.
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="vitedge-shapes-") as scratch:
+        os.chdir(scratch)
+        try:
+            return SymbolicShapeInference.infer_shapes(pinned, auto_merge=True)
+        finally:
+            os.chdir(previous)
 
 
 def check_model(model: onnx.ModelProto, quadratic_tokens: int | None = None) -> CheckResult:

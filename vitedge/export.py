@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import warnings
 from pathlib import Path
 
 import onnx
+import onnx.version_converter
 import torch
 from torch import nn
 
@@ -24,6 +26,35 @@ from .families import TokenPlan
 MIN_OPSET = 17
 DEFAULT_OPSET = 18  # what the dynamo exporter emits natively; 17 is reached by conversion
 INPUT_NAME = "images"
+
+
+def _gelu_fusable(self, approximate: str = "none"):
+    """aten.gelu as ``(x * (1 + erf(x / sqrt 2))) * 0.5``, for opsets without the Gelu op (< 20).
+
+    The exporter's own decomposition multiplies ``0.5 * (1 + erf)`` first, an order ONNX
+    Runtime's Gelu fusion does not match, so every MLP ran as five elementwise passes; this
+    order is the one it fuses into a single Gelu kernel (and the one TensorRT's pattern
+    matcher knows). Scaling by 0.5 is exact, so the values are those of the default order.
+    """
+    from onnxscript import opset18 as op
+
+    def constant(value: float):
+        return op.CastLike(op.Constant(value_float=value), self)
+
+    if approximate == "tanh":
+        inner = op.Mul(
+            op.Add(self, op.Mul(constant(0.044715), op.Mul(self, op.Mul(self, self)))),
+            constant(math.sqrt(2.0 / math.pi)),
+        )
+        return op.Mul(op.Mul(self, op.Add(op.Tanh(inner), constant(1.0))), constant(0.5))
+    return op.Mul(op.Mul(self, op.Add(op.Erf(op.Div(self, constant(math.sqrt(2.0)))), constant(1.0))), constant(0.5))
+
+
+def _translations(opset: int) -> dict:
+    """Custom ATen → ONNX translations: a runtime-fusable GELU where the opset has no Gelu op."""
+    if opset >= 20:  # Gelu is an ONNX op from opset 20 on; the exporter emits it as is
+        return {}
+    return {torch.ops.aten.gelu.default: _gelu_fusable}
 
 
 class ExportWrapper(nn.Module):
@@ -66,22 +97,45 @@ def export_onnx(
                 wrapper,
                 (example,),
                 dynamo=True,
-                opset_version=opset,
+                # Below its native opset the exporter's own conversion fails and silently keeps
+                # the native one (logging a traceback): export natively, convert below.
+                opset_version=max(opset, DEFAULT_OPSET),
                 input_names=[INPUT_NAME],
                 output_names=names,
                 dynamic_shapes=dynamic_shapes,
                 external_data=False,
                 optimize=True,
+                custom_translation_table=_translations(opset),
             )
         except Exception as exc:  # the exporter raises many types; the first line says what failed
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise VitedgeError(f"ONNX export failed: {first[:300]}") from None
     proto = program.model_proto
+    if opset < DEFAULT_OPSET:
+        proto = _convert_opset(proto, opset)
     if dynamic_batch:
         for value in list(proto.graph.input) + list(proto.graph.output):
             value.type.tensor_type.shape.dim[0].dim_param = "batch"
     onnx.save_model(proto, str(path))
     return proto
+
+
+def _convert_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Down-convert an (optimised) export with ONNX's version converter, or fail in one line."""
+    converted = onnx.ModelProto()
+    converted.CopyFrom(proto)
+    for node in converted.graph.node:
+        # Opset-18 Reduce* nodes may spell out the default noop_with_empty_axes=0, which the
+        # converter rejects for the older versions that lack the attribute.
+        keep = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+    try:
+        converted = onnx.version_converter.convert_version(converted, opset)
+    except Exception as exc:  # the converter raises RuntimeError / ValidationError with long messages
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VitedgeError(f"cannot convert the exported graph to opset {opset}: {first[:200]}; use --opset {DEFAULT_OPSET}") from None
+    return converted
 
 
 @contextlib.contextmanager

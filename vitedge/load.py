@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .backbone import ViTConfig, arch_config, default_normalization, infer_config, resample_pos_embed
@@ -72,7 +73,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 metadata = json.loads(raw["vitedge"])
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError,
+            SafetensorError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VitedgeError(f"cannot read checkpoint {path}: {reason[:200]}") from None
     state = _unwrap(state, path)

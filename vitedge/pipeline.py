@@ -14,8 +14,10 @@ from . import __version__
 from .artifact import METADATA, MODEL, SCHEMA_VERSION, Artifact, staged_outdir, write_bytes_atomic, write_json_atomic
 from .backbone import ViTConfig, dense_flops
 from .check import check_model
+from .data import check_source
 from .errors import ValidationFailed, VitedgeError
 from .export import DEFAULT_OPSET, INPUT_NAME, export_onnx, output_names
+from .families import get_family
 from .load import LoadedModel, load_model
 from .recipe import load_recipe, merge
 from .rewrite import to_static
@@ -71,6 +73,24 @@ def build_metadata(loaded: LoadedModel, opset: int, batch: int | str, thresholds
     }
 
 
+def quadratic_tokens(family_name: str, arch: dict) -> int | None:
+    """The token count N whose N x N tensors the lint forbids, for linear-only families.
+
+    A family declares itself linear-only with ``linear_attention = True`` (castling); for the
+    others there is no such rule (None).
+    """
+    if not get_family(family_name).linear_attention:
+        return None
+    return (arch["img_size"] // arch["patch_size"]) ** 2 + 1
+
+
+def _check_section(result, tokens: int | None) -> dict:
+    section = result.to_dict()
+    if tokens is not None:
+        section["quadratic_tokens"] = tokens
+    return section
+
+
 def reference_from_metadata(metadata: dict, checkpoint=None) -> LoadedModel:
     """Rebuild the reference model an artifact was exported from (checks the checkpoint's hash)."""
     source = metadata["checkpoint"]
@@ -118,10 +138,12 @@ def export(
     if not isinstance(validation, dict):
         raise VitedgeError("recipe 'validation' must be a mapping, e.g. {thresholds: {min_top1_agreement: 0.999}}")
     thresholds = Thresholds.from_dict(validation.get("thresholds"))
-    opset = int(options.get("opset") or DEFAULT_OPSET)
-    batch = int(options.get("batch_size") or 1)
+    opset = int(options["opset"]) if options.get("opset") is not None else DEFAULT_OPSET
+    batch = int(options["batch_size"]) if options.get("batch_size") is not None else 1  # 0 is an error, not "default"
     dynamic = bool(options.get("dynamic_batch", False))
 
+    if validate_data:
+        check_source(validate_data, validate_limit)
     log(f"[1/4] loading {checkpoint}")
     loaded = load_model(
         checkpoint, family=options.get("family"), arch=options.get("arch"), settings=options["settings"],
@@ -136,11 +158,12 @@ def export(
         metadata = build_metadata(loaded, opset, "dynamic" if dynamic else batch, vars(thresholds))
         write_json_atomic(stage / METADATA, metadata)
         log("[3/4] checking static shapes and TensorRT compatibility")
-        result = check_model(proto)
+        tokens = quadratic_tokens(loaded.family.name, loaded.cfg.to_dict())
+        result = check_model(proto, quadratic_tokens=tokens)
         if not result.passed:
             raise VitedgeError(f"exported graph fails the static/TensorRT check: {result.errors[0]}")
         artifact = Artifact(stage)
-        artifact.update_report("check", result.to_dict())
+        artifact.update_report("check", _check_section(result, tokens))
         failure = None
         if validate_data:
             log(f"[4/4] validating on {validate_data}" + (f" ({validate_limit} images)" if validate_limit else ""))
@@ -165,7 +188,8 @@ def check(outdir) -> dict:
         proto = onnx.load(str(artifact.model_path))
     except Exception as exc:  # onnx raises DecodeError and friends on damaged files
         raise VitedgeError(f"cannot read {artifact.model_path}: {exc}") from None
-    result = check_model(proto).to_dict()
+    tokens = quadratic_tokens(artifact.metadata["family"], artifact.metadata["arch"])
+    result = _check_section(check_model(proto, quadratic_tokens=tokens), tokens)
     artifact.update_report("check", result)
     return result
 
@@ -197,6 +221,8 @@ def predict(outdir, images: np.ndarray, threads: int = 2) -> np.ndarray:
         raise VitedgeError(f"input has shape {list(images.shape)}; this model takes [N, {', '.join(map(str, expected))}] (NCHW)")
     if images.dtype != np.float32:
         raise VitedgeError(f"input dtype is {images.dtype}; this model takes float32 (normalised as in vitedge.json)")
+    if len(images) == 0:
+        raise VitedgeError("input holds no images (shape [0, ...])")
     session = ort_session(artifact.model_path, threads)
     return run_batched(session, images)[0]
 

@@ -74,9 +74,12 @@ def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: 
         raise VitedgeError(f"unknown backend '{backend}'; available here: {', '.join(BACKENDS)}")
     if iterations < 1 or warmup < 0:
         raise VitedgeError("iterations must be >= 1 and warmup >= 0")
+    if threads < 1:
+        raise VitedgeError(f"threads must be >= 1, got {threads}")
     artifact = Artifact(outdir)
     meta = artifact.metadata
-    batch = batch or (meta["input"]["batch"] if isinstance(meta["input"]["batch"], int) else 1)
+    if batch is None:  # 0 is an error below, not "the graph's batch"
+        batch = meta["input"]["batch"] if isinstance(meta["input"]["batch"], int) else 1
     if batch < 1:
         raise VitedgeError(f"batch must be >= 1, got {batch}")
     if backend == "ort":

@@ -29,7 +29,45 @@ def load_recipe(path: str | Path | None) -> dict:
     unknown = set(recipe) - RECIPE_KEYS
     if unknown:
         raise VitedgeError(f"recipe {path} has unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(RECIPE_KEYS))}")
+    for key, value in [*recipe.items(), *_nested(recipe, "settings"), *_nested(recipe, "validation")]:
+        kind = _TYPES.get(key)
+        if kind is not None and value is not None and not _is(value, kind):
+            raise VitedgeError(f"recipe {path}: '{key}' must be {kind}, got {value!r}")
     return recipe
+
+
+# What each value must be, so a mistyped value is one clear line rather than a crash mid-export.
+_TYPES = {
+    "family": "a string", "arch": "a string", "num_heads": "an integer", "img_size": "an integer",
+    "opset": "an integer", "batch_size": "an integer", "dynamic_batch": "true or false",
+    "settings": "a mapping", "validation": "a mapping", "thresholds": "a mapping of numbers",
+    "keep_rate": "a number or a list of numbers", "prune_blocks": "a list of integers", "fuse_token": "true or false",
+}
+
+
+def _nested(recipe: dict, key: str) -> list:
+    value = recipe.get(key)
+    return list(value.items()) if isinstance(value, dict) else []
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is(value, kind: str) -> bool:
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "an integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "true or false":
+        return isinstance(value, bool)
+    if kind == "a mapping":
+        return isinstance(value, dict)
+    if kind == "a mapping of numbers":
+        return isinstance(value, dict) and all(v is None or _number(v) for v in value.values())
+    if kind == "a list of integers":
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return _number(value) or (isinstance(value, list) and all(_number(v) for v in value))  # keep_rate
 
 
 def merge(recipe: dict, overrides: dict) -> dict:

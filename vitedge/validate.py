@@ -90,6 +90,8 @@ def validate(
     """
     from .pipeline import reference_from_metadata
 
+    if batch_size < 1 or threads < 1:
+        raise VitedgeError(f"batch size and threads must be >= 1, got {batch_size} and {threads}")
     artifact = Artifact(outdir)
     thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(
         thresholds if thresholds is not None else artifact.metadata.get("validation", {})

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import VitedgeError
 from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
-from .fashion_mnist import load_fashion_mnist
+from .fashion_mnist import fashion_mnist_files, load_fashion_mnist
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -82,19 +82,28 @@ def load_image_dir(path: Path) -> Dataset:
     return Dataset(path.name, np.stack(images), labels, tuple(classes) if labelled else ())
 
 
+FASHION_MNIST_NAMES = ("fashion-mnist", "fmnist")
+
+
+def check_source(source: str, limit: int | None = None) -> None:
+    """Fail early, in one line, on a data source or limit that cannot work."""
+    if limit is not None and limit <= 0:
+        raise VitedgeError(f"image limit must be positive, got {limit} (--limit, --validate-limit)")
+    if source in FASHION_MNIST_NAMES:
+        fashion_mnist_files("test")
+    elif not Path(source).is_dir():
+        raise VitedgeError(f"data source '{source}' is neither 'fashion-mnist' nor an image folder")
+
+
 def load_dataset(source: str, limit: int | None = None, split: str = "test") -> Dataset:
     """``fashion-mnist`` (Debian package) or a folder of images."""
-    if source in ("fashion-mnist", "fmnist"):
+    check_source(source, limit)
+    if source in FASHION_MNIST_NAMES:
         images, labels = load_fashion_mnist(split)
         dataset = Dataset("fashion-mnist", images, labels, FASHION_MNIST_CLASSES)
     else:
-        path = Path(source)
-        if not path.is_dir():
-            raise VitedgeError(f"data source '{source}' is neither 'fashion-mnist' nor an image folder")
-        dataset = load_image_dir(path)
+        dataset = load_image_dir(Path(source))
     if limit is not None:
-        if limit <= 0:
-            raise VitedgeError(f"--limit must be positive, got {limit}")
         dataset = Dataset(dataset.name, dataset.images[:limit],
                           None if dataset.labels is None else dataset.labels[:limit], dataset.class_names)
     return dataset

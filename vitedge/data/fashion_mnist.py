@@ -33,8 +33,8 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
-    """Images [N, 28, 28] uint8 and labels [N] for ``split`` in {train, test}."""
+def fashion_mnist_files(split: str) -> tuple[Path, Path]:
+    """The images and labels files of ``split``; a one-line error when they are not installed."""
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise VitedgeError(f"unknown Fashion-MNIST split '{split}'; use train or test")
@@ -46,4 +46,10 @@ def load_fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
             f"Fashion-MNIST not found in {root}; install it with "
             "'apt-get install dataset-fashion-mnist' or set VITEDGE_FASHION_MNIST"
         )
+    return images_path, labels_path
+
+
+def load_fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Images [N, 28, 28] uint8 and labels [N] for ``split`` in {train, test}."""
+    images_path, labels_path = fashion_mnist_files(split)
     return _read_idx(images_path), _read_idx(labels_path).astype(np.int64)

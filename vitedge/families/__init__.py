@@ -17,7 +17,7 @@ from torch import nn
 from ..backbone import ViTConfig, block_flops, stem_head_flops
 from ..errors import VitedgeError
 
-_FAMILY_MODULES = ("deit", "evit", "dynamicvit")
+_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling")
 
 _REGISTRY: dict[str, type[Family]] = {}
 
@@ -56,6 +56,7 @@ class Family:
     summary: str = ""
     paper: str = ""
     signature_keys: tuple[str, ...] = ()  # key substrings only this family's checkpoints have
+    linear_attention: bool = False  # True: the graph must hold no tensor quadratic in the tokens
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         """Defaults merged with ``overrides``, validated; raises VitedgeError on bad values."""
@@ -128,12 +129,18 @@ def check_setting_names(family_name: str, overrides: dict, allowed: set[str]) ->
         )
 
 
-def keep_rates_per_block(rate, blocks: list[int]) -> list[float]:
-    """One keep rate for every pruning block, or a list with one per block."""
-    rates = list(rate) if isinstance(rate, (list, tuple)) else [rate] * len(blocks)
-    if len(rates) != len(blocks):
-        raise VitedgeError(f"{len(rates)} keep rates given for {len(blocks)} pruning blocks {blocks}")
-    return [check_keep_rate(r) for r in rates]
+def blocks_and_keep_rates(blocks, rate, depth: int) -> tuple[list[int], list[float]]:
+    """Pruning blocks in increasing order, each with its keep rate.
+
+    ``rate`` is one keep rate for every block or a list paired with ``blocks`` as given, so
+    ``blocks=[9, 3], rate=[0.5, 0.7]`` gives block 3 the rate 0.7.
+    """
+    ordered = check_prune_blocks(blocks, depth)
+    rates = list(rate) if isinstance(rate, (list, tuple)) else [rate] * len(ordered)
+    if len(rates) != len(ordered):
+        raise VitedgeError(f"{len(rates)} keep rates given for {len(ordered)} pruning blocks {ordered}")
+    by_block = dict(zip((int(b) for b in blocks), (check_keep_rate(r) for r in rates)))
+    return ordered, [by_block[b] for b in ordered]
 
 
 def check_keep_rate(value, allowed: tuple[float, ...] | None = None) -> float:
@@ -149,7 +156,10 @@ def check_keep_rate(value, allowed: tuple[float, ...] | None = None) -> float:
 
 
 def check_prune_blocks(blocks, depth: int) -> list[int]:
-    blocks = sorted(int(b) for b in blocks)
-    if not blocks or blocks[0] < 0 or blocks[-1] >= depth or len(set(blocks)) != len(blocks):
+    try:
+        blocks = [int(b) for b in blocks]
+    except (TypeError, ValueError):
+        raise VitedgeError(f"prune blocks must be a list of block indices, got {blocks!r}") from None
+    if not blocks or min(blocks) < 0 or max(blocks) >= depth or len(set(blocks)) != len(blocks):
         raise VitedgeError(f"prune blocks {blocks} must be distinct block indices in 0..{depth - 1}")
-    return blocks
+    return sorted(blocks)

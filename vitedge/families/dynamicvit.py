@@ -76,7 +76,8 @@ class DynamicViT(VisionTransformer):
         patches = x[:, 1:]
         policy = torch.ones_like(patches[..., :1])
         score = self.score_predictor[step](patches, policy)[..., 0]
-        index = torch.argsort(score, dim=1, descending=True)[:, : self.kept[step]]
+        # stable: on exact ties the lower index wins, as ONNX TopK (the static form) decides
+        index = torch.argsort(score, dim=1, descending=True, stable=True)[:, : self.kept[step]]
         x = torch.cat([x[:, :1], gather_tokens(patches, index)], dim=1)
         return x, gather_tokens(positions, index)
 

@@ -26,11 +26,10 @@ from . import (
     BlockTokens,
     Family,
     TokenPlan,
-    check_prune_blocks,
+    blocks_and_keep_rates,
     check_setting_names,
     default_prune_blocks,
     family,
-    keep_rates_per_block,
 )
 
 FUSED_POSITION = -1
@@ -135,9 +134,11 @@ class EViTFamily(Family):
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         check_setting_names(self.name, overrides, {"keep_rate", "prune_blocks", "fuse_token"})
-        blocks = check_prune_blocks(overrides.get("prune_blocks") or default_prune_blocks(cfg.depth), cfg.depth)
+        blocks, rates = blocks_and_keep_rates(
+            overrides.get("prune_blocks") or default_prune_blocks(cfg.depth), overrides.get("keep_rate", 0.7), cfg.depth
+        )
         return {
-            "keep_rate": keep_rates_per_block(overrides.get("keep_rate", 0.7), blocks),
+            "keep_rate": rates,
             "prune_blocks": blocks,
             "fuse_token": bool(overrides.get("fuse_token", True)),
         }

@@ -1,0 +1,247 @@
+"""Helpers shared by the tests: official-layout checkpoints, CLI invocation and its failure contract.
+
+Checkpoints are built from hand-written key lists (timm/DeiT names, plus DynamicViT's
+``score_predictor.{s}.*``), not from vitedge's modules, so that a renamed parameter in
+vitedge shows up as a load failure instead of being mirrored by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+
+from vitedge.backbone import ARCHS, ViTConfig
+from vitedge.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = ARCHS["vit_fmnist"]
+HEADS = FMNIST.num_heads  # 2: not the 64-channels-per-head default, so pass it explicitly
+
+
+def official_vit_keys(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """timm / DeiT ``VisionTransformer`` parameter names and shapes."""
+    d, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    keys: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, cfg.num_patches + 1, d),
+        "patch_embed.proj.weight": (d, cfg.in_chans, cfg.patch_size, cfg.patch_size),
+        "patch_embed.proj.bias": (d,),
+    }
+    for i in range(cfg.depth):
+        p = f"blocks.{i}."
+        keys.update({
+            p + "norm1.weight": (d,), p + "norm1.bias": (d,),
+            p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,),
+            p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
+            p + "norm2.weight": (d,), p + "norm2.bias": (d,),
+            p + "mlp.fc1.weight": (hidden, d), p + "mlp.fc1.bias": (hidden,),
+            p + "mlp.fc2.weight": (d, hidden), p + "mlp.fc2.bias": (d,),
+        })
+    keys.update({"norm.weight": (d,), "norm.bias": (d,),
+                 "head.weight": (cfg.num_classes, d), "head.bias": (cfg.num_classes,)})
+    return keys
+
+
+def official_dynamicvit_keys(cfg: ViTConfig, steps: int = 3) -> dict[str, tuple[int, ...]]:
+    """raoyongming/DynamicViT: the ViT keys plus one ``PredictorLG`` per pruning step."""
+    d = cfg.embed_dim
+    keys = official_vit_keys(cfg)
+    for s in range(steps):
+        p = f"score_predictor.{s}."
+        keys.update({
+            p + "in_conv.0.weight": (d,), p + "in_conv.0.bias": (d,),  # LayerNorm
+            p + "in_conv.1.weight": (d, d), p + "in_conv.1.bias": (d,),
+            p + "out_conv.0.weight": (d // 2, d), p + "out_conv.0.bias": (d // 2,),
+            p + "out_conv.2.weight": (d // 4, d // 2), p + "out_conv.2.bias": (d // 4,),
+            p + "out_conv.4.weight": (2, d // 4), p + "out_conv.4.bias": (2,),
+        })
+    return keys
+
+
+POS_SCALE, QKV_SCALE = 0.5, 0.2
+
+
+def make_state_dict(family: str = "evit", cfg: ViTConfig = FMNIST, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the official layout of ``family`` (evit/deit: timm keys; dynamicvit: + predictors).
+
+    LayerNorm gains ~1, small biases; position embeddings, attention projections and the
+    score predictors are scaled up so that class attention and keep scores are far from
+    uniform: with near-ties, float rounding (not vitedge) would decide which token is kept.
+    """
+    shapes = official_dynamicvit_keys(cfg) if family == "dynamicvit" else official_vit_keys(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith(("norm1.weight", "norm2.weight", "norm.weight", "in_conv.0.weight")):
+            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif key.endswith("bias"):
+            value = 0.02 * torch.randn(shape, generator=gen)
+        elif key in ("pos_embed", "cls_token"):
+            value = POS_SCALE * torch.randn(shape, generator=gen)
+        elif "attn.qkv" in key or "patch_embed" in key:
+            value = QKV_SCALE * torch.randn(shape, generator=gen)
+        elif key.startswith("score_predictor."):
+            # spread the keep scores: near log(0.5) everywhere, float32 ties would decide selections
+            value = 0.2 * torch.randn(shape, generator=gen)
+        else:
+            value = 0.05 * torch.randn(shape, generator=gen)
+        state[key] = value.contiguous()
+    return state
+
+
+def quiet(_message: str) -> None:
+    """``log`` for the API calls: keep test output clean."""
+
+
+def copy_artifact(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def folder_listing(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (hidden ones included) with its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} | {
+        str(p.relative_to(path)) + "/": b"" for p in sorted(path.rglob("*")) if p.is_dir()
+    }
+
+
+def run_cli(*args: str):
+    """Invoke ``vitedge`` in-process; stdout and stderr stay separate."""
+    return CliRunner().invoke(cli_main, [str(a) for a in args], catch_exceptions=True)
+
+
+def assert_clean_failure(result, outdir: Path | None = None) -> str:
+    """The CLI contract for bad input: non-zero exit, one ``vitedge: error:`` line, no traceback, no files."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vitedge: error:")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.rstrip("\n").splitlines()[-1] == errors[0]
+    if outdir is not None:
+        assert not outdir.exists() or not any(outdir.iterdir()), sorted(p.name for p in outdir.iterdir())
+    return errors[0]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# --- An independent oracle: the official eval code of EViT and DynamicViT, written functionally
+# --- over an official state dict (no vitedge module involved), for batch-of-one semantics.
+
+def _layer_norm(sd, prefix, x, eps):
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"], eps)
+
+
+def _linear(sd, prefix, x):
+    return torch.nn.functional.linear(x, sd[prefix + ".weight"], sd.get(prefix + ".bias"))
+
+
+def _attention(sd, i, x, heads):
+    """timm Attention: returns the block's attention output and the softmax map [B, H, N, N]."""
+    batch, tokens, dim = x.shape
+    qkv = _linear(sd, f"blocks.{i}.attn.qkv", x).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.transpose(-2, -1) * (dim // heads) ** -0.5).softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
+    return _linear(sd, f"blocks.{i}.attn.proj", out), attn
+
+
+def _mlp(sd, i, x):
+    hidden = torch.nn.functional.gelu(_linear(sd, f"blocks.{i}.mlp.fc1", x))
+    return _linear(sd, f"blocks.{i}.mlp.fc2", hidden)
+
+
+def _embed(sd, images, patch):
+    x = torch.nn.functional.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    x = x.flatten(2).transpose(1, 2)
+    return torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + sd["pos_embed"]
+
+
+def _head(sd, x):
+    return _linear(sd, "head", _layer_norm(sd, "norm", x, 1e-6)[:, 0])
+
+
+@torch.no_grad()
+def official_evit(sd, images, heads, keep_rates, prune_blocks=(3, 6, 9), patch=4, fuse=True):
+    """youweiliang/evit eval forward (evit.py ``Block.forward``): logits and kept patch indices per drop."""
+    import math
+
+    rates = dict(zip(prune_blocks, keep_rates))
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    x = _embed(sd, images, patch)
+    positions = torch.arange(x.shape[1] - 1).unsqueeze(0).expand(x.shape[0], -1)
+    kept = []
+    for i in range(depth):
+        tmp, attn = _attention(sd, i, _layer_norm(sd, f"blocks.{i}.norm1", x, 1e-6), heads)
+        x = x + tmp
+        if i in rates:
+            tokens = x.shape[1]
+            left = math.ceil(rates[i] * (tokens - 1))
+            if left < tokens - 1:
+                cls_attn = attn[:, :, 0, 1:].mean(dim=1)
+                _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
+                non_cls = x[:, 1:]
+                x_others = torch.gather(non_cls, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+                pieces, new_positions = [x[:, :1], x_others], [torch.gather(positions, 1, idx)]
+                if fuse:
+                    mask = torch.ones_like(cls_attn, dtype=torch.bool).scatter(1, idx, False)
+                    extra = (non_cls * (cls_attn * mask).unsqueeze(-1)).sum(dim=1, keepdim=True)
+                    pieces.append(extra)
+                    new_positions.append(torch.full_like(positions[:, :1], -1))
+                x, positions = torch.cat(pieces, dim=1), torch.cat(new_positions, dim=1)
+            kept.append(positions)
+        x = x + _mlp(sd, i, _layer_norm(sd, f"blocks.{i}.norm2", x, 1e-6))
+    return _head(sd, x), kept
+
+
+def _predictor(sd, s, x, policy):
+    """DynamicViT ``PredictorLG.forward(x, policy)`` from its official keys."""
+    p = f"score_predictor.{s}."
+    x = torch.nn.functional.layer_norm(x, x.shape[-1:], sd[p + "in_conv.0.weight"], sd[p + "in_conv.0.bias"], 1e-5)
+    x = torch.nn.functional.gelu(_linear(sd, p + "in_conv.1", x))
+    half = x.shape[-1] // 2
+    local_x = x[..., :half]
+    global_x = (x[..., half:] * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True)
+    x = torch.cat([local_x, global_x.expand_as(local_x)], dim=-1)
+    x = torch.nn.functional.gelu(_linear(sd, p + "out_conv.0", x))
+    x = torch.nn.functional.gelu(_linear(sd, p + "out_conv.2", x))
+    return torch.log_softmax(_linear(sd, p + "out_conv.4", x), dim=-1)
+
+
+@torch.no_grad()
+def official_dynamicvit(sd, images, heads, base_rate, prune_blocks=(3, 6, 9), patch=4):
+    """raoyongming/DynamicViT eval forward (``VisionTransformerDiffPruning``): logits and kept indices."""
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    x = _embed(sd, images, patch)
+    batch, init_n = x.shape[0], x.shape[1] - 1
+    prev_decision = torch.ones(batch, init_n, 1)
+    positions = torch.arange(init_n).unsqueeze(0).expand(batch, -1)
+    kept = []
+    for i in range(depth):
+        if i in prune_blocks:
+            step = list(prune_blocks).index(i)
+            score = _predictor(sd, step, x[:, 1:], prev_decision)[:, :, 0]
+            num_keep = int(init_n * base_rate ** (step + 1))
+            keep_policy = torch.argsort(score, dim=1, descending=True)[:, :num_keep]
+            now_policy = torch.cat([torch.zeros(batch, 1, dtype=keep_policy.dtype), keep_policy + 1], dim=1)
+            x = torch.gather(x, 1, now_policy.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            prev_decision = torch.gather(prev_decision, 1, keep_policy.unsqueeze(-1))
+            positions = torch.gather(positions, 1, keep_policy)
+            kept.append(positions)
+        x = x + _attention(sd, i, _layer_norm(sd, f"blocks.{i}.norm1", x, 1e-6), heads)[0]
+        x = x + _mlp(sd, i, _layer_norm(sd, f"blocks.{i}.norm2", x, 1e-6))
+    return _head(sd, x), kept
+
+
+def same_sets(a, b) -> bool:
+    """Every row of ``a`` and ``b`` holds the same set (multiset) of kept indices."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and bool((np.sort(a, axis=1) == np.sort(b, axis=1)).all())

@@ -1,0 +1,36 @@
+"""The trained Fashion-MNIST models shipped in models/ (made by scripts/train_fmnist.py).
+
+Each is exported through the CLI with its own settings (family, arch and keep rate come from
+the checkpoint's vitedge metadata) and must pass validation on 512 real test images with the
+default thresholds. Skipped, with the reason, while a model has not been trained yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from support import REPO, read_json, run_cli
+
+from vitedge.load import read_checkpoint
+
+
+@pytest.mark.parametrize("family", ["evit", "dynamicvit"])
+def test_bundled_model_exports_and_validates(family, tmp_path):
+    path = REPO / "models" / f"fmnist-{family}.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path.relative_to(REPO)} is missing; train it with 'python scripts/train_fmnist.py {family}'")
+    info = read_checkpoint(path).metadata
+    assert info["family"] == family and info["arch"]["img_size"] == 28
+    outdir = tmp_path / family
+    result = run_cli("export", path, "-o", outdir, "--validate-limit", "512")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    summary = json.loads(result.stdout)
+    assert summary["check"] is True and summary["top1_agreement"] >= 0.999
+    assert all(value >= 0.999 for value in summary["kept_agreement"].values())
+    report = read_json(outdir / "report.json")["validate"]
+    assert report["passed"] and report["images"] == 512
+    assert report["exported_accuracy"] > 0.8  # a trained model, not random weights
+    assert sorted(os.listdir(outdir)) == ["model.onnx", "report.json", "report.md", "vitedge.json"]

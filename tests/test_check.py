@@ -1,0 +1,234 @@
+"""vitedge.check: the static-shape / TensorRT lint, on hand-built bad graphs and on real exports."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from support import copy_artifact, read_json, run_cli
+
+import vitedge
+from vitedge.check import check_model
+from vitedge.errors import VitedgeError
+
+FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=18):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def tensor(name, elem, shape):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def const(name, values, dtype=np.int64):
+    return numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
+
+
+def topk_model(k_source: str = "initializer", k: int = 2):
+    """x [1, 8] -> TopK(K) -> values/indices [1, k]; K from an initializer, a Constant node or Shape."""
+    nodes, inits = [], []
+    if k_source == "initializer":
+        inits.append(const("k", [k]))
+    elif k_source == "constant":
+        nodes.append(helper.make_node("Constant", [], ["k"], value=const("kv", [k])))
+    elif k_source == "shape":  # K = x.shape[0] + 1: computed at run time
+        inits += [const("start", [0]), const("end", [1]), const("one", [1])]
+        nodes += [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Slice", ["shape", "start", "end"], ["batch"]),
+            helper.make_node("Add", ["batch", "one"], ["k"]),
+        ]
+    nodes.append(helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=1))
+    out_k = k if k_source != "shape" else 2
+    return make_model(nodes, [tensor("x", FLOAT, [1, 8])],
+                      [tensor("values", FLOAT, [1, out_k]), tensor("indices", INT64, [1, out_k])], inits)
+
+
+def test_constant_topk_passes():
+    result = check_model(topk_model("initializer", 3))
+    assert result.passed, result.errors
+    assert result.topk_k == [3]
+    assert result.ops == {"TopK": 1}
+    assert result.opset == 18
+    assert check_model(topk_model("constant", 5)).topk_k == [5]
+
+
+def test_topk_with_k_from_shape_fails():
+    result = check_model(topk_model("shape"))
+    assert not result.passed
+    assert any("K is computed at run time" in e for e in result.errors), result.errors
+    assert result.topk_k == []
+
+
+def test_topk_k_above_tensorrt_limit_fails():
+    model = make_model([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1)],
+                       [tensor("x", FLOAT, [1, 5000])], [tensor("v", FLOAT, [1, 3841]), tensor("i", INT64, [1, 3841])],
+                       [const("k", [3841])])
+    result = check_model(model)
+    assert any("exceeds TensorRT's limit 3840" in e for e in result.errors)
+
+
+def scatter_model(op: str, reduction: str | None):
+    attrs = {"reduction": reduction} if reduction else {}
+    if op == "ScatterElements":
+        node = helper.make_node(op, ["data", "idx", "upd"], ["out"], axis=1, **attrs)
+        inits = [const("idx", [[0, 2]]), const("upd", [[1.0, 2.0]], np.float32)]
+    else:
+        node = helper.make_node(op, ["data", "idx", "upd"], ["out"], **attrs)
+        inits = [const("idx", [[0, 2]]), const("upd", [3.0], np.float32)]
+    return make_model([node], [tensor("data", FLOAT, [1, 4])], [tensor("out", FLOAT, [1, 4])], inits)
+
+
+@pytest.mark.parametrize("op, reduction", [("ScatterElements", "add"), ("ScatterElements", "mul"), ("ScatterND", "add")])
+def test_scatter_with_reduction_fails(op, reduction):
+    result = check_model(scatter_model(op, reduction))
+    assert any(f"reduces with '{reduction}'" in e for e in result.errors), result.errors
+
+
+@pytest.mark.parametrize("reduction", [None, "none"])
+def test_plain_scatter_passes(reduction):
+    result = check_model(scatter_model("ScatterElements", reduction))
+    assert result.passed, result.errors
+
+
+def test_nonzero_fails():
+    model = make_model([helper.make_node("NonZero", ["x"], ["nz"])], [tensor("x", FLOAT, [1, 4])],
+                       [tensor("nz", INT64, [2, None])])
+    result = check_model(model)
+    assert any("NonZero" in e and "data-dependent" in e for e in result.errors), result.errors
+
+
+def test_if_fails():
+    then_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y_then"])], "then", [],
+                                   [tensor("y_then", FLOAT, [1, 4])])
+    else_graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y_else"])], "else", [],
+                                   [tensor("y_else", FLOAT, [1, 4])])
+    model = make_model(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["cond"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)],
+        [tensor("x", FLOAT, [1, 4])], [tensor("y", FLOAT, [1, 4])], [const("zero", 0.0, np.float32)])
+    result = check_model(model)
+    assert any("If node(s): control flow" in e for e in result.errors), result.errors
+
+
+def test_op_tensorrt_does_not_support_fails():
+    model = make_model([helper.make_node("Det", ["x"], ["d"])], [tensor("x", FLOAT, [2, 3, 3])], [tensor("d", FLOAT, [2])])
+    result = check_model(model)
+    assert result.errors == ["op Det is not supported by TensorRT's ONNX parser"]
+
+
+def _custom_op():
+    node = helper.make_node("FancyAttention", ["x"], ["y"], domain="com.example")
+    model = make_model([node], [tensor("x", FLOAT, [1, 4])], [tensor("y", FLOAT, [1, 4])])
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    return model
+
+
+def test_custom_domain_op_fails():
+    result = check_model(_custom_op())
+    assert any("custom op com.example::FancyAttention" in e for e in result.errors), result.errors
+
+
+def attention_like(tokens: int = 6, dim: int = 4):
+    """q [1, N, d] @ k^T -> [1, N, N] -> @ v: the quadratic map linear attention must not build."""
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["attn"], axis=-1),
+        helper.make_node("MatMul", ["attn", "v"], ["out"]),
+    ]
+    inputs = [tensor(n, FLOAT, [1, tokens, dim]) for n in ("q", "k", "v")]
+    return make_model(nodes, inputs, [tensor("out", FLOAT, [1, tokens, dim])])
+
+
+def test_quadratic_tensor_fails_only_when_asked():
+    model = attention_like(tokens=6)
+    assert check_model(model).passed
+    result = check_model(model, quadratic_tokens=6)
+    assert any("quadratic in the 6 tokens" in e for e in result.errors), result.errors
+    assert check_model(model, quadratic_tokens=7).passed
+
+
+def test_data_dependent_shape_fails():
+    """Range(0, max(x)) has a length known only at run time: no NonZero needed to go dynamic."""
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+        helper.make_node("Cast", ["m"], ["mi"], to=INT64),
+        helper.make_node("Range", ["zero", "mi", "one"], ["r"]),
+    ]
+    model = make_model(nodes, [tensor("x", FLOAT, [4])], [tensor("r", INT64, [None])],
+                       [const("zero", 0), const("one", 1)])
+    result = check_model(model)
+    assert any("without a static shape" in e for e in result.errors), result.errors
+
+
+def test_symbolic_batch_is_pinned_and_int64_warns():
+    model = make_model([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1)],
+                       [tensor("x", FLOAT, ["batch", 8])], [tensor("v", FLOAT, ["batch", 2]), tensor("i", INT64, ["batch", 2])],
+                       [const("k", [2])])
+    result = check_model(model)
+    assert result.passed, result.errors
+    assert any("INT64" in w for w in result.warnings)
+
+
+def test_real_exports_pass(artifact):
+    result = check_model(onnx.load(str(artifact / "model.onnx")))
+    assert result.passed, result.errors
+    assert result.topk_k == [s["kept_patches"] for s in read_json(artifact / "vitedge.json")["token_budgets"]["selections"]]
+    for op in ("NonZero", "If", "Loop", "Unique"):
+        assert op not in result.ops
+
+
+def test_check_stage_rewrites_the_report(evit_artifact, tmp_path):
+    art = copy_artifact(evit_artifact, tmp_path / "art")
+    report = read_json(art / "report.json")
+    report["check"] = {"passed": False}
+    (art / "report.json").write_text(json.dumps(report))
+    result = vitedge.check(art)
+    assert result["passed"] and result["topk_k"] == [35, 26, 19]
+    assert read_json(art / "report.json")["check"]["passed"] is True
+    assert "TopK K (constants): [35, 26, 19]" in (art / "report.md").read_text()
+
+
+def test_check_cli_fails_on_a_bad_graph(evit_artifact, tmp_path):
+    art = copy_artifact(evit_artifact, tmp_path / "art")
+    onnx.save(scatter_model("ScatterElements", "add"), str(art / "model.onnx"))
+    result = run_cli("check", art)
+    assert result.exit_code == 3
+    assert "error: ScatterElements" in result.stdout and "check FAILED" in result.stdout
+    assert read_json(art / "report.json")["check"]["passed"] is False
+    good = run_cli("check", copy_artifact(evit_artifact, tmp_path / "good"))
+    assert good.exit_code == 0 and "check passed" in good.stdout
+
+
+def test_check_damaged_model_file(evit_artifact, tmp_path):
+    art = copy_artifact(evit_artifact, tmp_path / "art")
+    (art / "model.onnx").write_bytes(b"not a protobuf at all" * 10)
+    with pytest.raises(VitedgeError, match="cannot read"):
+        vitedge.check(art)
+    (art / "model.onnx").unlink()
+    with pytest.raises(VitedgeError, match="model.onnx is missing"):
+        vitedge.check(art)
+
+
+def _nonzero():
+    return make_model([helper.make_node("NonZero", ["x"], ["nz"])], [tensor("x", FLOAT, [1, 4])], [tensor("nz", INT64, [2, None])])
+
+
+@pytest.mark.parametrize("build", [_custom_op, _nonzero, lambda: topk_model("shape")])
+def test_check_leaves_nothing_in_the_working_directory(build, tmp_path, monkeypatch):
+    """ORT's symbolic inference saves sym_shape_infer_temp.onnx to the cwd when it gives up (the custom op)."""
+    monkeypatch.chdir(tmp_path)
+    assert not check_model(build()).passed
+    assert os.listdir(tmp_path) == []
+    assert os.getcwd() == str(tmp_path)

@@ -1,0 +1,258 @@
+"""The ``vitedge`` command: results on stdout, progress on stderr, and one clean line per bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from support import HEADS, assert_clean_failure, copy_artifact, folder_listing, make_state_dict, read_json, run_cli
+
+import vitedge
+from vitedge.errors import VitedgeError
+
+# ---------------------------------------------------------------- commands that work
+
+
+def test_export_prints_a_json_summary_and_no_traceback(dynamicvit_export):
+    outdir, result = dynamicvit_export
+    summary = json.loads(result.stdout)
+    assert summary["outdir"] == str(outdir) and summary["check"] is True
+    assert summary["top1_agreement"] == 1.0
+    assert summary["kept_agreement"] == {"kept_tokens_3": 1.0, "kept_tokens_6": 1.0, "kept_tokens_9": 1.0}
+    assert result.stderr.startswith("[1/4] loading ")
+    assert "[4/4] validating on fashion-mnist (128 images)" in result.stderr
+    assert "Traceback" not in result.stderr and "vitedge: error" not in result.stderr
+
+
+def test_version_and_families():
+    assert run_cli("--version").stdout.strip() == f"vitedge, version {vitedge.__version__}"
+    names = [line.split()[0] for line in run_cli("families").stdout.splitlines()]
+    assert names == sorted(names) == vitedge.available_families()
+    assert {"deit", "dynamicvit", "evit"} <= set(names)
+
+
+def test_inspect_json(evit_artifact):
+    result = run_cli("inspect", evit_artifact, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["family"] == "evit"
+    budgets = info["token_budgets"]
+    assert [s["tokens_after"] for s in budgets["selections"]] == [37, 28, 21]
+    assert len(budgets["tokens_per_block"]) == 12
+    assert budgets["tokens_per_block"][3] == {"attention": 50, "mlp": 37}
+    assert 0 < info["flops"]["ratio"] < 1 and info["flops"]["static"] < info["flops"]["dense"]
+    assert info["ops"]["TopK"] == 3 and info["ops"]["Softmax"] == 12
+    assert "NonZero" not in info["ops"]
+    assert info["report"] == {"check": True, "validate": True}
+    assert vitedge.inspect(evit_artifact) == info
+
+
+def test_inspect_text(dynamicvit_artifact):
+    result = run_cli("inspect", dynamicvit_artifact)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "family: dynamicvit" in out
+    assert "tokens per block (attention/mlp): 50/50 50/50 50/50 35/35" in out
+    assert "block 3: keep 34 patch tokens -> 35 tokens" in out
+    assert "TopK 3" in out and "report: check passed, validate passed" in out
+
+
+def _ort_logits(model_path, images):
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(["logits"], {"images": image[None]})[0] for image in images])
+
+
+def test_predict_api_equals_the_onnx_runtime_session(artifact, fmnist_batch):
+    images = fmnist_batch[0][:7]
+    logits = vitedge.predict(artifact, images)
+    assert logits.shape == (7, 10) and logits.dtype == np.float32
+    np.testing.assert_array_equal(logits, _ort_logits(artifact / "model.onnx", images))
+
+
+def test_predict_cli_round_trip(evit_artifact, fmnist_batch, tmp_path):
+    images = fmnist_batch[0][:5]
+    np.save(tmp_path / "in.npy", images)
+    result = run_cli("predict", evit_artifact, tmp_path / "in.npy", "-o", tmp_path / "out.npy")
+    assert result.exit_code == 0, result.output
+    logits = np.load(tmp_path / "out.npy")
+    np.testing.assert_array_equal(logits, _ort_logits(evit_artifact / "model.onnx", images))
+    summary = json.loads(result.stdout)
+    assert summary["shape"] == [5, 10] and summary["top1"] == logits.argmax(1).tolist()
+    assert sorted(os.listdir(tmp_path)) == ["in.npy", "out.npy"]  # no temporary left by the atomic write
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 28, 28), np.float32), r"input has shape \[2, 28, 28\]; this model takes \[N, 1, 28, 28\]"),
+    (np.zeros((2, 3, 28, 28), np.float32), r"this model takes \[N, 1, 28, 28\]"),
+    (np.zeros((2, 1, 32, 32), np.float32), r"input has shape \[2, 1, 32, 32\]"),
+    (np.zeros((2, 1, 28, 28), np.float64), "input dtype is float64; this model takes float32"),
+    (np.zeros((2, 1, 28, 28), np.uint8), "input dtype is uint8"),
+    (np.zeros((0, 1, 28, 28), np.float32), "input holds no images"),
+])
+def test_predict_rejects_wrong_shapes_and_dtypes(evit_artifact, images, message):
+    with pytest.raises(VitedgeError, match=message):
+        vitedge.predict(evit_artifact, images)
+
+
+def test_predict_cli_bad_inputs(evit_artifact, tmp_path):
+    np.save(tmp_path / "grey.npy", np.zeros((1, 28, 28), np.float32))
+    (tmp_path / "text.npy").write_text("1 2 3")
+    np.save(tmp_path / "ok.npy", np.zeros((1, 1, 28, 28), np.float32))
+    cases = [
+        (tmp_path / "missing.npy", tmp_path / "o.npy", "input file not found"),
+        (tmp_path / "text.npy", tmp_path / "o.npy", "is not a .npy array"),
+        (tmp_path / "grey.npy", tmp_path / "o.npy", "input has shape"),
+        (tmp_path / "ok.npy", tmp_path / "nodir" / "o.npy", "output folder .* does not exist"),
+    ]
+    for src, dst, message in cases:
+        result = run_cli("predict", evit_artifact, src, "-o", dst)
+        line = assert_clean_failure(result)
+        assert re.search(message, line), line
+    assert not (tmp_path / "o.npy").exists()
+
+
+# ---------------------------------------------------------------- bad input: one clean line, nothing written
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-inputs")
+    (root / "random.pth").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    (root / "random.safetensors").write_bytes(bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)))
+    (root / "a-file").write_text("not a folder")
+    (root / "broken.yaml").write_text("family: evit\n  keep_rate: [0.7\n")
+    (root / "unknown-key.yaml").write_text("family: evit\nkeep_ratio: 0.7\n")
+    (root / "bad-validation.yaml").write_text("family: evit\nvalidation:\n  thresholds:\n    min_top1: 0.9\n")
+    (root / "mistyped.yaml").write_text("family: evit\nimg_size: big\n")
+    torch.save({"model": make_state_dict("evit", seed=5)}, root / "evit.pth")
+    return root
+
+
+def _bad_cases():
+    h = ["--num-heads", str(HEADS)]
+    return {
+        "missing checkpoint": (["{root}/nope.pth", "--family", "evit"], "checkpoint not found"),
+        "random bytes .pth": (["{root}/random.pth", "--family", "evit"], "cannot read checkpoint"),
+        "random bytes .safetensors": (["{root}/random.safetensors", "--family", "evit"], "cannot read checkpoint"),
+        "dynamicvit checkpoint as evit": (["{dyn}", "--family", "evit", *h], "look like family 'dynamicvit'"),
+        "shape mismatch deit_tiny": (["{evit}", "--family", "evit", "--arch", "deit_tiny"], "does not match arch"),
+        "unknown arch": (["{evit}", "--family", "evit", "--arch", "deit_huge"], "unknown arch"),
+        "unknown family": (["{evit}", "--family", "tome", *h], "unknown family 'tome'"),
+        "no family": (["{evit}", *h], "does not say its family"),
+        "keep rate 0": (["{evit}", "--family", "evit", "--keep-rate", "0", *h], r"keep rate must be in \(0, 1\]"),
+        "keep rate 1.5": (["{evit}", "--family", "evit", "--keep-rate", "1.5", *h], r"keep rate must be in \(0, 1\], got 1.5"),
+        "keep rate -1": (["{evit}", "--family", "evit", "--keep-rate", "-1", *h], r"keep rate must be in \(0, 1\], got -1"),
+        "dynamicvit keep rate 0": (["{dyn}", "--family", "dynamicvit", "--keep-rate", "0", *h], "keep rate must be in"),
+        "img size 30": (["{evit}", "--family", "evit", "--img-size", "30", *h], "not a positive multiple of the patch size 4"),
+        "output under a file": (["{evit}", "--family", "evit", *h, "-o", "{root}/a-file/out"], "cannot write to output folder"),
+        "broken recipe": (["{evit}", "--recipe", "{root}/broken.yaml", *h], "is not valid YAML"),
+        "unknown recipe key": (["{evit}", "--recipe", "{root}/unknown-key.yaml", *h], r"unknown key\(s\) keep_ratio"),
+        "missing recipe": (["{evit}", "--recipe", "{root}/nope.yaml", *h], "recipe not found"),
+        "bad threshold in recipe": (["{evit}", "--recipe", "{root}/bad-validation.yaml", *h], "unknown validation threshold"),
+        "mistyped recipe value": (["{evit}", "--recipe", "{root}/mistyped.yaml", *h], "'img_size' must be an integer"),
+        "opset 16": (["{evit}", "--family", "evit", "--opset", "16", *h], "opset 16 is too old"),
+        "batch size 0": (["{evit}", "--family", "evit", "--batch-size", "0", *h], "batch size must be >= 1"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_export_bad_input(case, bad_inputs, dynamicvit_ckpt, tmp_path):
+    args, message = _bad_cases()[case]
+    fill = {"root": str(bad_inputs), "dyn": str(dynamicvit_ckpt), "evit": str(bad_inputs / "evit.pth")}
+    args = [a.format(**fill) for a in args]
+    outdir = tmp_path / "out"
+    if "-o" not in args:
+        args += ["-o", str(outdir)]
+    result = run_cli("export", *args)
+    line = assert_clean_failure(result, outdir)
+    assert re.search(message, line), line
+    assert result.exit_code == 2
+    assert not any(p.name.startswith(".vitedge-stage-") for p in tmp_path.rglob("*"))
+    assert [p.name for p in tmp_path.iterdir()] == []  # OUTDIR absent, nothing else created
+    assert sorted(p.name for p in bad_inputs.iterdir()) == [
+        "a-file", "bad-validation.yaml", "broken.yaml", "evit.pth", "mistyped.yaml", "random.pth", "random.safetensors",
+        "unknown-key.yaml"]
+
+
+def test_failed_export_leaves_a_good_outdir_unchanged(evit_artifact, evit_ckpt, tmp_path):
+    outdir = copy_artifact(evit_artifact, tmp_path / "out")
+    before = folder_listing(outdir)
+    for bad in (["--opset", "16"], ["--batch-size", "0"], ["--keep-rate", "1.5"], ["--img-size", "30"]):
+        result = run_cli("export", evit_ckpt, "-o", outdir, "--family", "evit", "--num-heads", str(HEADS), *bad)
+        assert_clean_failure(result)
+        assert folder_listing(outdir) == before, bad
+
+
+def test_validation_failure_exits_3_and_keeps_the_report(evit_ckpt, tmp_path):
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text("family: evit\nnum_heads: 2\nvalidation:\n  thresholds:\n    max_abs_logit_diff: 0.0\n")
+    outdir = tmp_path / "out"
+    result = run_cli("export", evit_ckpt, "-o", outdir, "--recipe", recipe, "--validate-limit", "16")
+    assert result.exit_code == 3
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vitedge: error:")]
+    assert len(errors) == 1 and "validation failed on fashion-mnist: max |logit diff|" in errors[0]
+    assert "Traceback" not in result.output
+    # By design the artifact is written: its report says why it failed.
+    assert sorted(os.listdir(outdir)) == ["model.onnx", "report.json", "report.md", "vitedge.json"]
+    assert read_json(outdir / "report.json")["validate"]["passed"] is False
+
+
+@pytest.mark.parametrize("command", [["validate"], ["profile"], ["inspect"], ["check"], ["predict", "x.npy", "-o", "y.npy"]])
+def test_commands_on_a_folder_that_is_not_an_artifact(command, tmp_path):
+    args = [command[0], tmp_path, *command[1:]]
+    if command[0] == "predict":
+        np.save(tmp_path / "x.npy", np.zeros((1, 1, 28, 28), np.float32))
+        args = ["predict", tmp_path, tmp_path / "x.npy", "-o", tmp_path / "y.npy"]
+    line = assert_clean_failure(run_cli(*args))
+    assert "is not a vitedge artifact folder" in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["validate", "{art}", "--batch-size", "0", "--limit", "4"], "batch size and threads must be >= 1"),
+    (["profile", "{art}", "--backend", "torch", "--threads", "0"], "threads must be >= 1"),
+    (["profile", "{art}", "--batch", "0"], "batch must be >= 1"),
+    (["validate", "{art}", "--limit", "0"], "image limit must be positive"),
+    (["validate", "{art}", "--data", "{empty}"], "no images"),
+])
+def test_stage_commands_bad_numbers(evit_artifact, tmp_path, args, message):
+    art = copy_artifact(evit_artifact, tmp_path / "art")
+    (tmp_path / "empty").mkdir()
+    before = folder_listing(art)
+    result = run_cli(*[a.format(art=art, empty=tmp_path / "empty") for a in args])
+    assert message in assert_clean_failure(result)
+    assert folder_listing(art) == before
+
+
+def test_validate_cli(evit_artifact, other_evit_ckpt, tmp_path):
+    art = copy_artifact(evit_artifact, tmp_path / "art")
+    ok = run_cli("validate", art, "--limit", "32")
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads(ok.stdout)
+    assert summary["passed"] and summary["top1_agreement"] == 1.0 and summary["images"] == 32
+    failed = run_cli("validate", art, "--limit", "16", "--max-abs-logit-diff", "0")
+    assert failed.exit_code == 3
+    assert assert_clean_failure(failed).startswith("vitedge: error: validation failed on fashion-mnist: max |logit diff|")
+    assert read_json(art / "report.json")["validate"]["passed"] is False
+    other = run_cli("validate", art, "--limit", "8", "--checkpoint", other_evit_ckpt)
+    assert other.exit_code == 2
+    assert "sha256 differs" in assert_clean_failure(other)
+
+
+def test_subprocess_bad_inputs_print_one_line(tmp_path, evit_ckpt):
+    """The installed entry point, end to end: a corrupt checkpoint and a keep rate out of range."""
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(os.urandom(2048))
+    for args in ([str(corrupt), "--family", "evit"], [str(evit_ckpt), "--family", "evit", "--keep-rate", "1.5"]):
+        proc = subprocess.run([sys.executable, "-m", "vitedge.cli", "export", *args, "-o", str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert [line for line in proc.stderr.splitlines() if line.startswith("vitedge: error:")] == [proc.stderr.splitlines()[-1]]
+        assert not (tmp_path / "out").exists()
