@@ -65,7 +65,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--limit", type=int, default=None, help="first N test images (default: all 10,000)")
-    parser.add_argument("--models", nargs="+", default=["deit", "evit", "dynamicvit"])
+    parser.add_argument("--models", nargs="+", default=["deit", "evit", "dynamicvit", "castling"])
     args = parser.parse_args()
     rows = [measure(family, args.limit) for family in args.models]
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,10 @@ Stages (each reads the previous one's checkpoint):
   evit        the dense weights fine-tuned with EViT's token dropping + fusing (keep 0.7)
   dynamicvit  the dense weights plus DynamicViT score predictors, trained with the paper's
               Gumbel-softmax masking, keep-ratio loss and distillation from the dense model
+  castling    a Castling-ViT (linear-angular attention + the training-only masked-softmax
+              branch) trained from scratch exactly like 'dense', for a like-for-like accuracy
 
-Usage: python scripts/train_fmnist.py all|dense|evit|dynamicvit [--epochs N] [--out models/]
+Usage: python scripts/train_fmnist.py all|dense|evit|dynamicvit|castling [--epochs N] [--out models/]
 On 2 idle CPU cores a dense epoch takes about 1.7 min (5 epochs); the fine-tuning stages run
 2 epochs each. The two fine-tuning stages can run side by side with --threads 1.
 """
@@ -183,7 +185,14 @@ def build_dynamicvit(cfg, out: Path):
     return model, loss_fn, 2, 3e-4, settings
 
 
-STAGES = {"dense": build_dense, "evit": build_evit, "dynamicvit": build_dynamicvit}
+def build_castling(cfg, out: Path):
+    """Castling-ViT from scratch with the dense recipe; in train() mode its attention adds the
+    auxiliary masked-softmax branch, which the exported inference graph drops."""
+    model = get_family("castling").reference(cfg, {})
+    return model, cross_entropy, 5, 1e-3, {}
+
+
+STAGES = {"dense": build_dense, "evit": build_evit, "dynamicvit": build_dynamicvit, "castling": build_castling}
 
 
 def main() -> None:
