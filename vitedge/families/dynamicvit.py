@@ -7,12 +7,14 @@ over keep/drop); the top ``int(num_patches * keep_rate ** (s + 1))`` by keep log
 stay, in score order; the class token always stays and the rest are dropped.
 
 The reference follows that code (argsort, policy-weighted mean); the static form uses a
-constant-K TopK and a flat Gather.
+constant-K TopK, a flat Gather, and the predictor's first output layer split into its local
+and global halves (the global half once per image).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import ViTConfig, VisionTransformer
@@ -101,9 +103,27 @@ class StaticDynamicViT(DynamicViT):
         self.load_state_dict(model.state_dict())
         self.kept = [step["kept_patches"] for step in plan.selections]
 
+    @staticmethod
+    def keep_score(predictor: PredictorLG, patches: torch.Tensor) -> torch.Tensor:
+        """The predictor's keep log-probability [B, N], without building [local, global mean] per token.
+
+        The first ``out_conv`` Linear sees every token's local half next to the same global
+        mean, so it splits into the local half's product (per token, half the width) plus the
+        global half's product (once per image, bias included). Same function as
+        ``predictor(patches)[..., 0]``, with half that layer's multiply-adds and no
+        Expand/Concat over all tokens: the predictor is the one part of DynamicViT that runs
+        as narrow, poorly used GEMMs.
+        """
+        features = predictor.in_conv(patches)
+        half = features.shape[-1] // 2
+        local, global_mean = features[..., :half], features[..., half:].mean(dim=1, keepdim=True)
+        first = predictor.out_conv[0]
+        hidden = F.linear(local, first.weight[:, :half]) + F.linear(global_mean, first.weight[:, half:], first.bias)
+        return predictor.out_conv[1:](hidden)[..., 0]
+
     def select(self, step: int, x: torch.Tensor, positions: torch.Tensor):
         patches = x[:, 1:]
-        score = self.score_predictor[step](patches)[..., 0]
+        score = self.keep_score(self.score_predictor[step], patches)
         index = top_tokens(score, self.kept[step])
         x = torch.cat([x[:, :1], gather_tokens(patches, index)], dim=1)
         return x, gather_tokens(positions, index)
