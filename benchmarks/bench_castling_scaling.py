@@ -38,16 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
-import vitedge  # noqa: E402
 from vitedge.backbone import ARCHS  # noqa: E402
 from vitedge.check import check_model  # noqa: E402
 from vitedge.errors import VitedgeError  # noqa: E402
 from vitedge.export import export_onnx  # noqa: E402
 from vitedge.families import get_family  # noqa: E402
+from vitedge.pipeline import tool_versions  # noqa: E402
 from vitedge.rewrite import to_static  # noqa: E402
 from vitedge.runtime import ort_session  # noqa: E402
 
@@ -188,10 +186,7 @@ def environment(args) -> dict:
         "rounds": args.rounds,
         "warmup": args.warmup,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "vitedge": vitedge.__version__,
+        **tool_versions(),
         "command": command(args),
     }
 

@@ -57,10 +57,8 @@ if "--torch-spin" not in sys.argv:  # must be set before the OpenMP runtime star
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
-import vitedge  # noqa: E402
 from vitedge.backbone import ARCHS, dense_flops  # noqa: E402
 from vitedge.check import check_model  # noqa: E402
 from vitedge.export import export_onnx  # noqa: E402
@@ -68,6 +66,7 @@ from vitedge.families import get_family  # noqa: E402
 from vitedge.families.dynamicvit import DynamicViT  # noqa: E402
 from vitedge.families.evit import FUSED_POSITION, EViTBlock, kept_count  # noqa: E402
 from vitedge.tokens import gather_tokens  # noqa: E402
+from vitedge.pipeline import tool_versions  # noqa: E402
 from vitedge.rewrite import to_static  # noqa: E402
 from vitedge.runtime import ort_session  # noqa: E402
 
@@ -305,19 +304,10 @@ def ort_profiles(paths: dict[str, Path], images: np.ndarray, threads: int, runs:
     The graphs are run in turns (interleaved, like the timing), so a change in machine load
     affects them alike.
     """
-    import onnxruntime as ort
-
-    sessions = {}
-    for name, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        options.enable_profiling = True
-        options.profile_file_prefix = str(path.with_suffix("")) + "-profile"
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sessions = {
+        name: ort_session(path, threads, profile_prefix=str(path.with_suffix("")) + "-profile")
+        for name, path in paths.items()
+    }
     warmup = 2
     for _ in range(runs + warmup):
         for session in sessions.values():
@@ -362,7 +352,7 @@ def weight_streaming_probe(tmp: Path, threads: int, rounds: int, tokens=(197, 14
     rng = np.random.default_rng(0)
     weights = [(rng.standard_normal((dim, hidden), dtype=np.float32) * 0.02, rng.standard_normal((hidden, dim), dtype=np.float32) * 0.02)
                for _ in range(pairs)]
-    sessions, feeds = {}, {}
+    sessions = {}
     for count in tokens:
         for distinct in (1, pairs):
             inits = [numpy_helper.from_array(np.zeros(hidden, np.float32), "b1"), numpy_helper.from_array(np.zeros(dim, np.float32), "b2")]
@@ -525,10 +515,7 @@ def environment(args) -> dict:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "vitedge": vitedge.__version__,
+        **tool_versions(),
         "arch": ARCH,
         "keep_rate": args.keep_rate,
         "rounds": args.rounds,

@@ -20,6 +20,6 @@ from .rewrite import to_static  # noqa: E402
 from .validate import Thresholds, validate  # noqa: E402
 
 __all__ = [
-    "available_families", "check", "export", "get_family", "inspect", "load_model", "predict",
+    "Artifact", "available_families", "check", "export", "get_family", "inspect", "load_model", "predict",
     "predict_file", "profile", "to_static", "validate", "Thresholds", "ValidationFailed", "VitedgeError",
 ]

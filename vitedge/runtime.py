@@ -10,14 +10,20 @@ import onnxruntime as ort
 from .errors import VitedgeError
 
 
-def ort_session(path: str | Path, threads: int = 2) -> ort.InferenceSession:
-    """A CPU session with pinned thread count and spin-waiting off (fair interleaved timing on few cores)."""
+def ort_session(path: str | Path, threads: int = 2, profile_prefix: str | None = None) -> ort.InferenceSession:
+    """A CPU session with pinned thread count and spin-waiting off (fair interleaved timing on few cores).
+
+    ``profile_prefix`` turns on ONNX Runtime's per-node profiler, writing JSON under that prefix.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for unreadable / invalid models
