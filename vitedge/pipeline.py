@@ -12,7 +12,7 @@ import onnx
 
 from . import __version__
 from .artifact import METADATA, MODEL, SCHEMA_VERSION, Artifact, staged_outdir, write_bytes_atomic, write_json_atomic
-from .backbone import ViTConfig, dense_flops
+from .backbone import dense_flops
 from .check import check_model
 from .data import check_source
 from .errors import ValidationFailed, VitedgeError
@@ -21,7 +21,7 @@ from .families import get_family
 from .load import LoadedModel, load_model
 from .recipe import load_recipe, merge
 from .rewrite import to_static
-from .runtime import graph_batch, ort_session, run_batched
+from .runtime import ort_session, run_batched
 from .validate import Thresholds, validate
 
 
@@ -248,4 +248,4 @@ def predict_file(outdir, input_path, output_path) -> np.ndarray:
     return logits
 
 
-__all__ = ["export", "check", "inspect", "predict", "predict_file", "reference_from_metadata", "ViTConfig", "graph_batch"]
+__all__ = ["export", "check", "inspect", "predict", "predict_file", "reference_from_metadata", "tool_versions"]
