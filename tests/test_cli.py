@@ -256,3 +256,30 @@ def test_subprocess_bad_inputs_print_one_line(tmp_path, evit_ckpt):
         assert "Traceback" not in proc.stderr + proc.stdout
         assert [line for line in proc.stderr.splitlines() if line.startswith("vitedge: error:")] == [proc.stderr.splitlines()[-1]]
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["export", "{ckpt}", "-o", "{out}", "--keep-rate", "abc"], "Invalid value for '--keep-rate'"),
+        (["export", "-o", "{out}"], "Missing argument 'CHECKPOINT'"),
+        (["export", "{ckpt}", "-o", "{file}"], "is a file"),
+        (["nonsense"], "No such command 'nonsense'"),
+        (["profile", "{out}", "--backend", "cuda"], "Invalid value for '--backend'"),
+    ],
+)
+def test_click_usage_errors_are_one_line_too(tmp_path, args, message):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    outdir = tmp_path / "out"
+    filled = [a.format(ckpt=tmp_path / "x.pth", out=outdir, file=a_file) for a in args]
+    result = run_cli(*filled)
+    line = assert_clean_failure(result, outdir)
+    assert result.exit_code == 2
+    assert message in line and "--help" in line
+
+
+def test_bare_command_prints_help_and_succeeds():
+    result = run_cli()
+    assert result.exit_code == 0
+    assert "Usage: vitedge" in result.output and "export" in result.output

@@ -37,7 +37,29 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """click's usage errors (a bad flag value, a missing argument) as one ``vitedge: error:`` line too."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.format_message())
+            sys.exit(0)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx else ""
+            click.echo(f"vitedge: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("vitedge: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(name="vitedge", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(vitedge.__version__, prog_name="vitedge")
 def main():
     """Export adaptive Vision Transformers to static, validated ONNX for edge runtimes."""
