@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from support import copy_artifact, read_json, run_cli
 
@@ -232,3 +234,25 @@ def test_check_leaves_nothing_in_the_working_directory(build, tmp_path, monkeypa
     assert not check_model(build()).passed
     assert os.listdir(tmp_path) == []
     assert os.getcwd() == str(tmp_path)
+
+
+class _ArgsortSelection(torch.nn.Module):
+    """Token selection written the way the official DynamicViT code does it (argsort, then slice)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        score = tokens.mean(dim=-1)
+        index = torch.argsort(score, dim=1, descending=True)[:, :5]
+        return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def test_plain_dynamic_batch_export_of_argsort_selection_fails_the_lint():
+    example = torch.randn(2, 12, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _ArgsortSelection(), (example,), dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},),
+        )
+    result = check_model(program.model_proto)
+    assert not result.passed
+    assert any("K is computed at run time" in error for error in result.errors)
