@@ -30,19 +30,18 @@ def load_recipe(path: str | Path | None) -> dict:
     if unknown:
         raise VitedgeError(f"recipe {path} has unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(RECIPE_KEYS))}")
     for key, value in [*recipe.items(), *_nested(recipe, "settings"), *_nested(recipe, "validation")]:
-        kind = _TYPES.get(key)
-        if kind is not None and value is not None and not _is(value, kind):
-            raise VitedgeError(f"recipe {path}: '{key}' must be {kind}, got {value!r}")
+        expected = _TYPES.get(key)
+        if expected is not None and value is not None and not expected[1](value):
+            raise VitedgeError(f"recipe {path}: '{key}' must be {expected[0]}, got {value!r}")
     return recipe
 
 
-# What each value must be, so a mistyped value is one clear line rather than a crash mid-export.
-_TYPES = {
-    "family": "a string", "arch": "a string", "num_heads": "an integer", "img_size": "an integer",
-    "opset": "an integer", "batch_size": "an integer", "dynamic_batch": "true or false",
-    "settings": "a mapping", "validation": "a mapping", "thresholds": "a mapping of numbers",
-    "keep_rate": "a number or a list of numbers", "prune_blocks": "a list of integers", "fuse_token": "true or false",
-}
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _nested(recipe: dict, key: str) -> list:
@@ -50,24 +49,20 @@ def _nested(recipe: dict, key: str) -> list:
     return list(value.items()) if isinstance(value, dict) else []
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is(value, kind: str) -> bool:
-    if kind == "a string":
-        return isinstance(value, str)
-    if kind == "an integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "true or false":
-        return isinstance(value, bool)
-    if kind == "a mapping":
-        return isinstance(value, dict)
-    if kind == "a mapping of numbers":
-        return isinstance(value, dict) and all(v is None or _number(v) for v in value.values())
-    if kind == "a list of integers":
-        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    return _number(value) or (isinstance(value, list) and all(_number(v) for v in value))  # keep_rate
+# What each value must be, so a mistyped value is one clear line rather than a crash mid-export.
+_STRING = ("a string", lambda v: isinstance(v, str))
+_INTEGER = ("an integer", _integer)
+_BOOLEAN = ("true or false", lambda v: isinstance(v, bool))
+_MAPPING = ("a mapping", lambda v: isinstance(v, dict))
+_TYPES = {
+    "family": _STRING, "arch": _STRING,
+    "num_heads": _INTEGER, "img_size": _INTEGER, "opset": _INTEGER, "batch_size": _INTEGER,
+    "dynamic_batch": _BOOLEAN, "fuse_token": _BOOLEAN,
+    "settings": _MAPPING, "validation": _MAPPING,
+    "thresholds": ("a mapping of numbers", lambda v: isinstance(v, dict) and all(x is None or _number(x) for x in v.values())),
+    "keep_rate": ("a number or a list of numbers", lambda v: _number(v) or (isinstance(v, list) and all(map(_number, v)))),
+    "prune_blocks": ("a list of integers", lambda v: isinstance(v, list) and all(map(_integer, v))),
+}
 
 
 def merge(recipe: dict, overrides: dict) -> dict:
