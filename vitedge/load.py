@@ -124,8 +124,9 @@ def load_model(
         raise VitedgeError(f"{ckpt.path} does not say its family{hint}; pass --family")
     fam = get_family(family_name)
     cfg = resolve_config(ckpt, arch, num_heads, img_size)
-    merged = {**ckpt.metadata.get("settings", {}), **(settings or {})} if family_name == ckpt.metadata.get("family") else dict(settings or {})
-    resolved = fam.resolve_settings(cfg, merged)
+    # Settings a vitedge checkpoint was trained with are defaults for its own family only.
+    trained = ckpt.metadata.get("settings", {}) if family_name == ckpt.metadata.get("family") else {}
+    resolved = fam.resolve_settings(cfg, {**trained, **(settings or {})})
     state, dropped = fam.adapt_state_dict(ckpt.state_dict)
     if "pos_embed" in state and state["pos_embed"].shape[1] != cfg.num_patches + 1:
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], cfg.grid_size)
