@@ -152,6 +152,20 @@ def quiet():
         logging.getLogger("torch.onnx").setLevel(previous)
 
 
+def export_record(proto: onnx.ModelProto, path: Path, started: float) -> dict:
+    """What the benchmark keeps of one exported graph: time, lint result, op histogram."""
+    check = check_model(proto)
+    return {
+        "export_s": round(time.perf_counter() - started, 1),
+        "opset": check.opset,
+        "path": path,
+        "check_passed": check.passed,
+        "check_errors": check.errors,
+        "check_warnings": check.warnings,
+        "ops": dict(collections.Counter(n.op_type for n in proto.graph.node)),
+    }
+
+
 def plain_export(model: torch.nn.Module, batch: int, cfg, path: Path) -> dict:
     """``torch.onnx.export(model, (x,), dynamo=True)`` with nothing else set; the lint result or the failure."""
     example = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
@@ -165,34 +179,14 @@ def plain_export(model: torch.nn.Module, batch: int, cfg, path: Path) -> dict:
         return {"exported": False, "error": (reason or text.strip().splitlines()[0])[:400]}
     proto = program.model_proto
     onnx.save_model(proto, str(path))
-    check = check_model(proto)
-    return {
-        "exported": True,
-        "export_s": round(time.perf_counter() - started, 1),
-        "opset": check.opset,
-        "path": path,
-        "check_passed": check.passed,
-        "check_errors": check.errors,
-        "check_warnings": check.warnings,
-        "ops": dict(collections.Counter(n.op_type for n in proto.graph.node)),
-    }
+    return {"exported": True, **export_record(proto, path, started)}
 
 
 def vitedge_export(model, cfg, plan, batch: int, path: Path) -> dict:
     started = time.perf_counter()
     static = to_static(model, plan)
     proto = export_onnx(static, cfg, plan, path, batch_size=batch)
-    check = check_model(proto)
-    return {
-        "export_s": round(time.perf_counter() - started, 1),
-        "opset": check.opset,
-        "path": path,
-        "check_passed": check.passed,
-        "check_errors": check.errors,
-        "check_warnings": check.warnings,
-        "ops": dict(collections.Counter(n.op_type for n in proto.graph.node)),
-        "static_model": static,
-    }
+    return {**export_record(proto, path, started), "static_model": static}
 
 
 def ort_runner(path: Path, images: np.ndarray, threads: int):

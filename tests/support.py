@@ -245,3 +245,24 @@ def same_sets(a, b) -> bool:
 
     a, b = np.asarray(a), np.asarray(b)
     return a.shape == b.shape and bool((np.sort(a, axis=1) == np.sort(b, axis=1)).all())
+
+
+def assert_static_matches_reference(checkpoint, family: str, settings: dict, images):
+    """Load ``checkpoint`` as ``family``, rewrite it, and assert the static twin equals the reference
+    (logits, top-1, kept-token sets per selection). Returns (loaded, static, static kept) for
+    family-specific checks."""
+    from vitedge.load import load_model
+    from vitedge.rewrite import to_static
+
+    loaded = load_model(checkpoint, family=family, num_heads=HEADS, settings=settings)
+    static = to_static(loaded.model, loaded.plan)
+    images = torch.from_numpy(images)
+    with torch.no_grad():
+        ref_logits, ref_kept = loaded.model.forward_tokens(images)
+        st_logits, st_kept = static.forward_tokens(images)
+    assert torch.allclose(ref_logits, st_logits, atol=1e-5)
+    assert (ref_logits.argmax(1) == st_logits.argmax(1)).all()
+    assert len(ref_kept) == len(st_kept) == len(loaded.plan.selections)
+    for ref, st in zip(ref_kept, st_kept):
+        assert same_sets(ref, st)
+    return loaded, static, st_kept

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from support import HEADS, official_dynamicvit, official_dynamicvit_keys, same_sets
+from support import HEADS, assert_static_matches_reference, official_dynamicvit, official_dynamicvit_keys, same_sets
 
 from vitedge.backbone import ARCHS, dense_flops
 from vitedge.check import check_model
@@ -88,16 +88,8 @@ def test_reference_matches_official_eval_code(dynamicvit_ckpt, dynamicvit_state,
     {"keep_rate": 1.0},
 ])
 def test_static_twin_equals_reference(dynamicvit_ckpt, fmnist_batch, settings):
-    loaded = load_model(dynamicvit_ckpt, family="dynamicvit", num_heads=HEADS, settings=settings)
-    static = to_static(loaded.model, loaded.plan)
-    images = torch.from_numpy(fmnist_batch[0])
-    with torch.no_grad():
-        ref_logits, ref_kept = loaded.model.forward_tokens(images)
-        st_logits, st_kept = static.forward_tokens(images)
-    assert torch.allclose(ref_logits, st_logits, atol=1e-5)
-    assert (ref_logits.argmax(1) == st_logits.argmax(1)).all()
-    for ref, st, step in zip(ref_kept, st_kept, loaded.plan.selections):
-        assert same_sets(ref, st)
+    loaded, static, st_kept = assert_static_matches_reference(dynamicvit_ckpt, "dynamicvit", settings, fmnist_batch[0])
+    for st, step in zip(st_kept, loaded.plan.selections):
         assert st.shape[1] == step["kept_patches"]
     # The static twin shares the reference's weights, it does not copy stale ones.
     assert torch.equal(static.score_predictor[0].out_conv[4].weight, loaded.model.score_predictor[0].out_conv[4].weight)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from support import HEADS, official_evit, same_sets
+from support import HEADS, assert_static_matches_reference, official_evit, same_sets
 
 from vitedge.backbone import ARCHS, dense_flops
 from vitedge.check import check_model
@@ -124,17 +124,8 @@ def test_reference_matches_official_eval_code(evit_ckpt, evit_state, fmnist_batc
     {"keep_rate": 1.0},
 ])
 def test_static_twin_equals_reference(evit_ckpt, fmnist_batch, settings):
-    loaded = load_model(evit_ckpt, family="evit", num_heads=HEADS, settings=settings)
-    static = to_static(loaded.model, loaded.plan)
-    images = torch.from_numpy(fmnist_batch[0])
-    with torch.no_grad():
-        ref_logits, ref_kept = loaded.model.forward_tokens(images)
-        st_logits, st_kept = static.forward_tokens(images)
-    assert torch.allclose(ref_logits, st_logits, atol=1e-5)
-    assert (ref_logits.argmax(1) == st_logits.argmax(1)).all()
-    assert len(ref_kept) == len(st_kept) == len(loaded.plan.selections)
-    for ref, st, step in zip(ref_kept, st_kept, loaded.plan.selections):
-        assert same_sets(ref, st)
+    loaded, _, st_kept = assert_static_matches_reference(evit_ckpt, "evit", settings, fmnist_batch[0])
+    for st, step in zip(st_kept, loaded.plan.selections):
         # The static width is the plan's constant: kept patches (+ the fused token).
         assert st.shape[1] == step["tokens_after"] - 1
 
