@@ -180,6 +180,42 @@ def predict(outdir, input_npy, output_npy):
     click.echo(json.dumps({"output": output_npy, "shape": list(logits.shape), "top1": logits.argmax(1).tolist()[:16]}))
 
 
+def parse_keep_rates(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [{"keep_rate": float(part)} for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.5,0.7,0.9, got {value!r}") from None
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Folder for the winning artifact + tune.md/.json/.png.")
+@click.option("--latency-budget-ms", type=float, required=True, help="Latency budget per batch, in ms.")
+@click.option("--family", help="Model family; read from vitedge checkpoints.")
+@click.option("--arch", help="Named architecture; default: inferred from the weights.")
+@click.option("--keep-rates", callback=parse_keep_rates, help="Keep rates to try, comma-separated (default: the family's grid).")
+@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
+@click.option("--data", default="fashion-mnist", show_default=True, help="Labelled images: fashion-mnist or a folder with one sub-folder per class.")
+@click.option("--limit", type=int, default=2000, show_default=True, help="Images to measure accuracy on.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--statistic", type=click.Choice(["p50", "p90", "p99", "mean"]), default="p90", show_default=True, help="Latency statistic held to the budget.")
+@click.option("--iterations", type=int, default=50, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@friendly
+def tune(checkpoint, outdir, latency_budget_ms, family, arch, keep_rates, backend, data, limit, batch, statistic,
+         iterations, warmup, threads):
+    """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does)."""
+    summary = vitedge.tune(checkpoint, outdir, latency_budget_ms, family=family, arch=arch, candidates=keep_rates,
+                           backend=backend, data=data, limit=limit, batch=batch, statistic=statistic,
+                           iterations=iterations, warmup=warmup, threads=threads, log=log)
+    chosen = summary["chosen"]
+    click.echo(json.dumps({"outdir": outdir, "chosen": chosen["settings"], "accuracy": chosen["accuracy"],
+                           f"{statistic}_ms": chosen["latency_ms"], "budget_ms": latency_budget_ms}))
+
+
 @main.command()
 def families():
     """List the registered families."""

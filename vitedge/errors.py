@@ -14,3 +14,9 @@ class ValidationFailed(VitedgeError):
     """The static artifact disagrees with the reference beyond the thresholds."""
 
     exit_code = 3
+
+
+class BudgetMissed(VitedgeError):
+    """Nothing measured meets the latency budget the user asked for."""
+
+    exit_code = 4

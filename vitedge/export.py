@@ -141,11 +141,14 @@ def _convert_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 @contextlib.contextmanager
 def _quiet():
     """The exporter prints progress and warnings meant for its own developers; keep them off stdout."""
-    previous = logging.getLogger("torch.onnx").level
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    previous = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logging.getLogger("torch.onnx").setLevel(previous)
+        for logger, level in zip(loggers, previous):
+            logger.setLevel(level)

@@ -45,4 +45,11 @@ def render_markdown(metadata: dict, report: dict) -> str:
             lines.append(f"| {result['backend']} | {result['batch']} | {result['threads']} | {result['p50_ms']:.2f} | "
                          f"{result['p90_ms']:.2f} | {result['p99_ms']:.2f} | {result['throughput_img_s']:.1f} |")
         lines.append("")
+    tune = report.get("tune")
+    if tune:
+        chosen = tune["chosen"]
+        lines += ["## Budget search", "",
+                  f"Chosen by `vitedge tune` as the most accurate candidate with {tune['statistic']} <= "
+                  f"{tune['budget_ms']:g} ms on {tune['backend']}: {tune['statistic']} {chosen['latency_ms']:.2f} ms, "
+                  f"accuracy {_pct(chosen['accuracy'])}. All candidates: tune.md.", ""]
     return "\n".join(lines)

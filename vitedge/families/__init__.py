@@ -77,6 +77,10 @@ class Family:
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         raise NotImplementedError
 
+    def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
+        """Settings overrides that ``vitedge tune`` tries, cheapest last; the trained setting alone by default."""
+        return [{}]
+
 
 def family(name: str):
     """Class decorator that registers a Family subclass under ``name``."""
@@ -114,6 +118,14 @@ def detect_family(state_dict: dict) -> str | None:
         if keys and any(any(sig in key for sig in keys) for key in state_dict):
             return name
     return None
+
+
+KEEP_RATE_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+
+
+def keep_rate_candidates(rates=KEEP_RATE_GRID) -> list[dict]:
+    """One keep rate for every pruning block, the grid ``vitedge tune`` searches for keep-rate families."""
+    return [{"keep_rate": rate} for rate in rates]
 
 
 def default_prune_blocks(depth: int) -> list[int]:

@@ -30,6 +30,7 @@ from . import (
     check_setting_names,
     default_prune_blocks,
     family,
+    keep_rate_candidates,
 )
 
 
@@ -159,6 +160,9 @@ class DynamicViTFamily(Family):
 
     def reference(self, cfg: ViTConfig, settings: dict) -> DynamicViT:
         return DynamicViT(cfg, settings["keep_rate"], settings["prune_blocks"])
+
+    def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
+        return keep_rate_candidates()
 
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         kept = kept_counts(cfg.num_patches, settings["keep_rate"], len(settings["prune_blocks"]))

@@ -30,6 +30,7 @@ from . import (
     check_setting_names,
     default_prune_blocks,
     family,
+    keep_rate_candidates,
 )
 
 FUSED_POSITION = -1
@@ -145,6 +146,9 @@ class EViTFamily(Family):
 
     def reference(self, cfg: ViTConfig, settings: dict) -> EViT:
         return EViT(cfg, settings["keep_rate"], settings["prune_blocks"], settings["fuse_token"])
+
+    def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
+        return keep_rate_candidates()
 
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         rates = dict(zip(settings["prune_blocks"], settings["keep_rate"]))

@@ -1,0 +1,267 @@
+"""Budget search: the most accurate token budget that meets a latency budget, measured.
+
+FLOP ratios do not predict latency well on small batches (see docs/benchmarks.md), so every
+candidate the family offers (``Family.tuning_candidates``: keep rates, per-block budgets, ...)
+is exported, proven against its reference on labelled images, and timed on the backend at
+hand. The winner is the most accurate candidate whose latency statistic meets the budget; the
+whole table, its Pareto front and a plot are written beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .artifact import Artifact, staged_outdir, write_json_atomic, write_text_atomic
+from .data import check_source, load_dataset
+from .errors import BudgetMissed, ValidationFailed, VitedgeError
+from .load import load_model
+from .pipeline import export
+from .profile import BACKENDS, profile
+
+STATISTICS = ("p50", "p90", "p99", "mean")
+TUNE_JSON = "tune.json"
+TUNE_MD = "tune.md"
+TUNE_PLOT = "tune_pareto.png"
+
+
+@dataclass
+class Candidate:
+    """One measured point of the search."""
+
+    settings: dict
+    label: str = ""
+    flops_ratio: float = 0.0
+    latency_ms: float | None = None
+    latency: dict = field(default_factory=dict)
+    accuracy: float | None = None
+    top1_agreement: float | None = None
+    meets_budget: bool = False
+    pareto: bool = False
+    error: str | None = None
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
+    """Measured candidates that no other is both faster than (or as fast) and more accurate than."""
+    measured = [c for c in candidates if c.error is None]
+    front = []
+    for c in measured:
+        dominated = any(
+            o is not c and o.latency_ms <= c.latency_ms and o.accuracy >= c.accuracy
+            and (o.latency_ms < c.latency_ms or o.accuracy > c.accuracy)
+            for o in measured
+        )
+        if not dominated:
+            front.append(c)
+    return sorted(front, key=lambda c: c.latency_ms)
+
+
+def choose(candidates: list[Candidate]) -> Candidate | None:
+    """The most accurate candidate that meets the budget; the faster one on a tie."""
+    meeting = [c for c in candidates if c.error is None and c.meets_budget]
+    return max(meeting, key=lambda c: (c.accuracy, -c.latency_ms)) if meeting else None
+
+
+def _check_arguments(latency_budget_ms, backend, statistic, batch, limit) -> None:
+    if latency_budget_ms is None or latency_budget_ms <= 0:
+        raise VitedgeError(f"latency budget must be > 0 ms, got {latency_budget_ms}")
+    if backend not in BACKENDS:
+        raise VitedgeError(f"unknown backend '{backend}'; tune runs on: {', '.join(BACKENDS)}")
+    if statistic not in STATISTICS:
+        raise VitedgeError(f"unknown latency statistic '{statistic}'; use one of {', '.join(STATISTICS)}")
+    if batch < 1:
+        raise VitedgeError(f"batch must be >= 1, got {batch}")
+    if limit is not None and limit < 1:
+        raise VitedgeError(f"image limit must be positive, got {limit}")
+
+
+def tune(
+    checkpoint,
+    outdir,
+    latency_budget_ms: float,
+    family: str | None = None,
+    arch: str | None = None,
+    img_size: int | None = None,
+    num_heads: int | None = None,
+    candidates: list[dict] | None = None,
+    backend: str = "ort",
+    data: str = "fashion-mnist",
+    limit: int | None = 2000,
+    batch: int = 1,
+    statistic: str = "p90",
+    iterations: int = 50,
+    warmup: int = 10,
+    threads: int = 2,
+    log=_stderr,
+) -> dict:
+    """Search the family's token budgets; OUTDIR gets the winning artifact plus tune.json/.md/.png.
+
+    ``candidates`` overrides the family's grid (a list of settings dicts, e.g.
+    ``[{"keep_rate": 0.5}, {"keep_rate": 0.7}]``). Raises BudgetMissed (exit 4, OUTDIR
+    untouched) when no candidate meets the budget, naming the fastest one.
+    """
+    _check_arguments(latency_budget_ms, backend, statistic, batch, limit)
+    check_source(data, limit)
+    dataset = load_dataset(data, limit)
+    if dataset.labels is None:
+        raise VitedgeError(f"tune ranks by accuracy and needs labelled images; {data} has no labels "
+                           "(use fashion-mnist or a folder with one sub-folder per class)")
+    loaded = load_model(checkpoint, family=family, arch=arch, img_size=img_size, num_heads=num_heads)
+    grid = candidates if candidates is not None else loaded.family.tuning_candidates(loaded.cfg, loaded.settings)
+    if not grid:
+        raise VitedgeError("no candidates to try; give at least one settings dict")
+    for settings in grid:  # every candidate must be valid before anything is exported
+        loaded.family.resolve_settings(loaded.cfg, {**loaded.settings, **settings})
+    log(f"tuning {loaded.family.name} for {statistic} <= {latency_budget_ms:g} ms on {backend}, batch {batch}: "
+        f"{len(grid)} candidate(s), {len(dataset)} {dataset.name} images each")
+
+    export_options = {"family": loaded.family.name, "arch": arch, "img_size": loaded.cfg.img_size,
+                      "num_heads": loaded.cfg.num_heads, "batch_size": batch, "validate_data": data,
+                      "validate_limit": limit}
+    timing = {"backend": backend, "batch": batch, "iterations": iterations, "warmup": warmup, "threads": threads}
+    results: list[Candidate] = []
+    with staged_outdir(Path(outdir)) as stage:
+        for index, settings in enumerate(grid):
+            folder = stage / "candidates" / str(index)
+            candidate = _measure(checkpoint, folder, {**loaded.settings, **settings}, export_options, timing,
+                                 statistic, latency_budget_ms, f"[{index + 1}/{len(grid)}]", log)
+            results.append(candidate)
+        for point in pareto_front(results):
+            point.pareto = True
+        chosen = choose(results)
+        if chosen is None:
+            raise BudgetMissed(_missed_message(results, statistic, latency_budget_ms, backend))
+        winner = stage / "candidates" / str(results.index(chosen))
+        for item in winner.iterdir():
+            shutil.move(str(item), stage / item.name)
+        shutil.rmtree(stage / "candidates")
+        summary = _summary(loaded.family.name, results, chosen, latency_budget_ms, statistic, backend, batch,
+                           threads, dataset)
+        summary["plot"] = TUNE_PLOT if plot_pareto(summary, stage / TUNE_PLOT) else None
+        write_json_atomic(stage / TUNE_JSON, summary)
+        write_text_atomic(stage / TUNE_MD, render_markdown(summary))
+        Artifact(stage).update_report("tune", {k: summary[k] for k in ("budget_ms", "statistic", "backend", "chosen")})
+    log(f"chose {chosen.label}: accuracy {chosen.accuracy:.4f}, {statistic} {chosen.latency_ms:.2f} ms "
+        f"(budget {latency_budget_ms:g} ms); table in {Path(outdir) / TUNE_MD}")
+    return summary
+
+
+def _quiet(message: str) -> None:
+    """The per-candidate export logs are noise inside a search."""
+
+
+def _measure(checkpoint, folder, settings, export_options, timing, statistic, budget, step, log) -> Candidate:
+    """Export one candidate (validated on the tuning images against its reference) and time it."""
+    candidate = Candidate(settings=dict(settings), label=_label(settings))
+    try:
+        report = export(checkpoint, folder, settings=settings, log=_quiet, **export_options)
+    except ValidationFailed as exc:
+        candidate.error = str(exc)
+        log(f"{step} {candidate.label}: skipped, {exc}")
+        return candidate
+    metadata = Artifact(folder).metadata
+    candidate.settings = metadata["settings"]
+    candidate.flops_ratio = metadata["flops"]["ratio"]
+    candidate.accuracy = report["validate"]["exported_accuracy"]
+    candidate.top1_agreement = report["validate"]["top1_agreement"]
+    stats = profile(folder, **timing)
+    candidate.latency = {k: stats[f"{k}_ms"] for k in STATISTICS}
+    candidate.latency_ms = candidate.latency[statistic]
+    candidate.meets_budget = candidate.latency_ms <= budget
+    log(f"{step} {candidate.label}: FLOPs {candidate.flops_ratio:.3f}, accuracy {candidate.accuracy:.4f}, "
+        f"{statistic} {candidate.latency_ms:.2f} ms {'meets' if candidate.meets_budget else 'misses'} the budget")
+    return candidate
+
+
+def _missed_message(results, statistic, budget, backend) -> str:
+    measured = [c for c in results if c.error is None]
+    if not measured:
+        return "no candidate passed validation against its reference; see 'vitedge validate' on a single export"
+    fastest = min(measured, key=lambda c: c.latency_ms)
+    return (f"no candidate meets {statistic} <= {budget:g} ms on {backend}; the fastest, {fastest.label}, "
+            f"takes {fastest.latency_ms:.2f} ms (raise the budget or add cheaper candidates)")
+
+
+def _summary(family, results, chosen, budget, statistic, backend, batch, threads, dataset) -> dict:
+    return {
+        "family": family,
+        "budget_ms": budget,
+        "statistic": statistic,
+        "backend": backend,
+        "batch": batch,
+        "threads": threads,
+        "data": {"name": dataset.name, "images": len(dataset)},
+        "candidates": [asdict(c) for c in results],
+        "chosen": asdict(chosen),
+    }
+
+
+def render_markdown(summary: dict) -> str:
+    stat = summary["statistic"]
+    lines = [
+        f"# Budget search: {summary['family']}, {stat} <= {summary['budget_ms']:g} ms "
+        f"({summary['backend']}, batch {summary['batch']}, {summary['threads']} threads)",
+        "",
+        f"Accuracy on {summary['data']['images']} {summary['data']['name']} images (the exported graph); "
+        "every candidate validated against its reference model. Chosen settings: "
+        f"`{json.dumps(summary['chosen']['settings'])}`.",
+        "",
+        f"| settings | FLOPs ratio | accuracy | top-1 agreement | {stat} ms | meets budget | Pareto |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in summary["candidates"]:
+        if c["error"]:
+            lines.append(f"| {c['label']} | | | | | failed: {c['error']} | |")
+            continue
+        chosen = " **chosen**" if c["settings"] == summary["chosen"]["settings"] else ""
+        lines.append(f"| {c['label']}{chosen} | {c['flops_ratio']:.3f} | {c['accuracy']:.4f} | "
+                     f"{c['top1_agreement']:.4f} | {c['latency_ms']:.2f} | {'yes' if c['meets_budget'] else 'no'} | "
+                     f"{'yes' if c['pareto'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(summary: dict, path: Path) -> bool:
+    """Accuracy over latency with the Pareto front and the budget; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    measured = [c for c in summary["candidates"] if not c["error"]]
+    front = sorted((c for c in measured if c["pareto"]), key=lambda c: c["latency_ms"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([c["latency_ms"] for c in measured], [100 * c["accuracy"] for c in measured], color="0.6", label="candidate")
+    ax.plot([c["latency_ms"] for c in front], [100 * c["accuracy"] for c in front], "o-", color="C0", label="Pareto front")
+    chosen = summary["chosen"]
+    ax.scatter([chosen["latency_ms"]], [100 * chosen["accuracy"]], s=120, facecolors="none", edgecolors="C3",
+               linewidths=2, label="chosen")
+    ax.axvline(summary["budget_ms"], color="C3", linestyle="--", label="budget")
+    for c in measured:
+        ax.annotate(c["label"], (c["latency_ms"], 100 * c["accuracy"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"{summary['statistic']} latency, ms ({summary['backend']}, batch {summary['batch']})")
+    ax.set_ylabel(f"accuracy on {summary['data']['name']}, %")
+    ax.set_title(f"{summary['family']}: accuracy vs latency")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def _label(settings: dict) -> str:
+    if "keep_rate" in settings:
+        rate = settings["keep_rate"]
+        return "keep " + (",".join(f"{r:g}" for r in rate) if isinstance(rate, list) else f"{rate:g}")
+    return ", ".join(f"{k}={v}" for k, v in settings.items())[:30]
