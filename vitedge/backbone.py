@@ -129,10 +129,19 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
     Bicubic, corners not aligned, class token untouched: what timm's
     ``resample_abs_pos_embed`` does, so a model fine-tuned at another size behaves the same.
     """
+    if math.isqrt(pos_embed.shape[1] - 1) == grid_size:
+        return pos_embed
+    return interpolate_pos_embed(pos_embed, grid_size)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid_size) -> torch.Tensor:
+    """``resample_pos_embed`` without the same-size shortcut, so it traces with a symbolic grid.
+
+    At the trained grid bicubic resampling returns the table itself (the kernel is [0, 1, 0, 0]
+    at integer offsets), so a dynamic-resolution graph matches the fixed one there.
+    """
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     old = math.isqrt(patch_pos.shape[1])
-    if old == grid_size:
-        return pos_embed
     channels = patch_pos.shape[-1]
     grid = patch_pos.reshape(1, old, old, channels).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bicubic", align_corners=False)
@@ -215,6 +224,10 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """Dense DeiT-style ViT: class token, learned position embedding, class-token head."""
 
+    # Set on a copy for dynamic-resolution export: resize the position table to the input's
+    # patch grid inside the graph instead of once at load time.
+    resample_positions = False
+
     def __init__(self, cfg: ViTConfig, block_factory=None):
         """``block_factory(index)`` builds block ``index``; families pass their own blocks."""
         super().__init__()
@@ -238,7 +251,10 @@ class VisionTransformer(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1) + self.pos_embed
+        pos = self.pos_embed
+        if self.resample_positions:
+            pos = interpolate_pos_embed(pos, images.shape[-1] // self.cfg.patch_size)
+        return torch.cat([cls, x], dim=1) + pos
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(x)[:, 0])

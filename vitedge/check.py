@@ -71,23 +71,24 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
-def _pin_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+def _pin_inputs(model: onnx.ModelProto, batch: int, size: int | None) -> onnx.ModelProto:
+    """Symbolic input dims made concrete: the batch axis to ``batch``, image axes to ``size``."""
     pinned = onnx.ModelProto()
     pinned.CopyFrom(model)
     for value in pinned.graph.input:
         dims = value.type.tensor_type.shape.dim
-        for dim in dims:
+        for axis, dim in enumerate(dims):
             if dim.dim_param:
                 dim.Clear()
-                dim.dim_value = batch
+                dim.dim_value = size if axis >= 2 and size is not None else batch
     return pinned
 
 
-def infer_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
-    """Shapes of every tensor with symbolic batch pinned, by ORT's symbolic shape inference."""
+def infer_shapes(model: onnx.ModelProto, batch: int = 1, size: int | None = None) -> onnx.ModelProto:
+    """Shapes of every tensor with symbolic inputs pinned, by ORT's symbolic shape inference."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    pinned = _pin_batch(model, batch)
+    pinned = _pin_inputs(model, batch, size)
     # On a graph it cannot fully infer, ORT saves sym_shape_infer_temp.onnx into the working
     # directory before raising: run it from a scratch folder so nothing lands in the user's.
     previous = os.getcwd()
@@ -99,8 +100,12 @@ def infer_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
             os.chdir(previous)
 
 
-def check_model(model: onnx.ModelProto, quadratic_tokens: int | None = None) -> CheckResult:
-    """Lint ``model``; ``quadratic_tokens`` (the token count N) forbids any [.., N, N] tensor."""
+def check_model(model: onnx.ModelProto, quadratic_tokens: int | None = None, input_size: int | None = None) -> CheckResult:
+    """Lint ``model``; ``quadratic_tokens`` (the token count N) forbids any [.., N, N] tensor.
+
+    A dynamic-resolution graph is checked at one ``input_size`` per call (its profile's
+    min, opt and max, see ``pipeline.check``): TensorRT builds it for each.
+    """
     graph = model.graph
     result = CheckResult()
     result.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -133,8 +138,12 @@ def check_model(model: onnx.ModelProto, quadratic_tokens: int | None = None) -> 
                     "use gather, plain scatter or an assignment-matrix MatMul"
                 )
 
+    image_axes = [d for value in graph.input for d in value.type.tensor_type.shape.dim[2:] if d.dim_param]
+    if image_axes and input_size is None:
+        result.errors.append("the image axes are symbolic (dynamic resolution); check at a concrete input size")
+        return result
     try:
-        inferred = infer_shapes(model)
+        inferred = infer_shapes(model, size=input_size)
     except Exception as exc:  # symbolic inference raises bare Exceptions on graphs it cannot follow
         result.errors.append(f"shape inference failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
         return result

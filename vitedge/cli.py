@@ -77,16 +77,18 @@ def main():
 @click.option("--opset", type=int, help="ONNX opset (>= 17, default 18).")
 @click.option("--batch-size", type=int, help="Static batch size of the graph (default 1).")
 @click.option("--dynamic-batch/--static-batch", default=None, help="Symbolic batch dimension (token counts stay static).")
+@click.option("--dynamic-resolution", metavar="MIN:MAX", help="Symbolic input size in this range (deit, castling); optimum at --img-size.")
 @click.option("--validate-data", default="fashion-mnist", show_default=True, help="fashion-mnist or an image folder.")
 @click.option("--validate-limit", type=int, default=256, show_default=True, help="Images for the quick validation.")
 @click.option("--no-validate", is_flag=True, help="Skip the quick validation.")
 @friendly
 def export(checkpoint, outdir, family, arch, keep_rate, img_size, num_heads, recipe, opset, batch_size,
-           dynamic_batch, validate_data, validate_limit, no_validate):
+           dynamic_batch, dynamic_resolution, validate_data, validate_limit, no_validate):
     """Load CHECKPOINT, rewrite it to a static graph, export, check and validate it."""
     report = vitedge.export(
         checkpoint, outdir, family=family, arch=arch, keep_rate=keep_rate, img_size=img_size, recipe=recipe,
         opset=opset, batch_size=batch_size, dynamic_batch=dynamic_batch, num_heads=num_heads,
+        dynamic_resolution=dynamic_resolution,
         validate_data=None if no_validate else validate_data, validate_limit=validate_limit, log=log,
     )
     summary = {"outdir": outdir, "check": report["check"]["passed"]}
@@ -120,14 +122,16 @@ def check(outdir):
 @click.option("--min-top1-agreement", type=float, help="Override the threshold in vitedge.json.")
 @click.option("--min-kept-agreement", type=float)
 @click.option("--max-abs-logit-diff", type=float)
+@click.option("--img-size", type=int, help="Another input size of a dynamic-resolution graph.")
 @friendly
-def validate(outdir, data, limit, batch_size, checkpoint, min_top1_agreement, min_kept_agreement, max_abs_logit_diff):
+def validate(outdir, data, limit, batch_size, checkpoint, min_top1_agreement, min_kept_agreement, max_abs_logit_diff,
+             img_size):
     """Compare OUTDIR/model.onnx (ONNX Runtime) with the reference model on real images."""
     thresholds = dict(vitedge.Artifact(outdir).metadata.get("validation", {}))
     overrides = {"min_top1_agreement": min_top1_agreement, "min_kept_agreement": min_kept_agreement,
                  "max_abs_logit_diff": max_abs_logit_diff}
     thresholds.update({k: v for k, v in overrides.items() if v is not None})
-    result = vitedge.validate(outdir, data, limit, thresholds, batch_size, checkpoint, log=log)
+    result = vitedge.validate(outdir, data, limit, thresholds, batch_size, checkpoint, log=log, img_size=img_size)
     click.echo(json.dumps({k: result[k] for k in ("images", "top1_agreement", "kept_agreement", "max_abs_logit_diff", "passed")}))
 
 

@@ -26,6 +26,7 @@ from .families import TokenPlan
 MIN_OPSET = 17
 DEFAULT_OPSET = 18  # what the dynamo exporter emits natively; 17 is reached by conversion
 INPUT_NAME = "images"
+SIZE_AXIS = "size"  # the symbolic height = width of a dynamic-resolution graph
 
 
 def _gelu_fusable(self, approximate: str = "none"):
@@ -81,15 +82,25 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     batch_size: int = 1,
     dynamic_batch: bool = False,
+    resolution: tuple[int, int] | None = None,
 ) -> onnx.ModelProto:
-    """Export with the dynamo exporter (static shapes; optionally a symbolic batch dimension)."""
+    """Export with the dynamo exporter (static shapes; optionally a symbolic batch dimension).
+
+    ``resolution=(min, max)`` makes the (square) input size symbolic too, a multiple of the
+    patch size in that range, for families whose graph has no token-count constants; the
+    model must resample its position table in the graph (``resample_positions``).
+    """
     if opset < MIN_OPSET:
         raise VitedgeError(f"opset {opset} is too old; vitedge needs opset >= {MIN_OPSET} (LayerNormalization)")
     if batch_size < 1:
         raise VitedgeError(f"batch size must be >= 1, got {batch_size}")
     wrapper = ExportWrapper(static_model).eval()
     example = torch.randn(max(batch_size, 2) if dynamic_batch else batch_size, cfg.in_chans, cfg.img_size, cfg.img_size)
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    axes = {0: torch.export.Dim("batch", min=1, max=4096)} if dynamic_batch else {}
+    if resolution is not None:
+        grid = torch.export.Dim("grid", min=resolution[0] // cfg.patch_size, max=resolution[1] // cfg.patch_size)
+        axes.update({2: cfg.patch_size * grid, 3: cfg.patch_size * grid})
+    dynamic_shapes = (axes,) if axes else None
     names = output_names(plan)
     with _quiet():
         try:
@@ -116,6 +127,9 @@ def export_onnx(
     if dynamic_batch:
         for value in list(proto.graph.input) + list(proto.graph.output):
             value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    if resolution is not None:
+        for dim in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
+            dim.dim_param = SIZE_AXIS
     onnx.save_model(proto, str(path))
     return proto
 

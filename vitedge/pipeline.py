@@ -73,6 +73,51 @@ def build_metadata(loaded: LoadedModel, opset: int, batch: int | str, thresholds
     }
 
 
+def resolution_range(value, family, cfg) -> tuple[int, int] | None:
+    """``"MIN:MAX"`` (or a pair) → sizes for a dynamic-resolution graph, checked against the model."""
+    if value is None:
+        return None
+    try:
+        low, high = (int(part) for part in (value.split(":") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise VitedgeError(f"dynamic resolution must be MIN:MAX in pixels, e.g. 224:1024, got {value!r}") from None
+    if not family.resolution_agnostic:
+        raise VitedgeError(f"family '{family.name}' fixes token counts in the graph (TopK K, budgets), so one graph "
+                           "cannot serve several resolutions; export one artifact per --img-size instead")
+    patch = cfg.patch_size
+    if low % patch or high % patch or not 0 < low <= cfg.img_size <= high:
+        raise VitedgeError(f"dynamic resolution {low}:{high} must be multiples of the patch size {patch} around the "
+                           f"export size {cfg.img_size} (MIN <= {cfg.img_size} <= MAX; set --img-size for another optimum)")
+    return low, high
+
+
+def profile_sizes(metadata: dict) -> list[int]:
+    """The input sizes a graph is built and checked for: min, opt, max of a dynamic resolution, else one."""
+    resolution = metadata["input"].get("resolution")
+    if not resolution:
+        return [metadata["arch"]["img_size"]]
+    return sorted({resolution["min"], resolution["opt"], resolution["max"]})
+
+
+def check_sizes(proto, metadata: dict) -> dict:
+    """``check_model`` at every size of the artifact's resolution profile, merged into one section."""
+    dynamic = bool(metadata["input"].get("resolution"))
+    merged = None
+    for size in profile_sizes(metadata):
+        tokens = quadratic_tokens(metadata["family"], {**metadata["arch"], "img_size": size})
+        section = _check_section(check_model(proto, quadratic_tokens=tokens, input_size=size if dynamic else None), tokens)
+        if merged is None:
+            merged = section
+            continue
+        prefix = f"at {size} px: "
+        merged["errors"] += [prefix + e for e in section["errors"]]
+        merged["warnings"] += [prefix + w for w in section["warnings"] if w not in merged["warnings"]]
+        merged["passed"] = merged["passed"] and section["passed"]
+    if dynamic:
+        merged["sizes"] = profile_sizes(metadata)
+    return merged
+
+
 def quadratic_tokens(family_name: str, arch: dict) -> int | None:
     """The token count N whose N x N tensors the lint forbids, for linear-only families.
 
@@ -91,15 +136,18 @@ def _check_section(result, tokens: int | None) -> dict:
     return section
 
 
-def reference_from_metadata(metadata: dict, checkpoint=None) -> LoadedModel:
-    """Rebuild the reference model an artifact was exported from (checks the checkpoint's hash)."""
+def reference_from_metadata(metadata: dict, checkpoint=None, img_size: int | None = None) -> LoadedModel:
+    """Rebuild the reference model an artifact was exported from (checks the checkpoint's hash).
+
+    ``img_size`` builds it for another input size of a dynamic-resolution artifact.
+    """
     source = metadata["checkpoint"]
     path = Path(checkpoint or source["path"])
     loaded = load_model(
         path,
         family=metadata["family"],
         settings=metadata["settings"],
-        img_size=metadata["arch"]["img_size"],
+        img_size=img_size or metadata["arch"]["img_size"],
         num_heads=metadata["arch"]["num_heads"],
     )
     if loaded.checkpoint.sha256 != source["sha256"]:
@@ -120,19 +168,24 @@ def export(
     dynamic_batch: bool | None = None,
     num_heads: int | None = None,
     settings: dict | None = None,
+    dynamic_resolution=None,
     validate_data: str | None = "fashion-mnist",
     validate_limit: int | None = 256,
     log=_stderr,
 ) -> dict:
     """checkpoint → OUTDIR/{model.onnx, vitedge.json, report.json, report.md}: load, rewrite, export, check, validate.
 
-    Set ``validate_data=None`` to skip the quick validation. Returns the report. Raises
+    ``dynamic_resolution="MIN:MAX"`` (resolution-agnostic families: deit, castling) makes the
+    input size symbolic in that range, optimum at the export size; the graph is checked at
+    min/opt/max and validated at each. Set ``validate_data=None`` to skip the quick
+    validation. Returns the report. Raises
     VitedgeError on bad input (OUTDIR untouched) and ValidationFailed when the exported
     graph disagrees with the reference (OUTDIR written, report says why).
     """
     options = merge(load_recipe(recipe), {
         "family": family, "arch": arch, "keep_rate": keep_rate, "img_size": img_size, "opset": opset,
         "batch_size": batch_size, "dynamic_batch": dynamic_batch, "num_heads": num_heads, "settings": settings,
+        "dynamic_resolution": dynamic_resolution,
     })
     validation = options.get("validation") or {}
     if not isinstance(validation, dict):
@@ -151,26 +204,32 @@ def export(
     )
     log(f"      {loaded.family.name}: {loaded.cfg.embed_dim}-dim, {loaded.cfg.depth} blocks, "
         f"{loaded.cfg.img_size} px, settings {loaded.settings}")
+    resolution = resolution_range(options.get("dynamic_resolution"), loaded.family, loaded.cfg)
     static = to_static(loaded.model, loaded.plan)
+    static.resample_positions = resolution is not None
     with staged_outdir(Path(outdir)) as stage:
-        log(f"[2/4] exporting static ONNX (opset {opset}, batch {'dynamic' if dynamic else batch})")
-        proto = export_onnx(static, loaded.cfg, loaded.plan, stage / MODEL, opset, batch, dynamic)
+        sizes = f", {resolution[0]}-{resolution[1]} px" if resolution else ""
+        log(f"[2/4] exporting static ONNX (opset {opset}, batch {'dynamic' if dynamic else batch}{sizes})")
+        proto = export_onnx(static, loaded.cfg, loaded.plan, stage / MODEL, opset, batch, dynamic, resolution)
         metadata = build_metadata(loaded, opset, "dynamic" if dynamic else batch, vars(thresholds))
+        if resolution:
+            metadata["input"]["resolution"] = {"min": resolution[0], "opt": loaded.cfg.img_size, "max": resolution[1]}
         write_json_atomic(stage / METADATA, metadata)
         log("[3/4] checking static shapes and TensorRT compatibility")
-        tokens = quadratic_tokens(loaded.family.name, loaded.cfg.to_dict())
-        result = check_model(proto, quadratic_tokens=tokens)
-        if not result.passed:
-            raise VitedgeError(f"exported graph fails the static/TensorRT check: {result.errors[0]}")
+        section = check_sizes(proto, metadata)
+        if not section["passed"]:
+            raise VitedgeError(f"exported graph fails the static/TensorRT check: {section['errors'][0]}")
         artifact = Artifact(stage)
-        artifact.update_report("check", _check_section(result, tokens))
+        artifact.update_report("check", section)
         failure = None
         if validate_data:
             log(f"[4/4] validating on {validate_data}" + (f" ({validate_limit} images)" if validate_limit else ""))
-            try:
-                validate(stage, validate_data, validate_limit, thresholds, log=log)
-            except ValidationFailed as exc:
-                failure = exc
+            for size in profile_sizes(metadata):
+                try:
+                    validate(stage, validate_data, validate_limit, thresholds, img_size=size if resolution else None,
+                             log=log)
+                except ValidationFailed as exc:
+                    failure = failure or exc
         else:
             log("[4/4] validation skipped")
     report = Artifact(outdir).report()
@@ -188,8 +247,7 @@ def check(outdir) -> dict:
         proto = onnx.load(str(artifact.model_path))
     except Exception as exc:  # onnx raises DecodeError and friends on damaged files
         raise VitedgeError(f"cannot read {artifact.model_path}: {exc}") from None
-    tokens = quadratic_tokens(artifact.metadata["family"], artifact.metadata["arch"])
-    result = _check_section(check_model(proto, quadratic_tokens=tokens), tokens)
+    result = check_sizes(proto, artifact.metadata)
     artifact.update_report("check", result)
     return result
 

@@ -45,14 +45,15 @@ def time_callable(run, iterations: int, warmup: int) -> list[float]:
     return samples
 
 
-def ort_runner(model_path, batch: int, threads: int):
+def ort_runner(model_path, batch: int, threads: int, size: int | None = None):
+    """``size`` fills symbolic image axes (a dynamic-resolution graph is timed at one size)."""
     session = ort_session(model_path, threads)
     fixed = graph_batch(session)
     if fixed is not None and fixed != batch:
         raise VitedgeError(
             f"the graph was exported for batch {fixed}; profile with --batch {fixed} or re-export with --dynamic-batch"
         )
-    shape = [batch, *session.get_inputs()[0].shape[1:]]
+    shape = [batch, *(d if isinstance(d, int) else size for d in session.get_inputs()[0].shape[1:])]
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
     return lambda: session.run(None, feed)
 
@@ -83,7 +84,7 @@ def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: 
     if batch < 1:
         raise VitedgeError(f"batch must be >= 1, got {batch}")
     if backend == "ort":
-        run = ort_runner(artifact.model_path, batch, threads)
+        run = ort_runner(artifact.model_path, batch, threads, meta["input"]["shape"][2])
     else:
         from .pipeline import reference_from_metadata
 

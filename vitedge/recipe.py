@@ -10,7 +10,7 @@ from .errors import VitedgeError
 
 RECIPE_KEYS = {
     "family", "arch", "num_heads", "img_size", "opset", "batch_size", "dynamic_batch",
-    "settings", "keep_rate", "validation",
+    "settings", "keep_rate", "validation", "dynamic_resolution",
 }
 
 
@@ -55,7 +55,7 @@ _INTEGER = ("an integer", _integer)
 _BOOLEAN = ("true or false", lambda v: isinstance(v, bool))
 _MAPPING = ("a mapping", lambda v: isinstance(v, dict))
 _TYPES = {
-    "family": _STRING, "arch": _STRING,
+    "family": _STRING, "arch": _STRING, "dynamic_resolution": ("a 'MIN:MAX' string such as '224:1024'", lambda v: isinstance(v, str)),
     "num_heads": _INTEGER, "img_size": _INTEGER, "opset": _INTEGER, "batch_size": _INTEGER,
     "dynamic_batch": _BOOLEAN, "fuse_token": _BOOLEAN,
     "settings": _MAPPING, "validation": _MAPPING,

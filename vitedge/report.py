@@ -22,22 +22,13 @@ def render_markdown(metadata: dict, report: dict) -> str:
     if check:
         lines += ["## Check", "", f"**{'passed' if check['passed'] else 'FAILED'}** (opset {check['opset']})", ""]
         lines += [f"- error: {e}" for e in check["errors"]] + [f"- warning: {w}" for w in check["warnings"]]
+        if check.get("sizes"):
+            lines.append(f"- dynamic resolution, checked at {', '.join(map(str, check['sizes']))} px")
         if check.get("topk_k"):
             lines.append(f"- TopK K (constants): {check['topk_k']}")
         lines.append("")
-    validate = report.get("validate")
-    if validate:
-        lines += ["## Validation (ONNX Runtime vs reference PyTorch)", "",
-                  f"**{'passed' if validate['passed'] else 'FAILED'}** on {validate['images']} {validate['data']} images", "",
-                  "| metric | value |", "|---|---|",
-                  f"| top-1 agreement | {_pct(validate['top1_agreement'])} |",
-                  f"| max abs logit diff | {validate['max_abs_logit_diff']:.2e} |",
-                  f"| mean abs logit diff | {validate['mean_abs_logit_diff']:.2e} |"]
-        for name, value in validate["kept_agreement"].items():
-            lines.append(f"| {name} set agreement | {_pct(value)} |")
-        if "exported_accuracy" in validate:
-            lines.append(f"| accuracy (reference / exported) | {_pct(validate['reference_accuracy'])} / {_pct(validate['exported_accuracy'])} |")
-        lines += [""] + [f"- failure: {f}" for f in validate["failures"]] + [""]
+    for key in [k for k in report if k == "validate" or k.startswith("validate_")]:
+        lines += _validation_lines(report[key])
     profile = report.get("profile")
     if profile:
         lines += ["## Profile", "", "| backend | batch | threads | p50 ms | p90 ms | p99 ms | img/s |", "|---|---|---|---|---|---|---|"]
@@ -53,3 +44,18 @@ def render_markdown(metadata: dict, report: dict) -> str:
                   f"{tune['budget_ms']:g} ms on {tune['backend']}: {tune['statistic']} {chosen['latency_ms']:.2f} ms, "
                   f"accuracy {_pct(chosen['accuracy'])}. All candidates: tune.md.", ""]
     return "\n".join(lines)
+
+
+def _validation_lines(validate: dict) -> list[str]:
+    size = f", {validate['img_size']} px" if "img_size" in validate else ""
+    lines = ["## Validation (ONNX Runtime vs reference PyTorch)", "",
+             f"**{'passed' if validate['passed'] else 'FAILED'}** on {validate['images']} {validate['data']} images{size}", "",
+             "| metric | value |", "|---|---|",
+             f"| top-1 agreement | {_pct(validate['top1_agreement'])} |",
+             f"| max abs logit diff | {validate['max_abs_logit_diff']:.2e} |",
+             f"| mean abs logit diff | {validate['mean_abs_logit_diff']:.2e} |"]
+    for name, value in validate["kept_agreement"].items():
+        lines.append(f"| {name} set agreement | {_pct(value)} |")
+    if "exported_accuracy" in validate:
+        lines.append(f"| accuracy (reference / exported) | {_pct(validate['reference_accuracy'])} / {_pct(validate['exported_accuracy'])} |")
+    return lines + [""] + [f"- failure: {f}" for f in validate["failures"]] + [""]

@@ -32,9 +32,24 @@ class Thresholds:
         return cls(**values)
 
 
-def input_spec(metadata: dict) -> InputSpec:
+def input_spec(metadata: dict, img_size: int | None = None) -> InputSpec:
     inp = metadata["input"]
-    return InputSpec(inp["shape"][2], inp["shape"][1], tuple(inp["mean"]), tuple(inp["std"]))
+    return InputSpec(img_size or inp["shape"][2], inp["shape"][1], tuple(inp["mean"]), tuple(inp["std"]))
+
+
+def check_img_size(metadata: dict, img_size: int | None) -> str:
+    """The report section for validating at ``img_size``: other sizes need a dynamic-resolution graph."""
+    size = metadata["input"]["shape"][2]
+    if img_size is None or img_size == size:
+        return "validate"
+    resolution = metadata["input"].get("resolution")
+    patch = metadata["arch"]["patch_size"]
+    if not resolution:
+        raise VitedgeError(f"this graph takes {size} px inputs only; export with --dynamic-resolution to validate at {img_size}")
+    if img_size % patch or not resolution["min"] <= img_size <= resolution["max"]:
+        raise VitedgeError(f"size {img_size} is outside this graph's range {resolution['min']}-{resolution['max']} px "
+                           f"or not a multiple of the patch size {patch}")
+    return f"validate_{img_size}px"
 
 
 def kept_agreement(reference: np.ndarray, exported: np.ndarray) -> np.ndarray:
@@ -83,10 +98,13 @@ def validate(
     checkpoint=None,
     threads: int = 2,
     log=None,
+    img_size: int | None = None,
 ) -> dict:
     """Compare the artifact's model.onnx with its reference model; writes report.json["validate"].
 
-    Raises ValidationFailed (after writing the report) when a threshold is missed.
+    ``img_size`` validates a dynamic-resolution graph at another size of its range, against
+    the reference built for that size (report section ``validate_<size>px``). Raises
+    ValidationFailed (after writing the report) when a threshold is missed.
     """
     from .pipeline import reference_from_metadata
 
@@ -96,13 +114,15 @@ def validate(
     thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(
         thresholds if thresholds is not None else artifact.metadata.get("validation", {})
     )
-    loaded = reference_from_metadata(artifact.metadata, checkpoint)
+    section_name = check_img_size(artifact.metadata, img_size)
+    loaded = reference_from_metadata(artifact.metadata, checkpoint, img_size)
     dataset = load_dataset(data, limit)
-    spec = input_spec(artifact.metadata)
+    spec = input_spec(artifact.metadata, img_size)
     session = ort_session(artifact.model_path, threads)
     names = artifact.metadata["outputs"][1:]
     if log:
-        log(f"validating {len(dataset)} {dataset.name} images against the reference model")
+        at = "" if section_name == "validate" else f" at {spec.img_size} px"
+        log(f"validating {len(dataset)} {dataset.name} images{at} against the reference model")
     ref_logits, exp_logits, ref_kept, exp_kept, labels = [], [], [], [], []
     with torch.inference_mode():
         for images, batch_labels in dataset.batches(spec, batch_size):
@@ -121,8 +141,10 @@ def validate(
     )
     metrics = compare(np.concatenate(ref_logits), np.concatenate(exp_logits), reference_kept, exported_kept, usable_labels, names)
     failures = verdict(metrics, thresholds)
-    section = {"data": dataset.name, **metrics, "thresholds": asdict(thresholds), "passed": not failures, "failures": failures}
-    artifact.update_report("validate", section)
+    section = {"data": dataset.name, "img_size": spec.img_size, **metrics, "thresholds": asdict(thresholds),
+               "passed": not failures, "failures": failures}
+    artifact.update_report(section_name, section)
     if failures:
-        raise ValidationFailed(f"validation failed on {dataset.name}: {'; '.join(failures)}")
+        at = "" if section_name == "validate" else f" at {spec.img_size} px"
+        raise ValidationFailed(f"validation failed on {dataset.name}{at}: {'; '.join(failures)}")
     return section

@@ -318,6 +318,89 @@ def test_export_at_a_non_native_resolution(ckpt, state, tmp_path):
     assert torch.equal(loaded.model.pos_embed.data, want) and torch.equal(want[:, 0], state["pos_embed"][:, 0])
 
 
+@pytest.fixture(scope="module")
+def dynamic_artifact(tmp_path_factory, ckpt):
+    """One linear-only graph for 16-40 px inputs (4-10 patches a side), optimum at 28 px."""
+    out = tmp_path_factory.mktemp("castling-dynamic") / "castling"
+    vitedge.export(ckpt, out, family="castling", num_heads=HEADS, dynamic_resolution="16:40", validate_limit=32,
+                   log=quiet)
+    return out
+
+
+def test_dynamic_resolution_graph_is_checked_and_validated_at_min_opt_max(dynamic_artifact):
+    meta = read_json(dynamic_artifact / "vitedge.json")
+    assert meta["input"]["resolution"] == {"min": 16, "opt": 28, "max": 40}
+    dims = onnx.load(str(dynamic_artifact / "model.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims] == [1, 1, "size", "size"]
+    report = read_json(dynamic_artifact / "report.json")
+    assert report["check"]["passed"] and report["check"]["sizes"] == [16, 28, 40]
+    assert {k: report[k]["img_size"] for k in report if k.startswith("validate")} == {
+        "validate_16px": 16, "validate": 28, "validate_40px": 40}
+    for key in ("validate_16px", "validate", "validate_40px"):
+        assert report[key]["passed"] and report[key]["top1_agreement"] == 1.0
+        assert report[key]["max_abs_logit_diff"] <= 1e-4
+    assert "dynamic resolution, checked at 16, 28, 40 px" in (dynamic_artifact / "report.md").read_text()
+
+
+@pytest.mark.parametrize("size", [20, 28, 36])
+def test_dynamic_resolution_graph_equals_the_reference_built_for_each_size(dynamic_artifact, ckpt, size):
+    """In-graph bicubic resampling of the position table == timm-style resampling at load time."""
+    images = torch.randn(3, 1, size, size, generator=torch.Generator().manual_seed(size))
+    reference = load_model(ckpt, family="castling", num_heads=HEADS, img_size=size).model
+    with torch.inference_mode():
+        want = reference(images).numpy()
+    got = run_batched(ort_session(dynamic_artifact / "model.onnx", 1), images.numpy(), 1)[0]
+    assert got.shape == (3, 10) and np.abs(got - want).max() <= 1e-4
+
+
+def test_quadratic_lint_runs_at_every_size_of_the_range(dynamic_artifact):
+    proto = onnx.load(str(dynamic_artifact / "model.onnx"))
+    for size in (16, 40):
+        tokens = (size // 4) ** 2 + 1
+        assert check_model(proto, quadratic_tokens=tokens, input_size=size).passed
+    without_size = check_model(proto, quadratic_tokens=TOKENS)
+    assert without_size.errors == ["the image axes are symbolic (dynamic resolution); check at a concrete input size"]
+
+
+def test_validate_and_profile_at_other_sizes(dynamic_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(dynamic_artifact, art)
+    result = vitedge.validate(art, limit=16, img_size=24, threads=1)
+    assert result["img_size"] == 24 and result["top1_agreement"] == 1.0
+    assert "validate_24px" in read_json(art / "report.json")
+    assert vitedge.profile(art, "ort", iterations=2, warmup=0, threads=1)["p50_ms"] > 0
+    for size, message in [(44, "outside this graph's range 16-40 px"), (30, "not a multiple of the patch size 4")]:
+        with pytest.raises(VitedgeError, match=message):
+            vitedge.validate(art, limit=4, img_size=size)
+    outside = run_cli("validate", art, "--img-size", "12", "--limit", "4")
+    assert "outside this graph's range" in assert_clean_failure(outside)
+
+
+def test_a_fixed_size_graph_validates_at_its_size_only(artifact):
+    with pytest.raises(VitedgeError, match="this graph takes 28 px inputs only; export with --dynamic-resolution"):
+        vitedge.validate(artifact, limit=4, img_size=32)
+
+
+@pytest.mark.parametrize("family, value, message", [
+    ("castling", "16:30", "must be multiples of the patch size 4 around the export size 28"),
+    ("castling", "32:40", r"MIN <= 28 <= MAX"),
+    ("castling", "big", "dynamic resolution must be MIN:MAX in pixels"),
+    ("evit", "16:40", "family 'evit' fixes token counts in the graph"),
+])
+def test_dynamic_resolution_bad_input(family, value, message, ckpt, evit_ckpt, tmp_path):
+    out = tmp_path / "out"
+    source = ckpt if family == "castling" else evit_ckpt
+    result = run_cli("export", source, "--family", family, "--num-heads", HEADS, "-o", out, "--dynamic-resolution", value)
+    assert result.exit_code == 2
+    assert message_in(message, assert_clean_failure(result, out))
+
+
+def message_in(pattern: str, line: str) -> bool:
+    import re
+
+    return re.search(pattern, line) is not None
+
+
 # --- bad input: one line, non-zero exit, nothing written
 
 

@@ -112,3 +112,22 @@ def test_reference_models_are_built_per_family():
             logits, kept = model.forward_tokens(torch.zeros(1, 1, 28, 28))
         assert logits.shape == (1, 10)
         assert len(kept) == len(fam.token_plan(cfg, fam.resolve_settings(cfg, {})).selections)
+
+
+def test_only_families_without_token_count_constants_serve_a_resolution_range():
+    """A pruning family's TopK K comes from the token count, so its graph is tied to one size."""
+    agnostic = {name for name in available_families() if get_family(name).resolution_agnostic}
+    assert {"deit", "castling"} <= agnostic
+    assert not agnostic & {"evit", "dynamicvit"}
+
+
+def test_keep_rate_families_offer_a_grid_to_tune_and_the_others_their_trained_setting():
+    cfg = ARCHS["vit_fmnist"]
+    for name in ("evit", "dynamicvit"):
+        fam = get_family(name)
+        grid = fam.tuning_candidates(cfg, fam.resolve_settings(cfg, {}))
+        rates = [c["keep_rate"] for c in grid]
+        assert rates == sorted(rates, reverse=True) and rates[0] == 1.0 and len(rates) >= 5
+        for candidate in grid:
+            fam.resolve_settings(cfg, candidate)  # every candidate is a valid setting
+    assert get_family("deit").tuning_candidates(cfg, {}) == [{}]

@@ -57,6 +57,9 @@ class Family:
     paper: str = ""
     signature_keys: tuple[str, ...] = ()  # key substrings only this family's checkpoints have
     linear_attention: bool = False  # True: the graph must hold no tensor quadratic in the tokens
+    # True where no constant in the static graph depends on the token count (no TopK K, no
+    # budgets), so one graph can serve a range of input resolutions.
+    resolution_agnostic: bool = False
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         """Defaults merged with ``overrides``, validated; raises VitedgeError on bad values."""

@@ -177,6 +177,7 @@ class CastlingFamily(Family):
              "Attention at Vision Transformer Inference, CVPR 2023")
     signature_keys = (".attn.dconv.",)
     linear_attention = True  # pipeline.export / pipeline.check lint against N x N tensors
+    resolution_agnostic = True
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
         kept = {k: v for k, v in state_dict.items() if not TRAINING_ONLY_KEY.match(k)}

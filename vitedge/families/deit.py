@@ -10,6 +10,7 @@ from . import BlockTokens, Family, TokenPlan, family
 class DeiT(Family):
     summary = "dense ViT/DeiT, every token through every block (the baseline)"
     paper = "Touvron et al., Training data-efficient image transformers (DeiT), ICML 2021"
+    resolution_agnostic = True
 
     def reference(self, cfg: ViTConfig, settings: dict) -> VisionTransformer:
         return VisionTransformer(cfg)
