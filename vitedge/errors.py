@@ -14,3 +14,21 @@ class ValidationFailed(VitedgeError):
     """The static artifact disagrees with the reference beyond the thresholds."""
 
     exit_code = 3
+
+
+class BudgetMissed(VitedgeError):
+    """The profiled latency is above the latency budget (the report is written)."""
+
+    exit_code = 4
+
+
+class BuildFailed(VitedgeError):
+    """TensorRT ran and could not build the engine (parser or builder error)."""
+
+    exit_code = 5
+
+
+class BackendMissing(VitedgeError):
+    """The backend (TensorRT) is not installed here; ``trtexec.sh`` is still written."""
+
+    exit_code = 6
