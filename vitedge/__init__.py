@@ -5,13 +5,16 @@ Public API (each CLI command is a thin shell over one of these)::
     import vitedge
     vitedge.export("models/fmnist-evit.safetensors", "out/evit")
     vitedge.validate("out/evit", data="fashion-mnist", limit=1000)
-    vitedge.profile("out/evit", backend="ort")
+    vitedge.profile("out/evit", backend="ort", device="x86-cpu", latency_budget_ms=20)
+    vitedge.build("out/evit", precision="fp16", device="orin-nano-8gb")   # TensorRT
 """
 
 __version__ = "0.1.0"
 
 from .artifact import Artifact  # noqa: E402
-from .errors import BudgetMissed, ValidationFailed, VitedgeError  # noqa: E402
+from .build import build  # noqa: E402
+from .devices import available_devices, get_device  # noqa: E402
+from .errors import BackendMissing, BudgetMissed, BuildFailed, ValidationFailed, VitedgeError  # noqa: E402
 from .families import available_families, get_family  # noqa: E402
 from .load import load_model  # noqa: E402
 from .pipeline import check, export, inspect, predict, predict_file  # noqa: E402
@@ -21,6 +24,7 @@ from .tune import tune  # noqa: E402
 from .validate import Thresholds, validate  # noqa: E402
 
 __all__ = [
+    "BackendMissing", "BudgetMissed", "BuildFailed", "available_devices", "build", "get_device",
     "Artifact", "available_families", "check", "export", "get_family", "inspect", "load_model", "predict",
-    "predict_file", "profile", "to_static", "tune", "validate", "Thresholds", "BudgetMissed", "ValidationFailed", "VitedgeError",
+    "predict_file", "profile", "to_static", "tune", "validate", "Thresholds", "ValidationFailed", "VitedgeError",
 ]

@@ -1,7 +1,8 @@
 """The ``vitedge`` command: a thin click shell over the Python API in ``vitedge``.
 
 Every command prints progress to stderr, results to stdout, and turns a VitedgeError into
-one line on stderr with a non-zero exit (2 bad input, 3 validation failed, 4 budget missed).
+one line on stderr with a non-zero exit (2 bad input, 3 validation failed, 4 budget missed,
+5 TensorRT build failed, 6 TensorRT not installed).
 """
 
 from __future__ import annotations
@@ -137,17 +138,78 @@ def validate(outdir, data, limit, batch_size, checkpoint, min_top1_agreement, mi
 
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False))
-@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
 @click.option("--batch", type=int, help="Batch size (default: the graph's).")
 @click.option("--iterations", type=int, default=50, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--device", help="Device profile (see 'vitedge devices'): checked against the backend, its budget is the default.")
+@click.option("--devices-dir", type=click.Path(file_okay=False), help="Folder with your own device YAML files.")
+@click.option("--latency-budget-ms", type=float, help="Fail (exit 4) when the latency statistic is above this.")
+@click.option("--budget-stat", type=click.Choice(["p50", "p90", "p99", "mean"]), default="p99", show_default=True,
+              help="Which end-to-end latency statistic the budget applies to.")
 @friendly
-def profile(outdir, backend, batch, iterations, warmup, threads):
-    """Latency percentiles and throughput of OUTDIR on a backend."""
-    result = vitedge.profile(outdir, backend, batch, iterations, warmup, threads, log=log)
-    click.echo(f"{backend} batch {result['batch']} ({result['threads']} threads): p50 {result['p50_ms']:.2f} ms, "
+def profile(outdir, backend, batch, iterations, warmup, threads, device, devices_dir, latency_budget_ms, budget_stat):
+    """Latency percentiles and throughput of OUTDIR on a backend, pass/fail against a latency budget."""
+    try:
+        result = vitedge.profile(outdir, backend, batch, iterations, warmup, threads, log=log, device=device,
+                                 latency_budget_ms=latency_budget_ms, budget_stat=budget_stat, devices_dir=devices_dir)
+    except vitedge.BudgetMissed:
+        _echo_profile(vitedge.Artifact(outdir).report()["profile"][backend])
+        raise
+    _echo_profile(result)
+
+
+def _echo_profile(result: dict) -> None:
+    click.echo(f"{result['backend']} batch {result['batch']} ({result['threads']} threads): p50 {result['p50_ms']:.2f} ms, "
                f"p90 {result['p90_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, {result['throughput_img_s']:.1f} img/s")
+    if "gpu_compute_ms" in result:
+        click.echo(f"GPU compute p50 {result['gpu_compute_ms']['p50_ms']:.3f} ms (end to end includes H2D "
+                   f"{result['h2d_ms']['p50_ms']:.3f} ms + D2H {result['d2h_ms']['p50_ms']:.3f} ms)")
+    budget = result.get("budget")
+    if budget:
+        click.echo(f"budget {budget['budget_ms']:g} ms ({budget['statistic']}): {'PASS' if budget['passed'] else 'FAIL'} "
+                   f"(margin {budget['margin_ms']:+.2f} ms)")
+
+
+@main.command()
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), default="fp32", show_default=True,
+              help="int8/best build the QDQ model.int8.onnx from 'vitedge quantize'.")
+@click.option("--device", help="Device profile (see 'vitedge devices'): checks precision, DLA cores and the GPU.")
+@click.option("--devices-dir", type=click.Path(file_okay=False), help="Folder with your own device YAML files.")
+@click.option("--workspace-mb", type=int, default=1024, show_default=True, help="Builder workspace memory pool limit.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file: loaded if present, saved after the build.")
+@click.option("--dla-core", type=int, help="Run on this DLA core (Jetson), with GPU fallback.")
+@click.option("--batch", help="Optimisation profile MIN:OPT:MAX for a --dynamic-batch export (default 1:1:8).")
+@click.option("--version-compatible", is_flag=True, help="Build an engine later TensorRT versions can run.")
+@click.option("--optimization-level", type=int, default=3, show_default=True, help="Builder optimisation level 0..5.")
+@friendly
+def build(outdir, precision, device, devices_dir, workspace_mb, timing_cache, dla_core, batch, version_compatible,
+          optimization_level):
+    """Build OUTDIR/model.plan with TensorRT and write OUTDIR/trtexec.sh (also where TensorRT is missing)."""
+    engine = vitedge.build(outdir, precision=precision, device=device, workspace_mb=workspace_mb, timing_cache=timing_cache,
+                           dla_core=dla_core, batch=batch, version_compatible=version_compatible,
+                           optimization_level=optimization_level, devices_dir=devices_dir, log=log)
+    click.echo(json.dumps({"plan": engine["plan"], "tensorrt": engine["tensorrt"], "gpu": engine["gpu"],
+                           "precision": engine["precision"], "layer_precisions": engine["layer_precisions"]}))
+
+
+@main.command()
+@click.option("--devices-dir", type=click.Path(file_okay=False), help="Folder with your own device YAML files.")
+def devices(devices_dir):
+    """List the device profiles (shipped, VITEDGE_DEVICES, --devices-dir)."""
+    from vitedge.devices import available_devices
+
+    try:
+        known = available_devices(devices_dir)
+    except vitedge.VitedgeError as exc:
+        click.echo(f"vitedge: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    for name, device in known.items():
+        budget = f"{device.latency_budget_ms:g} ms" if device.latency_budget_ms else "-"
+        click.echo(f"{name:15s} {'/'.join(device.backends):9s} {','.join(device.precisions):20s} "
+                   f"DLA {device.dla_cores}  budget {budget:8s} {device.description}")
 
 
 @main.command()

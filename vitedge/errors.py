@@ -17,6 +17,18 @@ class ValidationFailed(VitedgeError):
 
 
 class BudgetMissed(VitedgeError):
-    """Nothing measured meets the latency budget the user asked for."""
+    """Measured latency misses the budget: ``profile`` (report written) or ``tune`` (nothing meets it)."""
 
     exit_code = 4
+
+
+class BuildFailed(VitedgeError):
+    """TensorRT ran and could not build the engine (parser or builder error)."""
+
+    exit_code = 5
+
+
+class BackendMissing(VitedgeError):
+    """The backend (TensorRT) is not installed here; ``trtexec.sh`` is still written."""
+
+    exit_code = 6

@@ -36,6 +36,10 @@ def render_markdown(metadata: dict, report: dict) -> str:
             lines.append(f"| {result['backend']} | {result['batch']} | {result['threads']} | {result['p50_ms']:.2f} | "
                          f"{result['p90_ms']:.2f} | {result['p99_ms']:.2f} | {result['throughput_img_s']:.1f} |")
         lines.append("")
+        lines += _profile_details(profile)
+    build = report.get("build")
+    if build:
+        lines += _build_section(build)
     tune = report.get("tune")
     if tune:
         chosen = tune["chosen"]
@@ -59,3 +63,36 @@ def _validation_lines(validate: dict) -> list[str]:
     if "exported_accuracy" in validate:
         lines.append(f"| accuracy (reference / exported) | {_pct(validate['reference_accuracy'])} / {_pct(validate['exported_accuracy'])} |")
     return lines + [""] + [f"- failure: {f}" for f in validate["failures"]] + [""]
+
+
+def _profile_details(profile: dict) -> list[str]:
+    """Budgets, TensorRT's stage breakdown and histograms under the profile table."""
+    lines = []
+    for result in profile.values():
+        name = result["backend"] + (f" on {result['device']}" if result.get("device") else "")
+        budget = result.get("budget")
+        if budget:
+            lines.append(f"- {name}: **{'PASS' if budget['passed'] else 'FAIL'}**, {budget['statistic']} "
+                         f"{budget['measured_ms']:.2f} ms vs budget {budget['budget_ms']:g} ms "
+                         f"(margin {budget['margin_ms']:+.2f} ms)")
+        if "gpu_compute_ms" in result:
+            lines.append(f"- {name}: GPU compute p50 {result['gpu_compute_ms']['p50_ms']:.3f} ms, "
+                         f"H2D p50 {result['h2d_ms']['p50_ms']:.3f} ms, D2H p50 {result['d2h_ms']['p50_ms']:.3f} ms; "
+                         f"end to end p50 {result['p50_ms']:.3f} ms on {result['gpu'].get('name')}")
+        if result.get("histogram"):
+            lines.append(f"- {name}: ![latency histogram]({result['histogram']})")
+    return lines + ([""] if lines else [])
+
+
+def _build_section(build: dict) -> list[str]:
+    gpu = build.get("gpu") or {}
+    lines = ["## TensorRT engine", "",
+             f"- {build['plan']}: TensorRT {build['tensorrt']}, {gpu.get('name')} (compute capability "
+             f"{gpu.get('compute_capability')}), precision {build['precision']} from {build['onnx']}"
+             + (f", device {build['device']}" if build.get("device") else "")
+             + (f", DLA core {build['dla_core']} with GPU fallback" if build.get("dla_core") is not None else ""),
+             "- layers by precision (engine inspector): "
+             + ", ".join(f"{p} {n}" for p, n in build.get("layer_precisions", {}).items())]
+    if build.get("profile"):
+        lines.append(f"- optimisation profile: min {build['profile']['min']}, opt {build['profile']['opt']}, max {build['profile']['max']}")
+    return lines + [""]

@@ -1,0 +1,431 @@
+"""Stage 7, build: the artifact's ONNX → a TensorRT engine (``model.plan``) + ``trtexec.sh``.
+
+Settings are resolved and checked first (``resolve_build``, no TensorRT needed), then
+``trtexec.sh`` is written (the same build as a trtexec command line, for boards that only have
+trtexec), then TensorRT builds the engine. Where TensorRT is missing the build stops there with
+BackendMissing (exit 6); a parser or builder failure is BuildFailed (exit 5).
+
+Precision follows the TensorRT version: TensorRT 10 (JetPack 6) is weakly typed, so FP16/INT8
+are builder flags (INT8 still needs the QDQ model: explicit quantization, scales in the graph);
+TensorRT 11 builds strongly typed networks only, so the precision comes from the ONNX itself
+(``model.fp16.onnx``, ``model.int8.onnx``).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from .artifact import Artifact, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .devices import Device, get_device
+from .errors import BackendMissing, BuildFailed, VitedgeError
+from .trt_runtime import INSTALL_HINT, parse_version, tensorrt_version
+
+PRECISIONS = ("fp32", "fp16", "int8", "best")
+PLAN = "model.plan"
+TRTEXEC = "trtexec.sh"
+LAYERS = "engine_layers.json"
+FP16_MODEL = "model.fp16.onnx"
+INT8_MODEL = "model.int8.onnx"
+DEFAULT_TRT = (10, 3)  # JetPack 6's TensorRT: the target of trtexec.sh when nothing says otherwise
+DEFAULT_DYNAMIC_BATCH = (1, 1, 8)
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
+
+@dataclass
+class BuildSettings:
+    """Everything a build (Python API or trtexec) needs, checked against the artifact and device."""
+
+    onnx: str
+    precision: str
+    input_name: str
+    input_shape: list[int]  # [C, H, W]
+    batch: tuple[int, int, int] | None  # (min, opt, max) for a dynamic batch, None when static
+    static_batch: int | None
+    workspace_mb: int
+    optimization_level: int
+    trt_version: tuple[int, int]
+    timing_cache: str | None = None
+    dla_core: int | None = None
+    version_compatible: bool = False
+    device: Device | None = None
+    calibration_cache: str | None = None
+    notes: list[str] = field(default_factory=list)
+    sizes: tuple[int, int, int] | None = None  # (min, opt, max) input size of a dynamic-resolution graph
+
+    @property
+    def strongly_typed(self) -> bool:
+        return self.trt_version[0] >= 11
+
+    def shape(self, batch: int, size: int | None = None) -> list[int]:
+        channels, height, width = self.input_shape
+        return [batch, channels, size or height, size or width]
+
+    @property
+    def dynamic(self) -> bool:
+        """A symbolic batch or image size: TensorRT needs an optimisation profile."""
+        return self.batch is not None or self.sizes is not None
+
+    def profile_shapes(self) -> list[list[int]]:
+        """Input shapes at the profile's min, opt and max (batch and image size together)."""
+        batches = self.batch or (self.static_batch,) * 3
+        return [self.shape(b, s) for b, s in zip(batches, self.sizes or (None,) * 3)]
+
+    def to_dict(self) -> dict:
+        return {
+            "onnx": self.onnx, "precision": self.precision, "input": self.input_name,
+            "profile": dict(zip(("min", "opt", "max"), self.profile_shapes())) if self.dynamic else None,
+            "static_batch": self.static_batch, "workspace_mb": self.workspace_mb,
+            "optimization_level": self.optimization_level, "timing_cache": self.timing_cache,
+            "dla_core": self.dla_core, "gpu_fallback": self.dla_core is not None,
+            "version_compatible": self.version_compatible, "strongly_typed": self.strongly_typed,
+            "calibration_cache": self.calibration_cache,
+            "device": None if self.device is None else self.device.name,
+        }
+
+
+def parse_batch(text) -> tuple[int, int, int]:
+    """'MIN:OPT:MAX' or 'N' (= N:N:N), each >= 1 and MIN <= OPT <= MAX."""
+    if isinstance(text, (tuple, list)):
+        parts = list(text)
+    else:
+        parts = str(text).split(":")
+    if len(parts) == 1:
+        parts = parts * 3
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+        raise VitedgeError(f"--batch must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX (or one number), got '{text}'")
+    return values
+
+
+def _quantized_model(artifact: Artifact) -> tuple[str, str | None]:
+    """The QDQ INT8 model's file name and its calibration cache, from vitedge.json's "quantized" section."""
+    section = artifact.metadata.get("quantized") or {}
+    entry = section.get("int8") if isinstance(section.get("int8"), dict) else section
+    model = entry.get("model") if isinstance(entry, dict) and str(entry.get("model", "")).endswith(".onnx") else INT8_MODEL
+    cache = entry.get("calibration_cache") if isinstance(entry, dict) else None
+    if cache is None:
+        found = sorted(artifact.root.glob("*.cache")) + sorted(artifact.root.glob("*calib*"))
+        cache = found[0].name if found else None
+    return model, cache
+
+
+def _check_qdq(path: Path) -> int:
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends on damaged files
+        raise VitedgeError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
+    count = sum(node.op_type in QDQ_OPS for node in proto.graph.node)
+    if count == 0:
+        raise VitedgeError(f"{path.name} has no QuantizeLinear/DequantizeLinear nodes, so no INT8 calibration: "
+                           "re-run 'vitedge quantize' (INT8) on this artifact")
+    return count
+
+
+def resolve_build(outdir, precision: str = "fp32", device: str | None = None, workspace_mb: int = 1024,
+                  timing_cache=None, dla_core: int | None = None, batch=None, version_compatible: bool = False,
+                  optimization_level: int = 3, devices_dir=None, trt_version=None) -> BuildSettings:
+    """Check every build setting against the artifact, the device profile and the TensorRT version."""
+    artifact = Artifact(outdir)
+    meta = artifact.metadata
+    if precision not in PRECISIONS:
+        raise VitedgeError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    if not isinstance(workspace_mb, int) or workspace_mb < 1:
+        raise VitedgeError(f"--workspace-mb must be a positive number of MiB, got {workspace_mb}")
+    if not 0 <= optimization_level <= 5:
+        raise VitedgeError(f"--optimization-level must be 0..5 (TensorRT's builder levels), got {optimization_level}")
+    profile = get_device(device, devices_dir) if device else None
+    notes: list[str] = []
+    if trt_version is None:
+        trt_version = tensorrt_version()
+        if trt_version is None:
+            trt_version = parse_version(profile.tensorrt) if profile and profile.tensorrt else DEFAULT_TRT
+            notes.append(f"TensorRT is not installed here; trtexec.sh targets TensorRT {trt_version[0]}.{trt_version[1]}")
+    else:
+        trt_version = parse_version(trt_version) if isinstance(trt_version, str) else tuple(trt_version)
+    if profile is not None:
+        if "trt" not in profile.backends:
+            raise VitedgeError(f"device '{profile.name}' has no TensorRT (its backends: {', '.join(profile.backends)}); "
+                               "profile it with 'vitedge profile --backend ort' instead")
+        wanted = ("fp16", "int8") if precision == "best" else (precision,)
+        missing = [p for p in wanted if p not in profile.precisions]
+        if missing:
+            raise VitedgeError(f"device '{profile.name}' does not run {'/'.join(missing)} "
+                               f"(its precisions: {', '.join(profile.precisions)})")
+    if dla_core is not None:
+        if dla_core < 0:
+            raise VitedgeError(f"--dla-core must be >= 0, got {dla_core}")
+        if profile is not None and dla_core >= profile.dla_cores:
+            have = "no DLA cores" if profile.dla_cores == 0 else f"DLA cores 0..{profile.dla_cores - 1}"
+            raise VitedgeError(f"device '{profile.name}' has {have}; drop --dla-core or pick another --device")
+        if precision == "fp32":
+            raise VitedgeError("the DLA runs FP16 and INT8 layers only: use --precision fp16, int8 or best with --dla-core")
+        if trt_version[0] >= 11:
+            raise VitedgeError("TensorRT 11 has no DLA support; build DLA engines with TensorRT 10 (JetPack 6)")
+    if version_compatible and trt_version < (8, 6):
+        raise VitedgeError(f"version-compatible engines need TensorRT >= 8.6, this targets {trt_version[0]}.{trt_version[1]}")
+
+    # The ONNX that carries the precision.
+    source, calibration = meta.get("model", "model.onnx"), None
+    if precision in ("int8", "best"):
+        source, calibration = _quantized_model(artifact)
+        if not (artifact.root / source).is_file():
+            raise VitedgeError(f"--precision {precision} needs the QDQ INT8 model {artifact.root / source}; "
+                               "run 'vitedge quantize' (INT8) on this artifact first")
+        _check_qdq(artifact.root / source)
+    elif precision == "fp16" and trt_version[0] >= 11:
+        source = FP16_MODEL
+        if not (artifact.root / source).is_file():
+            raise VitedgeError(f"TensorRT {trt_version[0]} builds strongly typed networks (no FP16 flag): it needs "
+                               f"{artifact.root / source}; run 'vitedge quantize' (FP16) on this artifact first")
+    if not (artifact.root / source).is_file():
+        raise VitedgeError(f"{artifact.root / source} is missing; re-run 'vitedge export'")
+
+    shape = meta["input"]["shape"]
+    static = meta["input"]["batch"] if isinstance(meta["input"]["batch"], int) else None
+    if static is not None:
+        if batch is not None and parse_batch(batch) != (static,) * 3:
+            raise VitedgeError(f"the graph was exported for batch {static}; build without --batch "
+                               "or re-export with --dynamic-batch")
+        profile_batch = None
+    else:
+        profile_batch = parse_batch(batch) if batch is not None else DEFAULT_DYNAMIC_BATCH
+    if timing_cache is not None:
+        cache = Path(timing_cache)
+        if cache.is_dir() or not cache.resolve().parent.is_dir():
+            raise VitedgeError(f"--timing-cache {timing_cache} must be a file in an existing folder")
+        timing_cache = str(cache.resolve())
+    return BuildSettings(
+        onnx=source, precision=precision, input_name=meta["input"]["name"], input_shape=list(shape[1:]),
+        batch=profile_batch, static_batch=static, workspace_mb=workspace_mb, optimization_level=optimization_level,
+        trt_version=tuple(trt_version), timing_cache=timing_cache, dla_core=dla_core,
+        version_compatible=version_compatible, device=profile, calibration_cache=calibration, notes=notes,
+        sizes=_resolution(meta),
+    )
+
+
+def _resolution(meta: dict) -> tuple[int, int, int] | None:
+    """A dynamic-resolution graph's (min, opt, max) input size from vitedge.json, else None."""
+    resolution = meta["input"].get("resolution")
+    return (resolution["min"], resolution["opt"], resolution["max"]) if resolution else None
+
+
+def _dims(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def trtexec_args(settings: BuildSettings) -> list[str]:
+    """trtexec arguments for the same build as ``build``, for the TensorRT version it targets."""
+    major, minor = settings.trt_version
+    args = [f"--onnx={settings.onnx}", f"--saveEngine={PLAN}", f"--memPoolSize=workspace:{settings.workspace_mb}M"]
+    if not settings.strongly_typed:
+        if settings.precision in ("fp16", "best"):
+            args.append("--fp16")
+        if settings.precision in ("int8", "best"):
+            args.append("--int8")  # explicit quantization: the scales are the QDQ model's, no --calib
+    if settings.dynamic:
+        name = settings.input_name
+        for flag, shape in zip(("min", "opt", "max"), settings.profile_shapes()):
+            args.append(f"--{flag}Shapes={name}:{_dims(shape)}")
+    if (major, minor) >= (8, 6):
+        args.append(f"--builderOptimizationLevel={settings.optimization_level}")
+    if settings.timing_cache:
+        args.append(f"--timingCacheFile={settings.timing_cache}")
+    if settings.dla_core is not None:
+        args += [f"--useDLACore={settings.dla_core}", "--allowGPUFallback"]
+    if settings.version_compatible:
+        args.append("--versionCompatible")
+    args += ["--profilingVerbosity=detailed", f"--exportLayerInfo={LAYERS}"]
+    return args
+
+
+def trtexec_script(settings: BuildSettings) -> str:
+    """``trtexec.sh``: build the engine, then time it (H2D, GPU compute, D2H percentiles)."""
+    major, minor = settings.trt_version
+    build = " \\\n  ".join(shlex.quote(a) for a in trtexec_args(settings))
+    timing = [f"--loadEngine={PLAN}", "--iterations=200", "--warmUp=500"]
+    if settings.dynamic:
+        timing.append(f"--shapes={settings.input_name}:{_dims(settings.profile_shapes()[1])}")
+    if settings.dla_core is not None:
+        timing.append(f"--useDLACore={settings.dla_core}")
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Written by 'vitedge build': the same engine build as the Python API, for a board that only has trtexec.",
+        f"# Targets TensorRT {major}.{minor}" + (" (strongly typed: the precision comes from the ONNX)." if settings.strongly_typed
+                                                else " (weakly typed: precision from builder flags)."),
+        f"# precision {settings.precision}, source {settings.onnx}"
+        + (f", device {settings.device.name}" if settings.device else "")
+        + (f", calibration cache {settings.calibration_cache} (scales already in the QDQ graph)" if settings.calibration_cache else ""),
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
+        "",
+        f'"$TRTEXEC" \\\n  {build}',
+        "",
+        "# Latency of the saved engine:",
+        '"$TRTEXEC" ' + " ".join(shlex.quote(t) for t in timing),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def describe_parser_error(onnx_path: Path, desc: str, node_index: int = -1, node_name: str = "", node_op: str = "") -> str:
+    """One line for a TensorRT ONNX-parser error, naming the node and its op (looked up in the graph if needed)."""
+    if (not node_name or not node_op) and node_index is not None and node_index >= 0:
+        try:
+            nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
+            if node_index < len(nodes):
+                node_name = node_name or nodes[node_index].name
+                node_op = node_op or nodes[node_index].op_type
+        except Exception:  # the graph was readable by TensorRT; if onnx cannot read it, keep what the parser said
+            pass
+    desc = " ".join(str(desc).split())
+    where = f"node '{node_name or '?'}' (op {node_op or '?'})" if (node_name or node_op) else "the graph"
+    return f"TensorRT's ONNX parser rejects {where} in {Path(onnx_path).name}: {desc[:300]}"
+
+
+_PRECISION_WORDS = (("int8", "INT8"), ("fp16", "FP16"), ("half", "FP16"), ("bfloat16", "BF16"), ("fp8", "FP8"),
+                    ("fp32", "FP32"), ("float", "FP32"), ("int32", "INT32"), ("int64", "INT64"), ("bool", "BOOL"))
+
+
+def tensor_precision(tensor: dict) -> str | None:
+    """Precision of one tensor in the inspector's JSON: TensorRT 10 has 'Format/Datatype', 11 has 'DataType'."""
+    text = str(tensor.get("DataType") or tensor.get("Format/Datatype") or "").lower()
+    for word, name in _PRECISION_WORDS:
+        if re.search(rf"\b{word}\b", text) or (word in ("int8", "fp16", "fp32", "fp8") and word in text):
+            return name
+    return None
+
+
+def layer_precisions(engine_info: dict) -> dict:
+    """Which precision each engine layer really runs in (its first input's type, as trex counts it)."""
+    layers = []
+    for layer in engine_info.get("Layers", []):
+        if not isinstance(layer, dict):
+            continue
+        tensors = list(layer.get("Inputs") or []) + list(layer.get("Outputs") or [])
+        precision = next((p for p in map(tensor_precision, tensors) if p), None)
+        layers.append({"name": layer.get("Name"), "type": layer.get("LayerType"), "precision": precision or "unknown"})
+    counts = collections.Counter(layer["precision"] for layer in layers)
+    return {"layers": len(layers), "by_precision": dict(counts.most_common()), "per_layer": layers}
+
+
+def _build_engine(settings: BuildSettings, root: Path, log) -> tuple[bytes, bytes | None, dict, dict]:
+    """TensorRT: parse, configure, build, serialise, inspect. Returns (plan, timing cache, inspector JSON, GPU)."""
+    from .trt_runtime import TensorRTLogger, deserialize, gpu_info, import_tensorrt
+
+    trt = import_tensorrt()
+    gpu = gpu_info()
+    device = settings.device
+    if device is not None and device.compute_capability and gpu["compute_capability"] \
+            and gpu["compute_capability"] != device.compute_capability:
+        raise VitedgeError(f"this GPU ({gpu['name']}, compute capability {gpu['compute_capability']}) is not a "
+                           f"{device.name} ({device.compute_capability}): a TensorRT plan runs only on the GPU it was "
+                           "built on; build on the device (or run trtexec.sh there), or drop --device")
+    logger = TensorRTLogger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10+
+    parser = trt.OnnxParser(network, logger)
+    onnx_path = root / settings.onnx
+    if not parser.parse_from_file(str(onnx_path)):
+        error = parser.get_error(0)
+        raise BuildFailed(describe_parser_error(
+            onnx_path, error.desc(), error.node(),
+            error.node_name() if hasattr(error, "node_name") else "",
+            error.node_operator() if hasattr(error, "node_operator") else ""))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    config.builder_optimization_level = settings.optimization_level
+    if not settings.strongly_typed:
+        if settings.precision in ("fp16", "best"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if settings.precision in ("int8", "best"):
+            config.set_flag(trt.BuilderFlag.INT8)
+    if settings.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if settings.dla_core is not None:
+        if builder.num_DLA_cores <= settings.dla_core:
+            raise VitedgeError(f"this machine has {builder.num_DLA_cores} DLA cores; --dla-core {settings.dla_core} does not exist")
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = settings.dla_core
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    if settings.dynamic:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(settings.input_name, *settings.profile_shapes())
+        config.add_optimization_profile(profile)
+    cache_path = Path(settings.timing_cache) if settings.timing_cache else None
+    if cache_path is not None:
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    log(f"building the TensorRT {trt.__version__} engine ({settings.precision}) on {gpu['name'] or 'the GPU'}")
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildFailed(f"TensorRT could not build the engine: {logger.last_error() or 'no error message'}")
+    plan = bytes(plan)
+    timing = bytes(config.get_timing_cache().serialize()) if cache_path is not None else None
+    _, engine = deserialize(trt, plan, logger, settings.version_compatible)
+    inspector = engine.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    gpu["tensorrt"] = trt.__version__
+    return plan, timing, info, gpu
+
+
+def build(outdir, precision: str = "fp32", device: str | None = None, workspace_mb: int = 1024, timing_cache=None,
+          dla_core: int | None = None, batch=None, version_compatible: bool = False, optimization_level: int = 3,
+          devices_dir=None, log=print) -> dict:
+    """OUTDIR's ONNX → OUTDIR/model.plan (+ trtexec.sh, engine_layers.json; vitedge.json["engine"]).
+
+    Raises VitedgeError on bad settings (nothing written), BackendMissing where TensorRT is not
+    installed (only trtexec.sh written), BuildFailed when TensorRT rejects the graph.
+    """
+    settings = resolve_build(outdir, precision, device, workspace_mb, timing_cache, dla_core, batch,
+                             version_compatible, optimization_level, devices_dir)
+    artifact = Artifact(outdir)
+    root = artifact.root
+    write_text_atomic(root / TRTEXEC, trtexec_script(settings))
+    (root / TRTEXEC).chmod(0o755)
+    for note in settings.notes:
+        log(note)
+    log(f"wrote {root / TRTEXEC}")
+    try:
+        plan, timing, info, gpu = _build_engine(settings, root, log)
+    except BackendMissing as exc:
+        raise BackendMissing(f"{exc}; wrote {root / TRTEXEC} to build it with trtexec where TensorRT is") from None
+    precisions = layer_precisions(info)
+    write_bytes_atomic(root / PLAN, plan)
+    write_json_atomic(root / LAYERS, info)
+    if timing is not None:
+        write_bytes_atomic(Path(settings.timing_cache), timing)
+    engine = {
+        "plan": PLAN,
+        "tensorrt": gpu.pop("tensorrt"),
+        "gpu": gpu,
+        **settings.to_dict(),
+        "device_profile": None if settings.device is None else settings.device.to_dict(),
+        "layer_precisions": precisions["by_precision"],
+        "layers": precisions["layers"],
+        "plan_bytes": len(plan),
+        "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    metadata = dict(artifact.metadata)
+    metadata["engine"] = engine
+    write_json_atomic(root / "vitedge.json", metadata)
+    artifact.metadata = metadata
+    artifact.update_report("build", {k: v for k, v in engine.items() if k != "device_profile"})
+    log(f"wrote {root / PLAN} ({len(plan) / 1e6:.1f} MB): layers by precision {precisions['by_precision']}")
+    return engine
+
+
+__all__ = ["BuildSettings", "PRECISIONS", "build", "describe_parser_error", "layer_precisions", "parse_batch",
+           "resolve_build", "trtexec_args", "trtexec_script", "INSTALL_HINT"]
