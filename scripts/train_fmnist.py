@@ -7,8 +7,10 @@ Stages (each reads the previous one's checkpoint):
               Gumbel-softmax masking, keep-ratio loss and distillation from the dense model
   castling    a Castling-ViT (linear-angular attention + the training-only masked-softmax
               branch) trained from scratch exactly like 'dense', for a like-for-like accuracy
+  evovit      the dense weights (qkv split into qk and v) fine-tuned as Evo-ViT (keep 0.5 at
+              blocks 4 and 8), with the official loss on both the mean-token and class-token heads
 
-Usage: python scripts/train_fmnist.py all|dense|evit|dynamicvit|castling [--epochs N] [--out models/]
+Usage: python scripts/train_fmnist.py all|dense|evit|dynamicvit|castling|evovit [--epochs N] [--out models/]
 On 2 idle CPU cores a dense epoch takes about 1.7 min (5 epochs); the fine-tuning stages run
 2 epochs each. The two fine-tuning stages can run side by side with --threads 1.
 """
@@ -192,7 +194,52 @@ def build_castling(cfg, out: Path):
     return model, cross_entropy, 5, 1e-3, {}
 
 
+def evovit_weights_from_dense(dense: dict) -> dict:
+    """The dense ViT's weights in Evo-ViT's official layout: qkv split into ``qks.i.qk`` and ``vs.i.v``."""
+    state = {}
+    for key, value in dense.items():
+        parts = key.split(".")
+        if key.startswith("blocks.") and parts[2] in ("norm1", "attn"):
+            i, name = parts[1], ".".join(parts[2:])
+            channels = value.shape[0] // 3
+            if name.startswith("attn.qkv."):
+                state[f"qks.{i}.qk.{parts[-1]}"] = value[: 2 * channels].clone()
+                state[f"vs.{i}.v.{parts[-1]}"] = value[2 * channels :].clone()
+            elif name.startswith("attn.proj."):
+                state[f"projs.{i}.{parts[-1]}"] = value
+            else:
+                state[f"norms.{i}.{parts[-1]}"] = value
+        else:
+            state[key] = value
+    return state
+
+
+def build_evovit(cfg, out: Path):
+    """Evo-ViT (keep 0.5 at blocks 4 and 8) from the dense weights, with the official training loss:
+    half on the head over the mean of patch tokens, half on a training-only class-token head
+    (``head_cls`` / ``norm_cls``, initialised from the dense head and norm, not saved)."""
+    settings = {"keep_rate": 0.5}
+    family = get_family("evovit")
+    model = family.reference(cfg, family.resolve_settings(cfg, settings))
+    dense = load_dense(out)
+    model.load_state_dict(evovit_weights_from_dense(dense))
+    model.head_cls = torch.nn.Linear(cfg.embed_dim, cfg.num_classes)
+    model.norm_cls = torch.nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+    model.head_cls.load_state_dict({k[len("head."):]: v for k, v in dense.items() if k.startswith("head.")})
+    model.norm_cls.load_state_dict({k[len("norm."):]: v for k, v in dense.items() if k.startswith("norm.")})
+    model.training_only_modules = ("head_cls", "norm_cls")
+
+    def loss_fn(model, images, labels):
+        x, _ = model.forward_features(images)
+        loss_mean = F.cross_entropy(model.classify(x), labels, label_smoothing=0.1)
+        loss_cls = F.cross_entropy(model.head_cls(model.norm_cls(x[:, 0])), labels, label_smoothing=0.1)
+        return 0.5 * loss_mean + 0.5 * loss_cls
+
+    return model, loss_fn, 2, 2e-4, settings
+
+
 STAGES = {"dense": build_dense, "evit": build_evit, "dynamicvit": build_dynamicvit, "castling": build_castling}
+STAGES["evovit"] = build_evovit
 
 
 def main() -> None:
@@ -217,6 +264,8 @@ def main() -> None:
         print(f"== stage {stage}", flush=True)
         model, loss_fn, epochs, lr, settings = STAGES[stage](cfg, args.out)
         accuracy = train(model, loss_fn, args.epochs or epochs, lr, *data)
+        for name in getattr(model, "training_only_modules", ()):
+            delattr(model, name)  # e.g. Evo-ViT's class-token head: it serves a training loss only
         family = "deit" if stage == "dense" else stage
         path = args.out / f"fmnist-{family}.safetensors"
         save(model, path, family, cfg, settings, accuracy)

@@ -95,7 +95,9 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def resolve_config(checkpoint: Checkpoint, arch: str | None, num_heads: int | None, img_size: int | None) -> ViTConfig:
+def resolve_config(
+    checkpoint: Checkpoint, arch: str | None, num_heads: int | None, img_size: int | None, fam: Family | None = None
+) -> ViTConfig:
     if arch:
         cfg = arch_config(arch)
         if num_heads:
@@ -103,7 +105,16 @@ def resolve_config(checkpoint: Checkpoint, arch: str | None, num_heads: int | No
     elif "arch" in checkpoint.metadata and not num_heads:
         cfg = ViTConfig(**checkpoint.metadata["arch"])
     else:
-        cfg = infer_config(checkpoint.state_dict, num_heads)
+        state = fam.config_state_dict(checkpoint.state_dict) if fam else checkpoint.state_dict
+        try:
+            cfg = infer_config(state, num_heads)
+        except VitedgeError:
+            other = detect_family(checkpoint.state_dict)
+            if fam and other and other != fam.name:
+                raise VitedgeError(
+                    f"{checkpoint.path} is not a '{fam.name}' checkpoint: its keys look like family '{other}'; pass --family {other}"
+                ) from None
+            raise
     return cfg.with_img_size(img_size) if img_size else cfg
 
 
@@ -123,7 +134,7 @@ def load_model(
         hint = f" (its keys look like '{guess}')" if guess else ""
         raise VitedgeError(f"{ckpt.path} does not say its family{hint}; pass --family")
     fam = get_family(family_name)
-    cfg = resolve_config(ckpt, arch, num_heads, img_size)
+    cfg = resolve_config(ckpt, arch, num_heads, img_size, fam)
     # Settings a vitedge checkpoint was trained with are defaults for its own family only.
     trained = ckpt.metadata.get("settings", {}) if family_name == ckpt.metadata.get("family") else {}
     resolved = fam.resolve_settings(cfg, {**trained, **(settings or {})})

@@ -17,7 +17,7 @@ from torch import nn
 from ..backbone import ViTConfig, block_flops, stem_head_flops
 from ..errors import VitedgeError
 
-_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling")
+_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling", "evovit")
 
 _REGISTRY: dict[str, type[Family]] = {}
 
@@ -73,6 +73,10 @@ class Family:
         Returns the state dict and the keys deliberately dropped (training-only parameters).
         """
         return dict(state_dict), []
+
+    def config_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The checkpoint as ``infer_config`` reads it (timm keys), for layouts without ``attn.qkv``."""
+        return state_dict
 
     def reference(self, cfg: ViTConfig, settings: dict) -> nn.Module:
         raise NotImplementedError
