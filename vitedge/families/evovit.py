@@ -35,7 +35,7 @@ from ..backbone import Mlp, ViTConfig, VisionTransformer, _init_weights
 from ..errors import VitedgeError
 from ..rewrite import rewrites
 from ..tokens import gather_tokens, patch_positions, top_tokens
-from . import BlockTokens, Family, TokenPlan, blocks_and_keep_rates, check_setting_names, family
+from . import BlockTokens, Family, TokenPlan, blocks_and_keep_rates, check_setting_names, family, keep_rate_candidates
 
 TRAINING_ONLY_PREFIXES = ("head_cls.", "norm_cls.")
 OFFICIAL_TRADEOFF = 0.5  # the EMA coefficient of the official models from block 4 on
@@ -246,6 +246,10 @@ class EvoViTFamily(Family):
         if not isinstance(tradeoff, list):
             tradeoff = default_tradeoff(cfg.depth, blocks[0], tradeoff)
         return {"keep_rate": rates, "split_blocks": blocks, "tradeoff": tradeoff}
+
+    def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
+        """The slow (updated) share of the patch tokens; 1.0 updates every token like a dense block."""
+        return keep_rate_candidates((1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3))
 
     def adapt_state_dict(self, state_dict):
         """The official keys are this model's; the class-token head and norm only serve training."""
