@@ -11,7 +11,8 @@ Public API (each CLI command is a thin shell over one of these)::
 __version__ = "0.1.0"
 
 from .artifact import Artifact  # noqa: E402
-from .errors import ValidationFailed, VitedgeError  # noqa: E402
+from .bundle import export_bundle, load_bundle, profile_bundle, select  # noqa: E402
+from .errors import BudgetMissed, ValidationFailed, VitedgeError  # noqa: E402
 from .families import available_families, get_family  # noqa: E402
 from .load import load_model  # noqa: E402
 from .pipeline import check, export, inspect, predict, predict_file  # noqa: E402
@@ -22,4 +23,5 @@ from .validate import Thresholds, validate  # noqa: E402
 __all__ = [
     "Artifact", "available_families", "check", "export", "get_family", "inspect", "load_model", "predict",
     "predict_file", "profile", "to_static", "validate", "Thresholds", "ValidationFailed", "VitedgeError",
+    "export_bundle", "load_bundle", "profile_bundle", "select", "BudgetMissed",
 ]

@@ -14,3 +14,9 @@ class ValidationFailed(VitedgeError):
     """The static artifact disagrees with the reference beyond the thresholds."""
 
     exit_code = 3
+
+
+class BudgetMissed(VitedgeError):
+    """No model or variant meets the latency budget."""
+
+    exit_code = 4
