@@ -9,8 +9,11 @@ Stages (each reads the previous one's checkpoint):
               branch) trained from scratch exactly like 'dense', for a like-for-like accuracy
   evovit      the dense weights (qkv split into qk and v) fine-tuned as Evo-ViT (keep 0.5 at
               blocks 4 and 8), with the official loss on both the mean-token and class-token heads
+  supervit    the dense weights as a SuperViT (position tables for 16/20/24/28 px, keep rates
+              0.5/0.7/1), a random (size, keep rate) per batch distilled from the full model
+              (1 epoch, two forward passes per batch)
 
-Usage: python scripts/train_fmnist.py all|dense|evit|dynamicvit|castling|evovit [--epochs N] [--out models/]
+Usage: python scripts/train_fmnist.py all|STAGE [--epochs N] [--out models/] [--threads N]
 On 2 idle CPU cores a dense epoch takes about 1.7 min (5 epochs); the fine-tuning stages run
 2 epochs each. The two fine-tuning stages can run side by side with --threads 1.
 """
@@ -238,8 +241,50 @@ def build_evovit(cfg, out: Path):
     return model, loss_fn, 2, 2e-4, settings
 
 
-STAGES = {"dense": build_dense, "evit": build_evit, "dynamicvit": build_dynamicvit, "castling": build_castling}
-STAGES["evovit"] = build_evovit
+def build_supervit(cfg, out: Path):
+    """SuperViT's recipe, simplified. The official step runs four sub-networks per batch: the
+    largest size at keep 1 (cross-entropy), it at keep < 1 (KL to the former's detached output),
+    a random smaller size at keep 1 (cross-entropy) and at keep < 1 (KL to it). Here each batch
+    runs two: the full model (28 px, keep 1) learns from the labels, and one (size, keep rate)
+    drawn uniformly from the other 11 variants learns from the full model's detached output
+    (KL), half the cost per step. The smaller sizes' position tables start as the dense table
+    resampled (bicubic) to their grids."""
+    from vitedge.backbone import resample_pos_embed
+
+    family = get_family("supervit")
+    settings = {"resolutions": [16, 20, 24, 28], "keep_rates": [0.5, 0.7, 1.0]}
+    resolved = family.resolve_settings(cfg, settings)
+    model = family.reference(cfg, resolved)
+    dense = load_dense(out)
+    table = dense.pop("pos_embed")
+    for i, size in enumerate(resolved["resolutions"]):
+        dense[f"pos_embed_list.{i}"] = resample_pos_embed(table, size // cfg.patch_size)
+    model.load_state_dict(dense)
+    model.set_fused_attention(True)
+    full = (max(resolved["resolutions"]), 1.0)
+    others = [(s, r) for s in resolved["resolutions"] for r in resolved["keep_rates"] if (s, r) != full]
+
+    def loss_fn(model, images, labels):
+        model.set_variant(*full)
+        full_logits = model(images)
+        loss = F.cross_entropy(full_logits, labels, label_smoothing=0.1)
+        model.set_variant(*others[torch.randint(len(others), ()).item()])
+        sub = F.log_softmax(model(images), dim=-1)
+        loss = loss + F.kl_div(sub, F.softmax(full_logits.detach(), dim=-1), reduction="batchmean")
+        model.set_variant(resolved["resolution"], resolved["keep_rate"])  # evaluation: the default variant
+        return loss
+
+    return model, loss_fn, 1, 2e-4, settings
+
+
+STAGES = {
+    "dense": build_dense,
+    "evit": build_evit,
+    "dynamicvit": build_dynamicvit,
+    "castling": build_castling,
+    "evovit": build_evovit,
+    "supervit": build_supervit,
+}
 
 
 def main() -> None:

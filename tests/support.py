@@ -266,3 +266,29 @@ def assert_static_matches_reference(checkpoint, family: str, settings: dict, ima
     for ref, st in zip(ref_kept, st_kept):
         assert same_sets(ref, st)
     return loaded, static, st_kept
+
+
+# --- SuperViT (lmbxmu/SuperViT): one position table per trained input size.
+
+SUPERVIT_SIZES = (16, 20, 24, 28)  # the Fashion-MNIST analogue of 128/160/192/224: 4..7 patches of 4 px
+
+
+def official_supervit_keys(cfg: ViTConfig, sizes) -> dict[str, tuple[int, ...]]:
+    """lmbxmu/SuperViT ``super_deit.VisionTransformer``: timm keys, ``pos_embed`` replaced by one table per size."""
+    keys = official_vit_keys(cfg)
+    del keys["pos_embed"]
+    for i, size in enumerate(sizes):
+        keys[f"pos_embed_list.{i}"] = (1, (size // cfg.patch_size) ** 2 + 1, cfg.embed_dim)
+    return keys
+
+
+def make_supervit_state(cfg: ViTConfig = FMNIST, sizes=SUPERVIT_SIZES, seed: int = 11) -> dict[str, torch.Tensor]:
+    """Random weights in the official layout (the timm part as ``support.make_state_dict``)."""
+    state = make_state_dict("evit", cfg, seed=seed)
+    del state["pos_embed"]
+    gen = torch.Generator().manual_seed(seed + 1)
+    for key, shape in official_supervit_keys(cfg, sizes).items():
+        if key.startswith("pos_embed_list."):
+            state[key] = POS_SCALE * torch.randn(shape, generator=gen)
+    assert set(state) == set(official_supervit_keys(cfg, sizes))
+    return state

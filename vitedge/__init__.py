@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from .artifact import Artifact  # noqa: E402
 from .build import build  # noqa: E402
+from .bundle import export_bundle, load_bundle, profile_bundle, select  # noqa: E402
 from .devices import available_devices, get_device  # noqa: E402
 from .errors import BackendMissing, BudgetMissed, BuildFailed, ValidationFailed, VitedgeError  # noqa: E402
 from .families import available_families, get_family  # noqa: E402
@@ -27,4 +28,5 @@ __all__ = [
     "BackendMissing", "BudgetMissed", "BuildFailed", "available_devices", "build", "get_device",
     "Artifact", "available_families", "check", "export", "get_family", "inspect", "load_model", "predict",
     "predict_file", "profile", "to_static", "tune", "validate", "Thresholds", "ValidationFailed", "VitedgeError",
+    "export_bundle", "load_bundle", "profile_bundle", "select",
 ]

@@ -106,6 +106,9 @@ class Artifact:
             self.metadata = json.loads(meta.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise VitedgeError(f"cannot read {meta}: {exc}") from None
+        if self.metadata.get("kind") == "bundle":
+            names = ", ".join(v.get("path", "?") for v in self.metadata.get("variants", [])[:3])
+            raise VitedgeError(f"{self.root} is a variant bundle; pass one of its variant folders ({names}, ...)")
 
     @property
     def model_path(self) -> Path:

@@ -93,13 +93,14 @@ def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = No
     the default here (at least one head), and ``num_heads`` overrides it.
     """
     required = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", "head.weight")
-    missing = [k for k in required if k not in state_dict]
+    position_table = largest_position_table(state_dict)
+    missing = [k for k in required if k not in state_dict and not (k == "pos_embed" and position_table is not None)]
     if missing:
         raise VitedgeError(
             f"checkpoint is not a ViT with timm/DeiT key names (missing {', '.join(missing)})"
         )
     embed_dim, in_chans, patch, _ = state_dict["patch_embed.proj.weight"].shape
-    num_patches = state_dict["pos_embed"].shape[1] - 1
+    num_patches = position_table.shape[1] - 1
     grid = math.isqrt(num_patches)
     if grid * grid != num_patches:
         raise VitedgeError(
@@ -121,6 +122,17 @@ def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = No
         mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
     )
+
+
+def largest_position_table(state_dict: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``pos_embed``, or the largest of SuperViT's ``pos_embed_list.{i}`` (one table per input size).
+
+    The largest table fixes the input size a multi-size checkpoint is read at.
+    """
+    if "pos_embed" in state_dict:
+        return state_dict["pos_embed"]
+    tables = [v for k, v in state_dict.items() if k.startswith("pos_embed_list.")]
+    return max(tables, key=lambda t: t.shape[1]) if tables else None
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:

@@ -280,6 +280,79 @@ def tune(checkpoint, outdir, latency_budget_ms, family, arch, keep_rates, backen
     chosen = summary["chosen"]
     click.echo(json.dumps({"outdir": outdir, "chosen": chosen["settings"], "accuracy": chosen["accuracy"],
                            f"{statistic}_ms": chosen["latency_ms"], "budget_ms": latency_budget_ms}))
+def _number_list(kind):
+    """click callback: ``"16,20,24"`` → [16, 20, 24] (None stays None: the checkpoint's trained set)."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [kind(item) for item in value.split(",") if item.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+    return parse
+
+
+@main.command("export-bundle")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--sizes", callback=_number_list(int), help="Input sizes in px, e.g. 128,160,192,224 (default: all trained).")
+@click.option("--keep-rates", callback=_number_list(float), help="Keep rates, e.g. 0.5,0.7,1 (default: all trained).")
+@click.option("--arch", help="Named architecture; default: inferred from the weights.")
+@click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
+@click.option("--opset", type=int, help="ONNX opset (>= 17, default 18).")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Static batch size of every variant.")
+@click.option("--validate-data", default="fashion-mnist", show_default=True, help="fashion-mnist or an image folder.")
+@click.option("--validate-limit", type=int, default=1000, show_default=True, help="Images per variant (accuracy + equality).")
+@click.option("--device", help="Label for the latencies measured here (default: this machine, e.g. x86-cpu-ort).")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--iterations", type=int, default=30, show_default=True, help="Interleaved timing rounds.")
+@friendly
+def export_bundle(checkpoint, outdir, sizes, keep_rates, arch, num_heads, opset, batch_size, validate_data,
+                  validate_limit, device, threads, iterations):
+    """Export every (size, keep rate) variant of a SuperViT CHECKPOINT into one bundle folder."""
+    bundle = vitedge.export_bundle(
+        checkpoint, outdir, resolutions=sizes, keep_rates=keep_rates, arch=arch, num_heads=num_heads, opset=opset,
+        batch_size=batch_size, validate_data=validate_data, validate_limit=validate_limit, device=device,
+        threads=threads, iterations=iterations, log=log,
+    )
+    device = bundle["devices"][0]
+    for v in bundle["variants"]:
+        accuracy = "n/a" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f} %"
+        click.echo(f"{v['name']:16s} FLOPs {v['flops']['ratio']:.3f} x dense  p50 {v['latency_ms'][device]['p50_ms']:.3f} ms"
+                   f"  accuracy {accuracy}")
+
+
+@main.command("profile-bundle")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--device", help="Label to store the latencies under (default: this machine, e.g. x86-cpu-ort).")
+@click.option("--batch", type=int, help="Batch size (default: the graphs').")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--iterations", type=int, default=30, show_default=True)
+@friendly
+def profile_bundle(bundle, device, batch, threads, iterations):
+    """Time every variant of BUNDLE here and record the latencies under a device name."""
+    for name, stats in vitedge.profile_bundle(bundle, device, batch, threads, iterations, log=log).items():
+        click.echo(f"{name:16s} p50 {stats['p50_ms']:.3f} ms  p90 {stats['p90_ms']:.3f} ms")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--latency-ms", type=float, required=True, help="Latency budget (p50, milliseconds).")
+@click.option("--device", help="Device whose measured latencies to use (needed when the bundle has several).")
+@click.option("--json", "as_json", is_flag=True, help="Print the chosen variant as JSON.")
+@friendly
+def select(bundle, latency_ms, device, as_json):
+    """Pick the most accurate variant of BUNDLE that meets a latency budget; prints its folder."""
+    chosen = vitedge.select(bundle, latency_ms=latency_ms, device=device)
+    if as_json:
+        click.echo(json.dumps(chosen, indent=2))
+        return
+    accuracy = "n/a" if chosen["accuracy"] is None else f"{100 * chosen['accuracy']:.2f} %"
+    click.echo(chosen["path"])
+    log(f"{chosen['name']}: accuracy {accuracy}, p50 {chosen['latency_p50_ms']:.3f} ms on {chosen['device']} "
+        f"(budget {chosen['budget_ms']:g} ms, {chosen['candidates']} variants fit, ranked by {chosen['ranked_by']})")
 
 
 @main.command()

@@ -17,7 +17,7 @@ class ValidationFailed(VitedgeError):
 
 
 class BudgetMissed(VitedgeError):
-    """Measured latency misses the budget: ``profile`` (report written) or ``tune`` (nothing meets it)."""
+    """Measured latency misses the budget: ``profile`` (report written), ``tune`` or ``select`` (nothing meets it)."""
 
     exit_code = 4
 

@@ -263,6 +263,8 @@ def plot_pareto(summary: dict, path: Path) -> bool:
 
 
 def _label(settings: dict) -> str:
+    if "resolution" in settings and "keep_rate" in settings:
+        return f"{settings['resolution']} px keep {settings['keep_rate']:g}"
     if "keep_rate" in settings:
         rate = settings["keep_rate"]
         return "keep " + (",".join(f"{r:g}" for r in rate) if isinstance(rate, list) else f"{rate:g}")
