@@ -7,8 +7,10 @@ Stages (each reads the previous one's checkpoint):
               Gumbel-softmax masking, keep-ratio loss and distillation from the dense model
   castling    a Castling-ViT (linear-angular attention + the training-only masked-softmax
               branch) trained from scratch exactly like 'dense', for a like-for-like accuracy
+  tome        the dense weights fine-tuned 1 epoch with ToMe merging on (r = 3 per block,
+              proportional attention), as the paper fine-tunes with merging in the loop
 
-Usage: python scripts/train_fmnist.py all|dense|evit|dynamicvit|castling [--epochs N] [--out models/]
+Usage: python scripts/train_fmnist.py all|dense|evit|dynamicvit|castling|tome [--epochs N] [--out models/]
 On 2 idle CPU cores a dense epoch takes about 1.7 min (5 epochs); the fine-tuning stages run
 2 epochs each. The two fine-tuning stages can run side by side with --threads 1.
 """
@@ -192,7 +194,18 @@ def build_castling(cfg, out: Path):
     return model, cross_entropy, 5, 1e-3, {}
 
 
-STAGES = {"dense": build_dense, "evit": build_evit, "dynamicvit": build_dynamicvit, "castling": build_castling}
+def build_tome(cfg, out: Path):
+    """ToMe needs no new parameters: the dense weights, trained with 3 of the 50 tokens merged per block."""
+    settings = {"merge_count": 3, "prop_attn": True}
+    family = get_family("tome")
+    model = family.reference(cfg, family.resolve_settings(cfg, settings))
+    model.load_state_dict(load_dense(out))
+    model.set_fused_attention(True)
+    return model, cross_entropy, 1, 2e-4, settings
+
+
+STAGES = {"dense": build_dense, "evit": build_evit, "dynamicvit": build_dynamicvit, "castling": build_castling,
+          "tome": build_tome}
 
 
 def main() -> None:

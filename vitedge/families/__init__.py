@@ -17,7 +17,7 @@ from torch import nn
 from ..backbone import ViTConfig, block_flops, stem_head_flops
 from ..errors import VitedgeError
 
-_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling")
+_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling", "tome")
 
 _REGISTRY: dict[str, type[Family]] = {}
 
@@ -57,6 +57,7 @@ class Family:
     paper: str = ""
     signature_keys: tuple[str, ...] = ()  # key substrings only this family's checkpoints have
     linear_attention: bool = False  # True: the graph must hold no tensor quadratic in the tokens
+    kept_order_matters: bool = False  # True: its token outputs are per-patch maps, compared element-wise, not as sets
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         """Defaults merged with ``overrides``, validated; raises VitedgeError on bad values."""
