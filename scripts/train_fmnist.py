@@ -12,6 +12,8 @@ Stages (each reads the previous one's checkpoint):
   supervit    the dense weights as a SuperViT (position tables for 16/20/24/28 px, keep rates
               0.5/0.7/1), a random (size, keep rate) per batch distilled from the full model
               (1 epoch, two forward passes per batch)
+  tome        the dense weights fine-tuned 1 epoch with ToMe merging on (r = 3 per block,
+              proportional attention), as the paper fine-tunes with merging in the loop
 
 Usage: python scripts/train_fmnist.py all|STAGE [--epochs N] [--out models/] [--threads N]
 On 2 idle CPU cores a dense epoch takes about 1.7 min (5 epochs); the fine-tuning stages run
@@ -277,6 +279,16 @@ def build_supervit(cfg, out: Path):
     return model, loss_fn, 1, 2e-4, settings
 
 
+def build_tome(cfg, out: Path):
+    """ToMe needs no new parameters: the dense weights, trained with 3 of the 50 tokens merged per block."""
+    settings = {"merge_count": 3, "prop_attn": True}
+    family = get_family("tome")
+    model = family.reference(cfg, family.resolve_settings(cfg, settings))
+    model.load_state_dict(load_dense(out))
+    model.set_fused_attention(True)
+    return model, cross_entropy, 1, 2e-4, settings
+
+
 STAGES = {
     "dense": build_dense,
     "evit": build_evit,
@@ -284,6 +296,7 @@ STAGES = {
     "castling": build_castling,
     "evovit": build_evovit,
     "supervit": build_supervit,
+    "tome": build_tome,
 }
 
 

@@ -16,7 +16,7 @@ from support import REPO, read_json, run_cli
 from vitedge.load import read_checkpoint
 
 
-@pytest.mark.parametrize("family", ["evit", "dynamicvit"])
+@pytest.mark.parametrize("family", ["evit", "dynamicvit", "tome"])
 def test_bundled_model_exports_and_validates(family, tmp_path):
     path = REPO / "models" / f"fmnist-{family}.safetensors"
     if not path.is_file():

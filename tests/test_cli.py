@@ -144,7 +144,7 @@ def _bad_cases():
         "dynamicvit checkpoint as evit": (["{dyn}", "--family", "evit", *h], "look like family 'dynamicvit'"),
         "shape mismatch deit_tiny": (["{evit}", "--family", "evit", "--arch", "deit_tiny"], "does not match arch"),
         "unknown arch": (["{evit}", "--family", "evit", "--arch", "deit_huge"], "unknown arch"),
-        "unknown family": (["{evit}", "--family", "tome", *h], "unknown family 'tome'"),
+        "unknown family": (["{evit}", "--family", "vit-nope", *h], "unknown family 'vit-nope'"),
         "no family": (["{evit}", *h], "does not say its family"),
         "keep rate 0": (["{evit}", "--family", "evit", "--keep-rate", "0", *h], r"keep rate must be in \(0, 1\]"),
         "keep rate 1.5": (["{evit}", "--family", "evit", "--keep-rate", "1.5", *h], r"keep rate must be in \(0, 1\], got 1.5"),

@@ -73,6 +73,7 @@ def main():
 @click.option("--arch", help="Named architecture (deit_tiny, deit_small, deit_base, vit_fmnist); default: inferred from the weights.")
 @click.option("--keep-rate", type=float, help="Token keep rate in (0, 1] (EViT: per pruning block; DynamicViT: base rho).")
 @click.option("--img-size", type=int, help="Input size in pixels (position embeddings are resampled).")
+@click.option("--merge-count", type=int, help="ToMe: tokens merged per block (r).")
 @click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Export recipe YAML; flags override its values.")
 @click.option("--opset", type=int, help="ONNX opset (>= 17, default 18).")
@@ -83,7 +84,7 @@ def main():
 @click.option("--validate-limit", type=int, default=256, show_default=True, help="Images for the quick validation.")
 @click.option("--no-validate", is_flag=True, help="Skip the quick validation.")
 @friendly
-def export(checkpoint, outdir, family, arch, keep_rate, img_size, num_heads, recipe, opset, batch_size,
+def export(checkpoint, outdir, family, arch, keep_rate, img_size, merge_count, num_heads, recipe, opset, batch_size,
            dynamic_batch, dynamic_resolution, validate_data, validate_limit, no_validate):
     """Load CHECKPOINT, rewrite it to a static graph, export, check and validate it."""
     report = vitedge.export(
@@ -91,6 +92,7 @@ def export(checkpoint, outdir, family, arch, keep_rate, img_size, num_heads, rec
         opset=opset, batch_size=batch_size, dynamic_batch=dynamic_batch, num_heads=num_heads,
         dynamic_resolution=dynamic_resolution,
         validate_data=None if no_validate else validate_data, validate_limit=validate_limit, log=log,
+        settings={"merge_count": merge_count} if merge_count is not None else None,
     )
     summary = {"outdir": outdir, "check": report["check"]["passed"]}
     if "validate" in report:

@@ -3,6 +3,7 @@
 The graph's outputs are ``logits`` [B, classes] and, per token selection, ``kept_tokens_<block>``
 [B, k] (int32): the original patch index of every token that stays (−1 for a fused token), so
 a deployment can show what the model looked at and ``validate`` can compare selections.
+A family may name a selection's output itself (ToMe: ``assignment_<block>``, a per-patch map).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ExportWrapper(nn.Module):
 
 
 def output_names(plan: TokenPlan) -> list[str]:
-    return ["logits"] + [f"kept_tokens_{step['block']}" for step in plan.selections]
+    return ["logits"] + [step.get("output", f"kept_tokens_{step['block']}") for step in plan.selections]
 
 
 def export_onnx(

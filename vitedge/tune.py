@@ -268,4 +268,6 @@ def _label(settings: dict) -> str:
     if "keep_rate" in settings:
         rate = settings["keep_rate"]
         return "keep " + (",".join(f"{r:g}" for r in rate) if isinstance(rate, list) else f"{rate:g}")
+    if "merge_count" in settings:
+        return f"r {settings['merge_count']}"
     return ", ".join(f"{k}={v}" for k, v in settings.items())[:30]

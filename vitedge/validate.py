@@ -52,12 +52,14 @@ def check_img_size(metadata: dict, img_size: int | None) -> str:
     return f"validate_{img_size}px"
 
 
-def kept_agreement(reference: np.ndarray, exported: np.ndarray) -> np.ndarray:
-    """Per image: is the set of kept token indices identical?"""
+def kept_agreement(reference: np.ndarray, exported: np.ndarray, ordered: bool = False) -> np.ndarray:
+    """Per image: is the set of kept token indices identical? (``ordered``: the whole row, element-wise)"""
+    if ordered:
+        return (reference == exported).all(axis=1)
     return (np.sort(reference, axis=1) == np.sort(exported, axis=1)).all(axis=1)
 
 
-def compare(reference_logits, exported_logits, reference_kept, exported_kept, labels, names):
+def compare(reference_logits, exported_logits, reference_kept, exported_kept, labels, names, ordered=False):
     ref_top1 = reference_logits.argmax(1)
     exp_top1 = exported_logits.argmax(1)
     diff = np.abs(reference_logits - exported_logits)
@@ -67,7 +69,7 @@ def compare(reference_logits, exported_logits, reference_kept, exported_kept, la
         "max_abs_logit_diff": float(diff.max()),
         "mean_abs_logit_diff": float(diff.mean()),
         "kept_agreement": {
-            name: float(kept_agreement(r, e).mean()) for name, r, e in zip(names, reference_kept, exported_kept)
+            name: float(kept_agreement(r, e, ordered).mean()) for name, r, e in zip(names, reference_kept, exported_kept)
         },
     }
     if labels is not None:
@@ -139,7 +141,8 @@ def validate(
     usable_labels = (
         np.concatenate(labels) if labels and len(dataset.class_names) == loaded.cfg.num_classes else None
     )
-    metrics = compare(np.concatenate(ref_logits), np.concatenate(exp_logits), reference_kept, exported_kept, usable_labels, names)
+    metrics = compare(np.concatenate(ref_logits), np.concatenate(exp_logits), reference_kept, exported_kept, usable_labels, names,
+                      ordered=loaded.family.kept_order_matters)
     failures = verdict(metrics, thresholds)
     section = {"data": dataset.name, "img_size": spec.img_size, **metrics, "thresholds": asdict(thresholds),
                "passed": not failures, "failures": failures}

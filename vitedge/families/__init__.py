@@ -17,7 +17,7 @@ from torch import nn
 from ..backbone import ViTConfig, block_flops, stem_head_flops
 from ..errors import VitedgeError
 
-_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling", "evovit", "supervit")
+_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling", "evovit", "supervit", "tome")
 
 _REGISTRY: dict[str, type[Family]] = {}
 
@@ -60,6 +60,7 @@ class Family:
     # True where no constant in the static graph depends on the token count (no TopK K, no
     # budgets), so one graph can serve a range of input resolutions.
     resolution_agnostic: bool = False
+    kept_order_matters: bool = False  # True: its token outputs are per-patch maps, compared element-wise, not as sets
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         """Defaults merged with ``overrides``, validated; raises VitedgeError on bad values."""
