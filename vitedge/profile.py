@@ -68,8 +68,11 @@ def torch_runner(model, shape, threads: int):
     return run
 
 
-def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: int = 50, warmup: int = 10, threads: int = 2, log=None) -> dict:
-    """Time the artifact on ``backend``; writes report.json["profile"][backend]."""
+def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: int = 50, warmup: int = 10, threads: int = 2, log=None,
+            precision: str = "fp32") -> dict:
+    """Time the artifact on ``backend``; writes report.json["profile"][backend] (["<backend>-<precision>"] for fp16/int8)."""
+    if precision != "fp32" and backend != "ort":
+        raise VitedgeError(f"--precision {precision} times a quantized ONNX model: use --backend ort")
     if backend not in BACKENDS:
         raise VitedgeError(f"unknown backend '{backend}'; available here: {', '.join(BACKENDS)}")
     if iterations < 1 or warmup < 0:
@@ -83,7 +86,7 @@ def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: 
     if batch < 1:
         raise VitedgeError(f"batch must be >= 1, got {batch}")
     if backend == "ort":
-        run = ort_runner(artifact.model_path, batch, threads)
+        run = ort_runner(artifact.model_for(precision), batch, threads)
     else:
         from .pipeline import reference_from_metadata
 
@@ -100,6 +103,8 @@ def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: 
         **stats,
     }
     sections = artifact.report().get("profile", {})
-    sections[backend] = result
+    if precision != "fp32":
+        result["precision"] = precision
+    sections[backend if precision == "fp32" else f"{backend}-{precision}"] = result
     artifact.update_report("profile", sections)
     return result

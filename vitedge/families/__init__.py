@@ -57,6 +57,9 @@ class Family:
     paper: str = ""
     signature_keys: tuple[str, ...] = ()  # key substrings only this family's checkpoints have
     linear_attention: bool = False  # True: the graph must hold no tensor quadratic in the tokens
+    # Parameter-name substrings of the token-scoring path (e.g. "score_predictor"), kept in float by
+    # `vitedge quantize` in addition to what it finds from the graph (TopK and its scoring subgraph).
+    selection_hint: tuple[str, ...] = ()
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         """Defaults merged with ``overrides``, validated; raises VitedgeError on bad values."""
