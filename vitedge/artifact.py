@@ -117,6 +117,22 @@ class Artifact:
             raise VitedgeError(f"{path} is missing; re-run 'vitedge export'")
         return path
 
+    def model_for(self, precision: str | None = None) -> Path:
+        """The model file of ``precision`` (fp32: model.onnx; fp16/int8: from vitedge.json's "quantized")."""
+        if precision in (None, "fp32"):
+            return self.model_path
+        entry = self.metadata.get("quantized", {}).get(precision)
+        if not entry:
+            raise VitedgeError(f"{self.root} has no {precision} model; run 'vitedge quantize {self.root} --precision {precision}'")
+        path = self.root / entry["model"]
+        if not path.is_file():
+            raise VitedgeError(f"{path} is missing; re-run 'vitedge quantize {self.root} --precision {precision}'")
+        return path
+
+    def precisions(self) -> list[str]:
+        """fp32 and every precision 'vitedge quantize' added."""
+        return ["fp32", *self.metadata.get("quantized", {})]
+
     def report(self) -> dict:
         path = self.root / REPORT_JSON
         if not path.is_file():

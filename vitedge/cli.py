@@ -103,17 +103,54 @@ def export(checkpoint, outdir, family, arch, keep_rate, img_size, merge_count, n
 
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--precision", type=click.Choice(["all", "fp32", "fp16", "int8"]), default="all", show_default=True,
+              help="Which model file to check: every one in OUTDIR, or one precision.")
 @friendly
-def check(outdir):
-    """Lint OUTDIR/model.onnx: static shapes, no dynamic ops, TensorRT op support."""
-    result = vitedge.check(outdir)
-    for line in result["errors"]:
-        click.echo(f"error: {line}")
-    for line in result["warnings"]:
-        click.echo(f"warning: {line}")
-    click.echo(f"check {'passed' if result['passed'] else 'FAILED'}: {sum(result['ops'].values())} nodes, opset {result['opset']}")
-    if not result["passed"]:
+def check(outdir, precision):
+    """Lint OUTDIR's models: static shapes, no dynamic ops, TensorRT op support (Q/DQ included)."""
+    result = vitedge.check(outdir, None if precision == "all" else precision)
+    if precision in ("fp16", "int8"):
+        results = [(f" ({precision}, {result['model']})", result)]
+    else:
+        results = [("", result)] + [(f" ({name}, {entry['model']})", entry) for name, entry in result.get("quantized", {}).items()]
+    for label, entry in results:
+        for line in entry["errors"]:
+            click.echo(f"error{label}: {line}")
+        for line in entry["warnings"]:
+            click.echo(f"warning{label}: {line}")
+        click.echo(f"check {'passed' if entry['passed'] else 'FAILED'}{label}: {sum(entry['ops'].values())} nodes, opset {entry['opset']}")
+    if not all(entry["passed"] for _, entry in results):
         sys.exit(3)
+
+
+@main.command()
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--precision", type=click.Choice(["fp16", "int8"]), required=True, help="Target precision.")
+@click.option("--calib", help="int8: calibration set, a name in calibration/ or a YAML file (default fmnist-train-512).")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True,
+              help="int8: onnxruntime calibrator.")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Keep matching nodes in float (glob on node name, op type or tensor name); repeatable.")
+@click.option("--include-selection", is_flag=True, help="Quantize the token-selection path too (default: kept FP32).")
+@click.option("--keep-fp32", default="LayerNormalization,Softmax,LogSoftmax", show_default=True,
+              help="fp16: op types kept in FP32, comma-separated ('' for none).")
+@click.option("--validate-data", default="fashion-mnist", show_default=True, help="fashion-mnist or an image folder.")
+@click.option("--validate-limit", type=int, default=1000, show_default=True, help="Images for the comparison with FP32.")
+@click.option("--no-validate", is_flag=True, help="Skip the comparison with the FP32 graph.")
+@friendly
+def quantize(outdir, precision, calib, method, exclude, include_selection, keep_fp32, validate_data, validate_limit, no_validate):
+    """Write OUTDIR/model.<precision>.onnx from OUTDIR/model.onnx, checked and compared with FP32."""
+    from vitedge.quantize import quantize as run_quantize
+
+    keep = tuple(op.strip() for op in keep_fp32.split(",") if op.strip())
+    section = run_quantize(outdir, precision, calib=calib, method=method, exclude=exclude,
+                           include_selection=include_selection, keep_fp32_ops=keep,
+                           validate_data=None if no_validate else validate_data, validate_limit=validate_limit, log=log)
+    summary = {"model": section["quantize"]["model"], "check": section["check"]["passed"]}
+    if "validate" in section:
+        summary.update({k: section["validate"][k] for k in ("top1_agreement", "kept_agreement", "fp32_accuracy", "accuracy")
+                        if k in section["validate"]})
+    click.echo(json.dumps(summary))
 
 
 @main.command()
@@ -126,10 +163,21 @@ def check(outdir):
 @click.option("--min-kept-agreement", type=float)
 @click.option("--max-abs-logit-diff", type=float)
 @click.option("--img-size", type=int, help="Another input size of a dynamic-resolution graph.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16/int8: compare that model with the FP32 graph (accuracy, agreement, first disagreement).")
+@click.option("--max-accuracy-drop", type=float, help="fp16/int8: largest accuracy drop allowed (0.005 = half a point).")
 @friendly
 def validate(outdir, data, limit, batch_size, checkpoint, min_top1_agreement, min_kept_agreement, max_abs_logit_diff,
-             img_size):
+             img_size, precision, max_accuracy_drop):
     """Compare OUTDIR/model.onnx (ONNX Runtime) with the reference model on real images."""
+    if precision != "fp32":
+        from vitedge.quantize import validate_quantized
+
+        result = validate_quantized(outdir, precision, data, limit, {"min_top1_agreement": min_top1_agreement,
+                                    "max_accuracy_drop": max_accuracy_drop}, batch_size, log=log)
+        click.echo(json.dumps({k: result[k] for k in ("images", "fp32_accuracy", "accuracy", "top1_agreement", "kept_agreement",
+                                                       "first_disagreement", "passed") if k in result}))
+        return
     thresholds = dict(vitedge.Artifact(outdir).metadata.get("validation", {}))
     overrides = {"min_top1_agreement": min_top1_agreement, "min_kept_agreement": min_kept_agreement,
                  "max_abs_logit_diff": max_abs_logit_diff}
@@ -150,14 +198,19 @@ def validate(outdir, data, limit, batch_size, checkpoint, min_top1_agreement, mi
 @click.option("--latency-budget-ms", type=float, help="Fail (exit 4) when the latency statistic is above this.")
 @click.option("--budget-stat", type=click.Choice(["p50", "p90", "p99", "mean"]), default="p99", show_default=True,
               help="Which end-to-end latency statistic the budget applies to.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which model file to time (ort backend).")
 @friendly
-def profile(outdir, backend, batch, iterations, warmup, threads, device, devices_dir, latency_budget_ms, budget_stat):
+def profile(outdir, backend, batch, iterations, warmup, threads, device, devices_dir, latency_budget_ms, budget_stat,
+            precision):
     """Latency percentiles and throughput of OUTDIR on a backend, pass/fail against a latency budget."""
+    section = backend if precision == "fp32" else f"{backend}-{precision}"
     try:
         result = vitedge.profile(outdir, backend, batch, iterations, warmup, threads, log=log, device=device,
-                                 latency_budget_ms=latency_budget_ms, budget_stat=budget_stat, devices_dir=devices_dir)
+                                 latency_budget_ms=latency_budget_ms, budget_stat=budget_stat, devices_dir=devices_dir,
+                                 precision=precision)
     except vitedge.BudgetMissed:
-        _echo_profile(vitedge.Artifact(outdir).report()["profile"][backend])
+        _echo_profile(vitedge.Artifact(outdir).report()["profile"][section])
         raise
     _echo_profile(result)
 

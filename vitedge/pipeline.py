@@ -240,15 +240,25 @@ def export(
     return report
 
 
-def check(outdir) -> dict:
-    """Re-run the static/TensorRT lint on an artifact; writes report.json["check"]."""
+def check(outdir, precision: str | None = None) -> dict:
+    """Re-run the static/TensorRT lint on an artifact; writes report.json["check"].
+
+    ``precision`` None checks every model file (quantized ones under result["quantized"]);
+    fp32, fp16 or int8 checks that one model.
+    """
+    from .quantize import check_quantized
+
     artifact = Artifact(outdir)
+    if precision not in (None, "fp32"):
+        return check_quantized(outdir, precision)
     try:
         proto = onnx.load(str(artifact.model_path))
     except Exception as exc:  # onnx raises DecodeError and friends on damaged files
         raise VitedgeError(f"cannot read {artifact.model_path}: {exc}") from None
     result = check_sizes(proto, artifact.metadata)
     artifact.update_report("check", result)
+    if precision is None and artifact.metadata.get("quantized"):
+        result["quantized"] = {name: check_quantized(outdir, name) for name in artifact.metadata["quantized"]}
     return result
 
 

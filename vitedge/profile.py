@@ -76,13 +76,16 @@ def torch_runner(model, shape, threads: int):
 
 def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: int = 50, warmup: int = 10, threads: int = 2, log=None,
             device: str | None = None, latency_budget_ms: float | None = None, budget_stat: str = "p99",
-            devices_dir=None, histogram: bool = True) -> dict:
+            devices_dir=None, histogram: bool = True, precision: str = "fp32") -> dict:
     """Time the artifact on ``backend``; writes report.json["profile"][backend] and profile_<backend>.png.
 
+    ``precision`` fp16/int8 times a quantized ONNX model (section ``<backend>-<precision>``).
     With a budget (``latency_budget_ms``, else the device profile's), the ``budget_stat``
     percentile of end-to-end latency is compared with it; a miss raises BudgetMissed after
     everything is written.
     """
+    if precision != "fp32" and backend != "ort":
+        raise VitedgeError(f"--precision {precision} times a quantized ONNX model: use --backend ort")
     if backend not in BACKENDS:
         raise VitedgeError(f"unknown backend '{backend}'; available here: {', '.join(BACKENDS)}")
     if iterations < 1 or warmup < 0:
@@ -113,7 +116,7 @@ def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: 
         return _finish(artifact, backend, batch, threads, _profile_trt(artifact, batch, iterations, warmup, profile_device, log),
                        profile_device, latency_budget_ms, budget_stat, histogram, log)
     if backend == "ort":
-        run = ort_runner(artifact.model_path, batch, threads, meta["input"]["shape"][2])
+        run = ort_runner(artifact.model_for(precision), batch, threads, meta["input"]["shape"][2])
     else:
         from .pipeline import reference_from_metadata
 
@@ -123,7 +126,7 @@ def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: 
         log(f"profiling {backend} batch {batch}: {warmup} warm-up + {iterations} timed runs on {threads} threads")
     samples = time_callable(run, iterations, warmup)
     return _finish(artifact, backend, batch, threads, {"end_to_end": samples}, profile_device, latency_budget_ms,
-                   budget_stat, histogram, log)
+                   budget_stat, histogram, log, precision)
 
 
 def _profile_trt(artifact: Artifact, batch: int, iterations: int, warmup: int, device, log) -> dict:
@@ -200,7 +203,7 @@ def histogram_png(samples: dict[str, list[float]], title: str, budget_ms: float 
 
 
 def _finish(artifact: Artifact, backend: str, batch: int, threads: int, samples: dict, device, budget_ms, budget_stat,
-            histogram: bool, log) -> dict:
+            histogram: bool, log, precision: str = "fp32") -> dict:
     """Statistics, budget verdict, histogram and report for one profiled backend."""
     stats = latency_stats(samples["end_to_end"], batch)
     result = {
@@ -222,13 +225,16 @@ def _finish(artifact: Artifact, backend: str, batch: int, threads: int, samples:
     budget = check_budget(stats, budget_ms, budget_stat)
     if budget is not None:
         result["budget"] = budget
+    section = backend if precision == "fp32" else f"{backend}-{precision}"
     if histogram:
-        name = f"profile_{backend}.png"
+        name = f"profile_{section}.png"
         title = f"{artifact.metadata.get('family')} on {backend}" + (f" ({device.name})" if device else "") + f", batch {batch}"
         write_bytes_atomic(artifact.root / name, histogram_png(samples, title, budget_ms))
         result["histogram"] = name
     sections = artifact.report().get("profile", {})
-    sections[backend] = result
+    if precision != "fp32":
+        result["precision"] = precision
+    sections[section] = result
     artifact.update_report("profile", sections)
     if budget is not None and not budget["passed"]:
         raise BudgetMissed(f"{backend} {budget_stat} latency {budget['measured_ms']:.2f} ms is over the "

@@ -33,7 +33,7 @@ def render_markdown(metadata: dict, report: dict) -> str:
     if profile:
         lines += ["## Profile", "", "| backend | batch | threads | p50 ms | p90 ms | p99 ms | img/s |", "|---|---|---|---|---|---|---|"]
         for result in profile.values():
-            lines.append(f"| {result['backend']} | {result['batch']} | {result['threads']} | {result['p50_ms']:.2f} | "
+            lines.append(f"| {result['backend']}{' ' + result['precision'] if 'precision' in result else ''} | {result['batch']} | {result['threads']} | {result['p50_ms']:.2f} | "
                          f"{result['p90_ms']:.2f} | {result['p99_ms']:.2f} | {result['throughput_img_s']:.1f} |")
         lines.append("")
         lines += _profile_details(profile)
@@ -47,6 +47,7 @@ def render_markdown(metadata: dict, report: dict) -> str:
                   f"Chosen by `vitedge tune` as the most accurate candidate with {tune['statistic']} <= "
                   f"{tune['budget_ms']:g} ms on {tune['backend']}: {tune['statistic']} {chosen['latency_ms']:.2f} ms, "
                   f"accuracy {_pct(chosen['accuracy'])}. All candidates: tune.md.", ""]
+    lines += _quantized_markdown(report.get("quantized", {}))
     return "\n".join(lines)
 
 
@@ -96,3 +97,34 @@ def _build_section(build: dict) -> list[str]:
     if build.get("profile"):
         lines.append(f"- optimisation profile: min {build['profile']['min']}, opt {build['profile']['opt']}, max {build['profile']['max']}")
     return lines + [""]
+
+
+def _quantized_markdown(sections: dict) -> list[str]:
+    """The quantized models: how each was made, its check, and its agreement with the FP32 graph."""
+    lines = []
+    for precision, section in sections.items():
+        info, check, validate = section.get("quantize", {}), section.get("check"), section.get("validate")
+        lines += [f"## Quantized: {precision} ({info.get('model', '')})", ""]
+        if info.get("calibration"):
+            cal = info["calibration"]
+            lines.append(f"- calibration: {cal['name']} ({cal['images']} images, {info['method']}), data sha256 {cal['data_sha256'][:16]}")
+        if info:
+            lines.append(f"- selection path {'quantized' if info.get('selection_quantized') else 'kept in FP32'}; "
+                         f"size {info.get('size_bytes', 0) / 1e6:.2f} MB")
+        if check:
+            lines.append(f"- check: **{'passed' if check['passed'] else 'FAILED'}**" + "".join(f"; {e}" for e in check["errors"]))
+        if validate:
+            lines += ["", f"**{'passed' if validate['passed'] else 'FAILED'}** on {validate['images']} {validate['data']} images "
+                      "(ONNX Runtime, against the FP32 graph)", "", "| metric | value |", "|---|---|",
+                      f"| top-1 agreement | {_pct(validate['top1_agreement'])} |",
+                      f"| max abs logit diff | {validate['max_abs_logit_diff']:.2e} |"]
+            for name, value in validate["kept_agreement"].items():
+                lines.append(f"| {name} set agreement | {_pct(value)} |")
+            if "accuracy" in validate:
+                lines.append(f"| accuracy (FP32 / {precision}) | {_pct(validate['fp32_accuracy'])} / {_pct(validate['accuracy'])} |")
+            first = {k: v for k, v in validate["first_disagreement"].items() if k != "none"}
+            if first:
+                lines.append("| first selection disagreement (images) | " + ", ".join(f"{k}: {v}" for k, v in first.items()) + " |")
+            lines += [""] + [f"- failure: {f}" for f in validate["failures"]]
+        lines.append("")
+    return lines

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..backbone import Block, ViTConfig, VisionTransformer
 from ..errors import VitedgeError
