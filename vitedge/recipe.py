@@ -62,6 +62,7 @@ _TYPES = {
     "thresholds": ("a mapping of numbers", lambda v: isinstance(v, dict) and all(x is None or _number(x) for x in v.values())),
     "keep_rate": ("a number or a list of numbers", lambda v: _number(v) or (isinstance(v, list) and all(map(_number, v)))),
     "prune_blocks": ("a list of integers", lambda v: isinstance(v, list) and all(map(_integer, v))),
+    "gate_scale": ("a number", _number), "gate_center": ("a number", _number),
 }
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..backbone import ViTConfig, block_flops, stem_head_flops
 from ..errors import VitedgeError
 
-_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling")
+_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling", "avit")
 
 _REGISTRY: dict[str, type[Family]] = {}
 
@@ -76,6 +76,15 @@ class Family:
 
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         raise NotImplementedError
+
+    def default_thresholds(self, settings: dict) -> dict:
+        """Validation thresholds these settings call for, when the recipe gives none (A-ViT budgets)."""
+        return {}
+
+    def kept_summary(self, reference_kept: list) -> dict:
+        """Statistics of the reference's kept tokens [images, k] per selection for the validation
+        report (A-ViT: blocks run per token, live tokens per block); none by default."""
+        return {}
 
 
 def family(name: str):
