@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from .artifact import Artifact  # noqa: E402
 from .build import build  # noqa: E402
 from .bundle import export_bundle, load_bundle, profile_bundle, select  # noqa: E402
+from .calibrate import calibrate  # noqa: E402
 from .devices import available_devices, get_device  # noqa: E402
 from .errors import BackendMissing, BudgetMissed, BuildFailed, ValidationFailed, VitedgeError  # noqa: E402
 from .families import available_families, get_family  # noqa: E402
@@ -27,7 +28,7 @@ from .validate import Thresholds, validate  # noqa: E402
 
 __all__ = [
     "BackendMissing", "BudgetMissed", "BuildFailed", "available_devices", "build", "get_device",
-    "Artifact", "available_families", "check", "export", "get_family", "inspect", "load_model", "predict",
+    "Artifact", "available_families", "calibrate", "check", "export", "get_family", "inspect", "load_model", "predict",
     "predict_file", "profile", "quantize", "to_static", "tune", "validate", "Thresholds", "ValidationFailed",
     "VitedgeError", "export_bundle", "load_bundle", "profile_bundle", "select", "validate_quantized",
 ]

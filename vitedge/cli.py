@@ -83,9 +83,12 @@ def main():
 @click.option("--validate-data", default="fashion-mnist", show_default=True, help="fashion-mnist or an image folder.")
 @click.option("--validate-limit", type=int, default=256, show_default=True, help="Images for the quick validation.")
 @click.option("--no-validate", is_flag=True, help="Skip the quick validation.")
+@click.option("--budgets", "budgets_file", type=click.Path(dir_okay=False),
+              help="A-ViT: token budgets per block from 'vitedge calibrate' (fixed-budget graph).")
+@click.option("--quantile", type=float, help="A-ViT: calibrate budgets now, covering this quantile of images per block.")
 @friendly
 def export(checkpoint, outdir, family, arch, keep_rate, img_size, merge_count, num_heads, recipe, opset, batch_size,
-           dynamic_batch, dynamic_resolution, validate_data, validate_limit, no_validate):
+           dynamic_batch, dynamic_resolution, validate_data, validate_limit, no_validate, budgets_file, quantile):
     """Load CHECKPOINT, rewrite it to a static graph, export, check and validate it."""
     report = vitedge.export(
         checkpoint, outdir, family=family, arch=arch, keep_rate=keep_rate, img_size=img_size, recipe=recipe,
@@ -93,6 +96,7 @@ def export(checkpoint, outdir, family, arch, keep_rate, img_size, merge_count, n
         dynamic_resolution=dynamic_resolution,
         validate_data=None if no_validate else validate_data, validate_limit=validate_limit, log=log,
         settings={"merge_count": merge_count} if merge_count is not None else None,
+        budgets=budgets_file, quantile=quantile,
     )
     summary = {"outdir": outdir, "check": report["check"]["passed"]}
     if "validate" in report:
@@ -183,7 +187,8 @@ def validate(outdir, data, limit, batch_size, checkpoint, min_top1_agreement, mi
                  "max_abs_logit_diff": max_abs_logit_diff}
     thresholds.update({k: v for k, v in overrides.items() if v is not None})
     result = vitedge.validate(outdir, data, limit, thresholds, batch_size, checkpoint, log=log, img_size=img_size)
-    click.echo(json.dumps({k: result[k] for k in ("images", "top1_agreement", "kept_agreement", "max_abs_logit_diff", "passed")}))
+    keys = ("images", "top1_agreement", "kept_agreement", "max_abs_logit_diff", "budget_exceeded", "halting", "passed")
+    click.echo(json.dumps({k: result[k] for k in keys if k in result}))
 
 
 @main.command()
@@ -285,6 +290,13 @@ def inspect(outdir, as_json):
         f"{b['attention']}/{b['mlp']}" for b in info["token_budgets"]["tokens_per_block"]))
     for step in info["token_budgets"]["selections"]:
         click.echo(f"  block {step['block']}: keep {step['kept_patches']} patch tokens -> {step['tokens_after']} tokens")
+    if "halting" in info:
+        halting = info["halting"]
+        click.echo(f"halting (reference, {halting['images']} images): mean depth {halting['mean_depth']:.2f} blocks per "
+                   "patch token; live patches per block " + " ".join(f"{v:.1f}" for v in halting["active_patches_mean"]))
+    if "budget_exceeded" in info:
+        click.echo("budget exceeded (share of images): " + " ".join(
+            f"{name.rsplit('_', 1)[-1]}:{rate:.3f}" for name, rate in info["budget_exceeded"].items()))
     click.echo("ops: " + ", ".join(f"{op} {count}" for op, count in info["ops"].items()))
     if info["report"]:
         click.echo("report: " + ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in info["report"].items()))
@@ -408,6 +420,26 @@ def select(bundle, latency_ms, device, as_json):
     click.echo(chosen["path"])
     log(f"{chosen['name']}: accuracy {accuracy}, p50 {chosen['latency_p50_ms']:.3f} ms on {chosen['device']} "
         f"(budget {chosen['budget_ms']:g} ms, {chosen['candidates']} variants fit, ranked by {chosen['ranked_by']})")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output_file", required=True, type=click.Path(dir_okay=False),
+              help="Budgets file to write (JSON), e.g. calibration/fmnist-avit-budgets.json.")
+@click.option("--quantile", type=float, help="Cover this quantile of calibration images per block (default 0.99).")
+@click.option("--flops-ratio", type=float, help="Instead: the largest quantile whose FLOPs are at most this ratio to dense.")
+@click.option("--data", default="fashion-mnist", show_default=True, help="fashion-mnist (train split) or an image folder.")
+@click.option("--limit", type=int, default=2000, show_default=True, help="Calibration images.")
+@click.option("--family", help="Model family (read from vitedge checkpoints; only avit has budgets).")
+@click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="The export recipe YAML (family, gates in settings).")
+@friendly
+def calibrate(checkpoint, output_file, quantile, flops_ratio, data, limit, family, num_heads, recipe):
+    """Measure live tokens per block of a halting model (A-ViT) and write per-block token budgets."""
+    result = vitedge.calibrate(checkpoint, output_file, data=data, quantile=quantile, flops_ratio=flops_ratio,
+                               limit=limit, family=family, num_heads=num_heads, recipe=recipe, log=log)
+    click.echo(json.dumps({k: result[k] for k in ("token_budgets", "quantile", "flops")} |
+                          {"mean_depth": result["halting"]["mean_depth"]}))
 
 
 @main.command()

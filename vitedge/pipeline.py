@@ -172,13 +172,17 @@ def export(
     validate_data: str | None = "fashion-mnist",
     validate_limit: int | None = 256,
     log=_stderr,
+    budgets=None,
+    quantile: float | None = None,
 ) -> dict:
     """checkpoint → OUTDIR/{model.onnx, vitedge.json, report.json, report.md}: load, rewrite, export, check, validate.
 
     ``dynamic_resolution="MIN:MAX"`` (resolution-agnostic families: deit, castling) makes the
     input size symbolic in that range, optimum at the export size; the graph is checked at
     min/opt/max and validated at each. Set ``validate_data=None`` to skip the quick
-    validation. Returns the report. Raises
+    validation. A-ViT: ``budgets`` (a file from ``vitedge calibrate``) or ``quantile``
+    (calibrated here, on Fashion-MNIST train images) turns the masked graph into a
+    fixed-budget one. Returns the report. Raises
     VitedgeError on bad input (OUTDIR untouched) and ValidationFailed when the exported
     graph disagrees with the reference (OUTDIR written, report says why).
     """
@@ -202,6 +206,9 @@ def export(
         checkpoint, family=options.get("family"), arch=options.get("arch"), settings=options["settings"],
         img_size=options.get("img_size"), num_heads=options.get("num_heads"),
     )
+    if budgets is not None or quantile is not None:
+        loaded = _budgeted(loaded, budgets, quantile, log)
+    thresholds = Thresholds.from_dict({**loaded.family.default_thresholds(loaded.settings), **(validation.get("thresholds") or {})})
     log(f"      {loaded.family.name}: {loaded.cfg.embed_dim}-dim, {loaded.cfg.depth} blocks, "
         f"{loaded.cfg.img_size} px, settings {loaded.settings}")
     resolution = resolution_range(options.get("dynamic_resolution"), loaded.family, loaded.cfg)
@@ -240,6 +247,26 @@ def export(
     return report
 
 
+def _budgeted(loaded: LoadedModel, budgets, quantile, log) -> LoadedModel:
+    """``loaded`` with the token budgets of a calibration file, or calibrated now at ``quantile``."""
+    from .calibrate import choose_budgets, measure_live_patches, read_budgets, with_budgets
+
+    if budgets is not None and quantile is not None:
+        raise VitedgeError("give --budgets FILE or --quantile q, not both")
+    if loaded.family.name != "avit":
+        raise VitedgeError(f"--budgets/--quantile set token budgets of halting models (family 'avit'), not '{loaded.family.name}'")
+    if budgets is not None:
+        chosen = read_budgets(budgets, loaded)
+    else:
+        from .families.avit import check_quantile
+
+        check_quantile(quantile)
+        log(f"      calibrating budgets at quantile {quantile:g} on fashion-mnist train images")
+        chosen, _ = choose_budgets(loaded, measure_live_patches(loaded)[0], quantile)
+    log(f"      token budgets per block: {chosen}")
+    return with_budgets(loaded, chosen)
+
+
 def check(outdir, precision: str | None = None) -> dict:
     """Re-run the static/TensorRT lint on an artifact; writes report.json["check"].
 
@@ -267,7 +294,9 @@ def inspect(outdir) -> dict:
     artifact = Artifact(outdir)
     proto = onnx.load(str(artifact.model_path), load_external_data=False)
     meta = artifact.metadata
+    validation = artifact.report().get("validate", {})
     return {
+        **{k: validation[k] for k in ("halting", "budget_exceeded") if k in validation},
         "family": meta["family"],
         "settings": meta["settings"],
         "input": meta["input"],

@@ -65,6 +65,7 @@ _TYPES = {
     "merge_count": ("an integer or a list of integers", lambda v: _integer(v) or (isinstance(v, list) and all(map(_integer, v)))),
     "inflection": ("a number", _number),
     "prop_attn": _BOOLEAN,
+    "gate_scale": ("a number", _number), "gate_center": ("a number", _number),
 }
 
 

@@ -53,10 +53,23 @@ def check_img_size(metadata: dict, img_size: int | None) -> str:
 
 
 def kept_agreement(reference: np.ndarray, exported: np.ndarray, ordered: bool = False) -> np.ndarray:
-    """Per image: is the set of kept token indices identical? (``ordered``: the whole row, element-wise)"""
+    """Per image: is the set of kept token indices identical? (``ordered``: the whole row, element-wise)
+
+    When the exported output is narrower than the reference's (a token budget over a masked
+    reference, as A-ViT's fixed-budget form), -1 marks a slot without a live token on both
+    sides: the narrower one is padded with -1 and the live sets are compared.
+    """
+    if exported.shape[1] < reference.shape[1]:
+        padding = np.full((len(exported), reference.shape[1] - exported.shape[1]), -1, exported.dtype)
+        exported = np.concatenate([exported, padding], axis=1)
     if ordered:
         return (reference == exported).all(axis=1)
     return (np.sort(reference, axis=1) == np.sort(exported, axis=1)).all(axis=1)
+
+
+def budget_exceeded(reference: np.ndarray, exported: np.ndarray) -> float:
+    """Share of images whose live tokens (>= 0) in the reference do not fit the exported width."""
+    return float(((reference >= 0).sum(axis=1) > exported.shape[1]).mean())
 
 
 def compare(reference_logits, exported_logits, reference_kept, exported_kept, labels, names, ordered=False):
@@ -72,6 +85,9 @@ def compare(reference_logits, exported_logits, reference_kept, exported_kept, la
             name: float(kept_agreement(r, e, ordered).mean()) for name, r, e in zip(names, reference_kept, exported_kept)
         },
     }
+    narrower = [(name, r, e) for name, r, e in zip(names, reference_kept, exported_kept) if e.shape[1] < r.shape[1]]
+    if narrower:  # a budgeted graph: how often the reference's live tokens did not fit the budget
+        metrics["budget_exceeded"] = {name: budget_exceeded(r, e) for name, r, e in narrower}
     if labels is not None:
         metrics["reference_accuracy"] = float((ref_top1 == labels).mean())
         metrics["exported_accuracy"] = float((exp_top1 == labels).mean())
@@ -143,6 +159,7 @@ def validate(
     )
     metrics = compare(np.concatenate(ref_logits), np.concatenate(exp_logits), reference_kept, exported_kept, usable_labels, names,
                       ordered=loaded.family.kept_order_matters)
+    metrics.update(loaded.family.kept_summary(reference_kept))
     failures = verdict(metrics, thresholds)
     section = {"data": dataset.name, "img_size": spec.img_size, **metrics, "thresholds": asdict(thresholds),
                "passed": not failures, "failures": failures}

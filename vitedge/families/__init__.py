@@ -17,7 +17,7 @@ from torch import nn
 from ..backbone import ViTConfig, block_flops, stem_head_flops
 from ..errors import VitedgeError
 
-_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling", "evovit", "supervit", "tome")
+_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling", "evovit", "supervit", "tome", "avit")
 
 _REGISTRY: dict[str, type[Family]] = {}
 
@@ -91,6 +91,15 @@ class Family:
     def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
         """Settings overrides that ``vitedge tune`` tries, cheapest last; the trained setting alone by default."""
         return [{}]
+
+    def default_thresholds(self, settings: dict) -> dict:
+        """Validation thresholds these settings call for, when the recipe gives none (A-ViT budgets)."""
+        return {}
+
+    def kept_summary(self, reference_kept: list) -> dict:
+        """Statistics of the reference's kept tokens [images, k] per selection for the validation
+        report (A-ViT: blocks run per token, live tokens per block); none by default."""
+        return {}
 
 
 def family(name: str):
