@@ -7,8 +7,10 @@ Stages (each reads the previous one's checkpoint):
               Gumbel-softmax masking, keep-ratio loss and distillation from the dense model
   castling    a Castling-ViT (linear-angular attention + the training-only masked-softmax
               branch) trained from scratch exactly like 'dense', for a like-for-like accuracy
+  ats         the dense weights fine-tuned 1 epoch with ATS sampling (blocks 3..11, K = 50 =
+              all tokens), batched through the static twin (same function as the reference)
 
-Usage: python scripts/train_fmnist.py all|dense|evit|dynamicvit|castling [--epochs N] [--out models/]
+Usage: python scripts/train_fmnist.py all|dense|evit|dynamicvit|castling|ats [--epochs N] [--out models/]
 On 2 idle CPU cores a dense epoch takes about 1.7 min (5 epochs); the fine-tuning stages run
 2 epochs each. The two fine-tuning stages can run side by side with --threads 1.
 """
@@ -192,7 +194,21 @@ def build_castling(cfg, out: Path):
     return model, cross_entropy, 5, 1e-3, {}
 
 
-STAGES = {"dense": build_dense, "evit": build_evit, "dynamicvit": build_dynamicvit, "castling": build_castling}
+def build_ats(cfg, out: Path):
+    """ATS has no parameters: fine-tune the dense weights through the sampler. The static twin
+    computes the per-image reference function on whole batches, so it is what trains."""
+    from vitedge.rewrite import to_static
+
+    settings = {}
+    family = get_family("ats")
+    resolved = family.resolve_settings(cfg, settings)
+    reference = family.reference(cfg, resolved)
+    reference.load_state_dict(load_dense(out))
+    return to_static(reference, family.token_plan(cfg, resolved)), cross_entropy, 1, 2e-4, resolved
+
+
+STAGES = {"dense": build_dense, "evit": build_evit, "dynamicvit": build_dynamicvit, "castling": build_castling,
+          "ats": build_ats}
 
 
 def main() -> None:
