@@ -16,6 +16,8 @@ Stages (each reads the previous one's checkpoint):
               proportional attention), as the paper fine-tunes with merging in the loop
   avit        the dense weights fine-tuned with A-ViT's per-token halting: ponder loss, the
               Gaussian halting-distribution prior (KL) and distillation from the dense model
+  ats         the dense weights fine-tuned 1 epoch with ATS sampling (blocks 3..11, K = 50 =
+              all tokens), batched through the static twin (same function as the reference)
 
 Usage: python scripts/train_fmnist.py all|STAGE [--epochs N] [--out models/] [--threads N]
 On 2 idle CPU cores a dense epoch takes about 1.7 min (5 epochs); the fine-tuning stages run
@@ -362,6 +364,19 @@ def build_avit(cfg, out: Path):
     return model, loss_fn, 1, 3e-4, settings
 
 
+def build_ats(cfg, out: Path):
+    """ATS has no parameters: fine-tune the dense weights through the sampler. The static twin
+    computes the per-image reference function on whole batches, so it is what trains."""
+    from vitedge.rewrite import to_static
+
+    settings = {}
+    family = get_family("ats")
+    resolved = family.resolve_settings(cfg, settings)
+    reference = family.reference(cfg, resolved)
+    reference.load_state_dict(load_dense(out))
+    return to_static(reference, family.token_plan(cfg, resolved)), cross_entropy, 1, 2e-4, resolved
+
+
 STAGES = {
     "dense": build_dense,
     "evit": build_evit,
@@ -371,6 +386,7 @@ STAGES = {
     "supervit": build_supervit,
     "tome": build_tome,
     "avit": build_avit,
+    "ats": build_ats,
 }
 
 

@@ -264,7 +264,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         pos = self.pos_embed
-        if self.resample_positions:
+        if getattr(self, "resample_positions", False):  # static twins borrow this method without the attribute
             pos = interpolate_pos_embed(pos, images.shape[-1] // self.cfg.patch_size)
         return torch.cat([cls, x], dim=1) + pos
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..backbone import ViTConfig, block_flops, stem_head_flops
 from ..errors import VitedgeError
 
-_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling", "evovit", "supervit", "tome", "avit")
+_FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling", "evovit", "supervit", "tome", "avit", "ats")
 
 _REGISTRY: dict[str, type[Family]] = {}
 

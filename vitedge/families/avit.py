@@ -154,7 +154,6 @@ class StaticAViT(nn.Module):
         self.budgets = list(budgets)
 
     embed = VisionTransformer.embed
-    resample_positions = False  # A-ViT's budgets are token counts: one resolution per graph
 
     def forward_tokens(self, images):
         x = self.embed(images)
