@@ -129,3 +129,23 @@ def test_kept_agreement_compares_sets_not_order():
 def test_thresholds_from_dict():
     assert Thresholds.from_dict(None) == Thresholds()
     assert Thresholds.from_dict({"max_abs_logit_diff": None}).max_abs_logit_diff is None
+
+
+def test_logit_bound_is_taken_where_every_selection_agrees():
+    """A near-tie that picks another token moves that image's logits; the kept-token threshold
+    bounds how often, the logit bound holds on the rest (and the all-image maximum is kept)."""
+    from vitedge.validate import compare
+
+    reference = np.zeros((4, 3), np.float32)
+    exported = reference + np.float32(1e-6)
+    exported[2] += 0.5  # image 2 kept other tokens at the second selection
+    kept_a = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    kept_b = kept_a.copy()
+    kept_b[2] = [4, 9]
+    metrics = compare(reference, exported, [kept_a, kept_a], [kept_a.copy(), kept_b], None, ["kept_tokens_3", "kept_tokens_6"])
+    assert metrics["max_abs_logit_diff"] == pytest.approx(1e-6, rel=1e-3)
+    assert metrics["max_abs_logit_diff_all"] == pytest.approx(0.5, rel=1e-3)
+    assert metrics["selections_identical"] == 0.75
+    assert metrics["kept_agreement"] == {"kept_tokens_3": 1.0, "kept_tokens_6": 0.75}
+    dense = compare(reference, exported, [], [], None, [])
+    assert dense["max_abs_logit_diff"] == dense["max_abs_logit_diff_all"] == pytest.approx(0.5, rel=1e-3)

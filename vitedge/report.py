@@ -57,8 +57,11 @@ def _validation_lines(validate: dict) -> list[str]:
              f"**{'passed' if validate['passed'] else 'FAILED'}** on {validate['images']} {validate['data']} images{size}", "",
              "| metric | value |", "|---|---|",
              f"| top-1 agreement | {_pct(validate['top1_agreement'])} |",
-             f"| max abs logit diff | {validate['max_abs_logit_diff']:.2e} |",
+             f"| max abs logit diff (images whose selections agree) | {validate['max_abs_logit_diff']:.2e} |",
              f"| mean abs logit diff | {validate['mean_abs_logit_diff']:.2e} |"]
+    if validate.get("kept_agreement"):
+        lines += [f"| every selection identical | {_pct(validate['selections_identical'])} |",
+                  f"| max abs logit diff (all images) | {validate['max_abs_logit_diff_all']:.2e} |"]
     for name, value in validate["kept_agreement"].items():
         lines.append(f"| {name} set agreement | {_pct(value)} |")
     if "exported_accuracy" in validate:
