@@ -187,6 +187,12 @@ def main() -> None:
         checkpoints = [c for c in checkpoints if c.stem.removeprefix("fmnist-") in args.families]
     with tempfile.TemporaryDirectory(prefix="vitedge-bench-quant-") as work:
         families = [bench_family(c, Path(work), args) for c in checkpoints]
+    rerun = {f["family"] for f in families}
+    previous = json.loads(RESULTS.read_text())["families"] if args.families and RESULTS.is_file() else []
+    measured = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "load_average": [round(x, 2) for x in os.getloadavg()]}
+    for fam in families:
+        fam["measured"] = measured
     payload = {
         "environment": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -195,7 +201,8 @@ def main() -> None:
         },
         "images": args.limit or 10000,
         "calibration": "calibration/fmnist-train-512.yaml",
-        "families": families,
+        # --families re-runs some families and keeps the others' recorded rows
+        "families": [f for f in previous if f["family"] not in rerun] + families,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2) + "\n")

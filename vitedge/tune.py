@@ -15,6 +15,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from .artifact import Artifact, staged_outdir, write_json_atomic, write_text_atomic
 from .data import check_source, load_dataset
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
@@ -162,12 +164,16 @@ def _quiet(message: str) -> None:
 def _measure(checkpoint, folder, settings, export_options, timing, statistic, budget, step, log) -> Candidate:
     """Export one candidate (validated on the tuning images against its reference) and time it."""
     candidate = Candidate(settings=dict(settings), label=_label(settings))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # an idle multi-thread torch pool spin-waits and slows the timing that follows
     try:
         report = export(checkpoint, folder, settings=settings, log=_quiet, **export_options)
     except ValidationFailed as exc:
         candidate.error = str(exc)
         log(f"{step} {candidate.label}: skipped, {exc}")
         return candidate
+    finally:
+        torch.set_num_threads(threads)
     metadata = Artifact(folder).metadata
     candidate.settings = metadata["settings"]
     candidate.flops_ratio = metadata["flops"]["ratio"]
