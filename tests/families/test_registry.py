@@ -123,7 +123,7 @@ def test_only_families_without_token_count_constants_serve_a_resolution_range():
 
 def test_keep_rate_families_offer_a_grid_to_tune_and_the_others_their_trained_setting():
     cfg = ARCHS["vit_fmnist"]
-    for name in ("evit", "dynamicvit"):
+    for name in ("evit", "dynamicvit", "evovit", "ats"):
         fam = get_family(name)
         grid = fam.tuning_candidates(cfg, fam.resolve_settings(cfg, {}))
         rates = [c["keep_rate"] for c in grid]

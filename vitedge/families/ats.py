@@ -38,7 +38,16 @@ from ..backbone import Attention, Block, ViTConfig, VisionTransformer
 from ..errors import VitedgeError
 from ..rewrite import rewrites
 from ..tokens import gather_tokens, patch_positions
-from . import BlockTokens, Family, TokenPlan, check_keep_rate, check_prune_blocks, check_setting_names, family
+from . import (
+    BlockTokens,
+    Family,
+    TokenPlan,
+    check_keep_rate,
+    check_prune_blocks,
+    check_setting_names,
+    family,
+    keep_rate_candidates,
+)
 
 SOFTMAX_EPS = 1e-6  # softmax_with_policy's eps
 NONZERO_SHIFT = 1e8  # create_ys: zero CDF values are pushed this far before taking the minimum
@@ -364,6 +373,10 @@ class ATSFamily(Family):
         given_order = [int(b) for b in overrides.get("prune_blocks") or blocks]  # budgets pair with blocks as given
         by_block = dict(zip(given_order, (check_num_tokens(k, tokens) for k in budget)))
         return {"prune_blocks": blocks, "num_tokens": [by_block[b] for b in blocks]}
+
+    def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
+        """K as a share of all tokens: the only static speed knob ATS has (docs/ats.md)."""
+        return keep_rate_candidates((1.0, 0.8, 0.6, 0.5, 0.4))
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
         """Drop the sampler's ``out_zero_mask`` buffers (all zeros: the base of its scatter-add padding)."""
