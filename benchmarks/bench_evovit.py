@@ -33,7 +33,6 @@ import copy
 import datetime
 import os
 import platform
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -56,6 +55,7 @@ from bench_token_pruning import (  # noqa: E402
     ratio_ci,
     summary,
     vitedge_export,
+    write_doc_section,
 )
 
 import vitedge  # noqa: E402
@@ -366,10 +366,7 @@ def markdown(env: dict, results: dict) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Evo-ViT\n\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    write_doc_section(DOC, BEGIN, END, section, "# Evo-ViT\n\n")
 
 
 def main(argv=None) -> None:

@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenM
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_token_pruning import cpu_model, interleaved, quiet, summary  # noqa: E402
+from bench_token_pruning import cpu_model, interleaved, quiet, summary, write_doc_section  # noqa: E402
 
 import vitedge  # noqa: E402
 from vitedge.backbone import ARCHS, VisionTransformer, dense_flops  # noqa: E402
@@ -212,10 +211,7 @@ def markdown(env: dict, results: dict) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# SuperViT\n\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    write_doc_section(DOC, BEGIN, END, section, "# SuperViT\n\n")
 
 
 def main(argv=None) -> None:

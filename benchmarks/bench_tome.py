@@ -55,6 +55,7 @@ from bench_token_pruning import (  # noqa: E402
     paired,
     ratio_ci,
     summary,
+    write_doc_section,
 )
 from vitedge.backbone import ARCHS, dense_flops  # noqa: E402
 from vitedge.data.fashion_mnist import load_fashion_mnist  # noqa: E402
@@ -419,10 +420,7 @@ def markdown(env: dict, payload: dict) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# ToMe\n\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    write_doc_section(DOC, BEGIN, END, section, "# ToMe\n\n")
 
 
 def main(argv=None) -> None:
