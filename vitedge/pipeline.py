@@ -102,8 +102,9 @@ def profile_sizes(metadata: dict) -> list[int]:
 def check_sizes(proto, metadata: dict) -> dict:
     """``check_model`` at every size of the artifact's resolution profile, merged into one section."""
     dynamic = bool(metadata["input"].get("resolution"))
+    sizes = profile_sizes(metadata)
     merged = None
-    for size in profile_sizes(metadata):
+    for size in sizes:
         tokens = quadratic_tokens(metadata["family"], {**metadata["arch"], "img_size": size})
         section = _check_section(check_model(proto, quadratic_tokens=tokens, input_size=size if dynamic else None), tokens)
         if merged is None:
@@ -114,7 +115,7 @@ def check_sizes(proto, metadata: dict) -> dict:
         merged["warnings"] += [prefix + w for w in section["warnings"] if w not in merged["warnings"]]
         merged["passed"] = merged["passed"] and section["passed"]
     if dynamic:
-        merged["sizes"] = profile_sizes(metadata)
+        merged["sizes"] = sizes
     return merged
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .artifact import Artifact, staged_outdir, write_json_atomic, write_text_atomic
-from .data import check_source, load_dataset
+from .data import load_dataset
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
 from .load import load_model
 from .pipeline import export
@@ -111,8 +111,7 @@ def tune(
     untouched) when no candidate meets the budget, naming the fastest one.
     """
     _check_arguments(latency_budget_ms, backend, statistic, batch, limit)
-    check_source(data, limit)
-    dataset = load_dataset(data, limit)
+    dataset = load_dataset(data, limit)  # checks the source and limit first
     if dataset.labels is None:
         raise VitedgeError(f"tune ranks by accuracy and needs labelled images; {data} has no labels "
                            "(use fashion-mnist or a folder with one sub-folder per class)")
