@@ -184,6 +184,53 @@ def test_fp16_keeps_io_and_sensitive_ops_in_fp32(evit_fp16):
     assert len(half) >= 12 * 4
 
 
+def test_fp16_selection_path_has_no_half_precision_round_trip(evit_fp16):
+    # The converter puts FP16 Casts between two blocked nodes; vitedge removes them, so TopK
+    # ranks scores that were never rounded to half precision.
+    model = onnx.load(str(evit_fp16 / "model.fp16.onnx"))
+    producers = _producers(model)
+
+    def cast_to(node):
+        return next(a.i for a in node.attribute if a.name == "to") if node and node.op_type == "Cast" else None
+
+    topks = [n for n in model.graph.node if n.op_type == "TopK"]
+    assert len(topks) == 3
+    for topk in topks:
+        chain, name = [], topk.input[0]
+        while name in producers and producers[name].op_type != "Softmax":  # back to the attention probabilities
+            chain.append(producers[name])
+            name = chain[-1].input[0]
+        assert chain and all(cast_to(node) is None for node in chain), [n.op_type for n in chain]
+    round_trips = [n for n in model.graph.node if cast_to(n) == onnx.TensorProto.FLOAT
+                   and cast_to(producers.get(n.input[0])) == onnx.TensorProto.FLOAT16
+                   and producers[n.input[0]].input[0] not in {i.name for i in model.graph.initializer}]
+    assert not round_trips
+
+
+def test_fp16_with_every_node_kept_is_the_fp32_graph(tmp_path, evit_artifact, fmnist_batch):
+    from vitedge.quantize import convert_fp16
+
+    model = onnx.load(str(evit_artifact / "model.onnx"))
+    converted = convert_fp16(model, (), [n.name for n in model.graph.node])
+    onnx.save_model(converted, str(tmp_path / "all-fp32.onnx"))
+    images = fmnist_batch[0][:1]
+    reference = ort_session(evit_artifact / "model.onnx", 1).run(None, {"images": images})
+    blocked = ort_session(tmp_path / "all-fp32.onnx", 1).run(None, {"images": images})
+    for expected, got in zip(reference, blocked):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_avit_halting_gate_is_a_selection_path(tmp_path):
+    out = tmp_path / "avit"
+    vitedge.export(Path(__file__).resolve().parents[1] / "models" / "fmnist-avit.safetensors", out,
+                   validate_data=None, log=quiet)
+    model = onnx.load(str(out / "model.onnx"))
+    names = set(selection_nodes(model, vitedge.families.get_family("avit").selection_hint))
+    sigmoids = {n.name for n in model.graph.node if n.op_type == "Sigmoid"}
+    assert len(sigmoids) == 11 and sigmoids <= names  # every block but the last, which halts all tokens
+    assert selection_nodes(model) == []  # without the hint: no TopK, nothing found
+
+
 def test_fp16_agrees_with_fp32(evit_fp16):
     # Random weights leave near-tied logits and scores, so the bar here is loose; the trained
     # model's bar (99.5 %) is in test_bundled_evit_keeps_accuracy.

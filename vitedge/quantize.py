@@ -91,7 +91,8 @@ def _descendants(graph: onnx.GraphProto, roots: list[onnx.NodeProto], consumers)
 def selection_nodes(model: onnx.ModelProto, hints: tuple[str, ...] = ()) -> list[str]:
     """Names of the nodes that only serve token selection: TopK and the scoring subgraph feeding it.
 
-    Seeds: every TopK, and every node reading an initializer whose name contains a hint. A
+    Seeds: every TopK, every node whose op type is a hint (A-ViT's halting Sigmoid) and every
+    node reading a tensor whose name contains a hint. A
     producer joins the path when every consumer of its outputs is already on the path or lies
     after a TopK (the fused-token weights use the scores after the ranking); the walk stops at
     tensors the token path itself uses (attention probabilities, block outputs), so no main-path
@@ -102,7 +103,7 @@ def selection_nodes(model: onnx.ModelProto, hints: tuple[str, ...] = ()) -> list
     producer = {out: node for node in graph.node for out in node.output}
     graph_outputs = {value.name for value in graph.output}
     seeds = [node for node in graph.node
-             if node.op_type == "TopK" or (hints and any(h in name for h in hints for name in node.input))]
+             if node.op_type == "TopK" or node.op_type in hints or any(h in name for h in hints for name in node.input)]
     path: set[str] = set()
     for seed in seeds:  # each selection on its own: "after" means after this selection
         after = _descendants(graph, [seed], consumers)
@@ -153,9 +154,52 @@ def convert_fp16(model: onnx.ModelProto, keep_ops: tuple[str, ...], keep_nodes: 
     # The converter appends its Casts after their consumers and leaves some value_info entries with
     # their old element type: restore topological order (the ONNX rule TensorRT's parser relies on)
     # and re-infer every declared type.
+    drop_cast_round_trips(converted)
     topological_sort(converted.graph)
     del converted.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(converted, strict_mode=True)
+
+
+def drop_cast_round_trips(model: onnx.ModelProto) -> int:
+    """Remove FP32 → FP16 → FP32 Cast pairs, so that chains of blocked nodes really stay FP32.
+
+    The converter types every tensor FP16 and puts Casts around each blocked node, so between two
+    nodes kept in FP32 the tensor is still rounded to half precision (and so is the FP32 input of a
+    graph whose first node is blocked): the selection path "kept in FP32" ranked FP16-rounded scores.
+    Consumers of such a round trip read the original FP32 tensor instead. Returns how many Casts
+    were bypassed; unused Casts are dropped.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    graph_outputs = {value.name for value in graph.output}
+    float_inputs = {v.name for v in graph.input if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    def is_float32(name):
+        if name in float_inputs:
+            return True
+        source = producer.get(name)
+        return source is not None and source.op_type != "Cast" or cast_to(source) == onnx.TensorProto.FLOAT
+
+    renamed = {}
+    for node in graph.node:
+        if cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        half = producer.get(node.input[0])
+        if half is None or cast_to(half) != onnx.TensorProto.FLOAT16 or not is_float32(half.input[0]):
+            continue
+        if node.output[0] in graph_outputs:
+            node.input[0] = half.input[0]
+        else:
+            renamed[node.output[0]] = half.input[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    _drop_dead_nodes(model)
+    return len(renamed)
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:

@@ -271,6 +271,8 @@ def halting_summary(counts: np.ndarray, patches: int) -> dict:
 class AViTFamily(Family):
     summary = "per-token halting (ACT): masked, or a calibrated constant token budget per block"
     paper = "Yin et al., A-ViT: Adaptive Tokens for Efficient Vision Transformer, CVPR 2022"
+    # The halting gate (channel 0 → scale, shift → Sigmoid) is the scoring path; no TopK marks it.
+    selection_hint = ("Sigmoid",)
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         check_setting_names(self.name, overrides, {"gate_scale", "gate_center", "token_budgets"})
