@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -36,11 +35,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import vitedge  # noqa: E402
+from bench_token_pruning import write_doc_section  # noqa: E402
 from vitedge.errors import ValidationFailed  # noqa: E402
 from vitedge.pipeline import tool_versions  # noqa: E402
 from vitedge.quantize import quantize, validate_quantized  # noqa: E402
@@ -159,13 +160,7 @@ def render(payload: dict) -> str:
 
 
 def write_doc(payload: dict) -> None:
-    text = DOC.read_text()
-    block = render(payload)
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _m: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_doc_section(DOC, BEGIN, END, render(payload) + "\n", "# Quantization\n")
 
 
 def main() -> None:

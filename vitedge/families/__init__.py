@@ -61,8 +61,8 @@ class Family:
     # budgets), so one graph can serve a range of input resolutions.
     resolution_agnostic: bool = False
     kept_order_matters: bool = False  # True: its token outputs are per-patch maps, compared element-wise, not as sets
-    # Parameter-name substrings of the token-scoring path (e.g. "score_predictor"), kept in float by
-    # `vitedge quantize` in addition to what it finds from the graph (TopK and its scoring subgraph).
+    # Op types (A-ViT's "Sigmoid") or tensor-name substrings (e.g. "score_predictor") that seed the
+    # token-scoring path `vitedge quantize` keeps in float, besides every TopK and its scoring subgraph.
     selection_hint: tuple[str, ...] = ()
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
