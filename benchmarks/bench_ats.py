@@ -39,7 +39,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_token_pruning: 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_token_pruning import cpu_model, eager_runner, interleaved, ort_runner, paired, quiet, summary  # noqa: E402
+from bench_token_pruning import (  # noqa: E402
+    cpu_model, eager_runner, interleaved, ort_runner, paired, quiet, summary, write_doc_section,
+)
 from vitedge.artifact import write_json_atomic  # noqa: E402
 from vitedge.backbone import ARCHS, block_flops, dense_flops, stem_head_flops  # noqa: E402
 from vitedge.check import check_model  # noqa: E402
@@ -189,14 +191,7 @@ def markdown(env: dict, accuracy: list[dict], latency: dict) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    from vitedge.artifact import write_bytes_atomic
-
-    write_bytes_atomic(DOC, text.encode())
+    write_doc_section(DOC, BEGIN, END, section + "\n", "# ATS\n")
 
 
 def main(argv=None) -> None:

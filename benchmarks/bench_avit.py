@@ -38,10 +38,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench_token_pruning: n
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_token_pruning import cpu_model, eager_runner, interleaved, ort_runner, paired, ratio_ci, summary  # noqa: E402
+from bench_token_pruning import (  # noqa: E402
+    cpu_model, eager_runner, interleaved, ort_runner, paired, ratio_ci, summary, write_doc_section,
+)
 
 import vitedge  # noqa: E402
-from vitedge.artifact import write_json_atomic, write_text_atomic  # noqa: E402
+from vitedge.artifact import write_json_atomic  # noqa: E402
 from vitedge.backbone import ARCHS, dense_flops  # noqa: E402
 from vitedge.calibrate import read_budgets, with_budgets  # noqa: E402
 from vitedge.families.avit import round_budget  # noqa: E402
@@ -191,9 +193,7 @@ def main() -> None:
                   "met_agreement": fid["fixed_budget"]["top1_agreement"] >= GOAL_AGREEMENT},
     }
     write_json_atomic(RESULTS, json.loads(json.dumps(result, default=str)))
-    text = DOC.read_text() if DOC.exists() else f"{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    write_text_atomic(DOC, head + BEGIN + "\n" + table(result) + "\n" + END + rest.split(END, 1)[1])
+    write_doc_section(DOC, BEGIN, END, f"{BEGIN}\n{table(result)}\n{END}\n", "# A-ViT\n")
     print(table(result))
 
 

@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
 
+from vitedge.artifact import write_text_atomic  # noqa: E402
 from vitedge.backbone import ARCHS, dense_flops  # noqa: E402
 from vitedge.check import check_model  # noqa: E402
 from vitedge.export import export_onnx  # noqa: E402
@@ -684,7 +685,7 @@ def write_doc_section(doc: Path, begin: str, end: str, section: str, title: str)
     text = doc.read_text() if doc.exists() else title
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end) + "\n?", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text)
+    write_text_atomic(doc, text)
 
 
 def write_doc(section: str) -> None:
