@@ -256,3 +256,142 @@ def test_plain_dynamic_batch_export_of_argsort_selection_fails_the_lint():
     result = check_model(program.model_proto)
     assert not result.passed
     assert any("K is computed at run time" in error for error in result.errors)
+
+
+# Opset-18 reductions take their axes as an input; ORT's own symbolic inference left all but
+# ReduceSum/ReduceMean shapeless, so ``x.norm(dim=-1)`` or ``x.amax(dim=-1)`` failed the check.
+REDUCTIONS = ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+              "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"]
+
+
+def reduction_model(op: str, axes, keepdims: int, axes_source: str = "initializer", noop_with_empty_axes: int = 0):
+    """x [2, 3, 4] -> op(axes) -> y, y's shape left for inference; axes from an initializer, a
+    Constant node, the graph's input (run time) or absent (None)."""
+    nodes, inits, inputs = [], [], [tensor("x", FLOAT, [2, 3, 4])]
+    if axes_source == "initializer":
+        inits.append(const("axes", axes))
+    elif axes_source == "constant":
+        nodes.append(helper.make_node("Constant", [], ["axes"], value=const("axes_value", axes)))
+    elif axes_source == "input":
+        inputs.append(tensor("axes", INT64, [len(axes)]))
+    reduce_inputs = ["x", "axes"] if axes_source != "absent" else ["x"]
+    attributes = {"keepdims": keepdims, **({"noop_with_empty_axes": 1} if noop_with_empty_axes else {})}
+    nodes.append(helper.make_node(op, reduce_inputs, ["y"], name="reduce", **attributes))
+    return make_model(nodes, inputs, [helper.make_tensor_value_info("y", FLOAT, None)], inits)
+
+
+def _inferred_and_actual_shapes(model, feeds):
+    """Output shapes from vitedge's shape inference and from running the graph in ONNX Runtime."""
+    import onnxruntime as ort
+
+    from vitedge.check import infer_shapes
+
+    inferred = [[d.dim_value for d in o.type.tensor_type.shape.dim] for o in infer_shapes(model).graph.output]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    actual = [list(np.asarray(out).shape) for out in session.run(None, feeds)]
+    return inferred, actual
+
+
+@pytest.mark.parametrize("op", REDUCTIONS)
+@pytest.mark.parametrize("keepdims", [0, 1])
+@pytest.mark.parametrize("axes, axes_source", [([-1], "initializer"), ([0, -2], "constant"), ([1], "initializer")])
+def test_reduction_with_constant_axes_passes_with_the_runtime_shape(op, keepdims, axes, axes_source):
+    model = reduction_model(op, axes, keepdims, axes_source)
+    result = check_model(model)
+    assert result.passed, result.errors
+    x = np.random.default_rng(0).uniform(0.5, 1.5, size=(2, 3, 4)).astype(np.float32)
+    inferred, actual = _inferred_and_actual_shapes(model, {"x": x})
+    assert inferred == actual
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceL2", "ReduceSum"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+@pytest.mark.parametrize("axes_source, noop", [("absent", 0), ("empty", 0), ("empty", 1)])
+def test_reduction_with_empty_axes_reduces_all_or_nothing(op, keepdims, axes_source, noop):
+    source = "initializer" if axes_source == "empty" else "absent"
+    model = reduction_model(op, np.zeros(0, np.int64), keepdims, source, noop_with_empty_axes=noop)
+    result = check_model(model)
+    assert result.passed, result.errors
+    x = np.random.default_rng(0).uniform(0.5, 1.5, size=(2, 3, 4)).astype(np.float32)
+    inferred, actual = _inferred_and_actual_shapes(model, {"x": x})
+    assert inferred == actual
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceL2", "ReduceSum", "ReduceMean"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reduction_with_axes_computed_at_run_time_fails(op, keepdims):
+    result = check_model(reduction_model(op, [-1], keepdims, axes_source="input"))
+    assert not result.passed
+    assert result.errors == [
+        f"{op} reduce: its axes are computed at run time, so its output shape is unknown; "
+        "reduce over constant axes (a Python int or tuple as dim)"
+    ]
+
+
+def test_reduction_with_out_of_range_axes_fails_in_one_line():
+    result = check_model(reduction_model("ReduceMax", [3], 1))
+    assert result.errors == ["ReduceMax reduce: axes [3] out of range for rank 3"]
+
+
+class _Reduce(torch.nn.Module):
+    def __init__(self, reduce):
+        super().__init__()
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(x) * 2.0
+
+
+TORCH_REDUCTIONS = {
+    "ReduceL2": lambda x: x.norm(dim=-1, keepdim=True),
+    "ReduceL1": lambda x: x.norm(p=1, dim=1),
+    "ReduceMax": lambda x: x.amax(dim=-1),
+    "ReduceMin": lambda x: x.amin(dim=(0, 2), keepdim=True),
+    "ReduceMean": lambda x: x.mean(dim=-2),
+    "ReduceLogSumExp": lambda x: torch.logsumexp(x, dim=-1, keepdim=True),
+    "ReduceProd": lambda x: x.prod(dim=-1),
+}
+
+
+@pytest.mark.parametrize("op", sorted(TORCH_REDUCTIONS))
+def test_exported_torch_reductions_pass(op):
+    """Exported the way vitedge exports (dynamo, opset 18, optimised), with a symbolic batch."""
+    from vitedge.export import DEFAULT_OPSET, _quiet
+
+    with _quiet():
+        program = torch.onnx.export(
+            _Reduce(TORCH_REDUCTIONS[op]), (torch.randn(2, 5, 7),), dynamo=True, opset_version=DEFAULT_OPSET,
+            optimize=True, external_data=False, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},),
+        )
+    model = program.model_proto
+    assert op in {node.op_type for node in model.graph.node}
+    result = check_model(model)
+    assert result.passed, result.errors
+    inferred, actual = _inferred_and_actual_shapes(model, {model.graph.input[0].name: np.random.randn(1, 5, 7).astype(np.float32)})
+    assert inferred == actual
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reduce_prod_of_a_shape_is_folded_into_a_static_reshape(keepdims):
+    """Reshape(x, ReduceProd(Shape(x))): the element count is known while inferring (batch pinned to 1: y is [12])."""
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("ReduceProd", ["shape", "axes"], ["count"], keepdims=keepdims)]
+    if not keepdims:
+        nodes.append(helper.make_node("Unsqueeze", ["count", "axes"], ["target"]))
+    nodes.append(helper.make_node("Reshape", ["x", "count" if keepdims else "target"], ["y"]))
+    model = make_model(nodes, [tensor("x", FLOAT, ["batch", 3, 4])], [helper.make_tensor_value_info("y", FLOAT, None)],
+                       [const("axes", [0])])
+    result = check_model(model)
+    assert result.passed, result.errors
+    inferred, actual = _inferred_and_actual_shapes(model, {"x": np.zeros((1, 3, 4), np.float32)})
+    assert inferred == actual == [[12]]
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceL2", "ReduceMean"])
+def test_reduction_with_axes_attribute_before_opset_18_passes(op):
+    node = helper.make_node(op, ["x"], ["y"], axes=[-1], keepdims=0)
+    model = make_model([node], [tensor("x", FLOAT, [2, 3, 4])], [helper.make_tensor_value_info("y", FLOAT, None)], opset=17)
+    result = check_model(model)
+    assert result.passed, result.errors
+    inferred, actual = _inferred_and_actual_shapes(model, {"x": np.ones((2, 3, 4), np.float32)})
+    assert inferred == actual == [[2, 3]]

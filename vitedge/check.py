@@ -10,8 +10,6 @@ add a rule against any tensor quadratic in the token count.
 from __future__ import annotations
 
 import collections
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -85,19 +83,14 @@ def _pin_inputs(model: onnx.ModelProto, batch: int, size: int | None) -> onnx.Mo
 
 
 def infer_shapes(model: onnx.ModelProto, batch: int = 1, size: int | None = None) -> onnx.ModelProto:
-    """Shapes of every tensor with symbolic inputs pinned, by ORT's symbolic shape inference."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    """Shapes of every tensor with symbolic inputs pinned, by ORT's symbolic shape inference.
 
-    pinned = _pin_inputs(model, batch, size)
-    # On a graph it cannot fully infer, ORT saves sym_shape_infer_temp.onnx into the working
-    # directory before raising: run it from a scratch folder so nothing lands in the user's.
-    previous = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="vitedge-shapes-") as scratch:
-        os.chdir(scratch)
-        try:
-            return SymbolicShapeInference.infer_shapes(pinned, auto_merge=True)
-        finally:
-            os.chdir(previous)
+    Run by ``shape_inference.ReductionShapeInference``, which also follows the axes input of
+    opset-18 reductions (ReduceMax, ReduceL2, ...) that ORT's own class leaves shapeless.
+    """
+    from .shape_inference import infer_shapes as infer_symbolic
+
+    return infer_symbolic(_pin_inputs(model, batch, size), auto_merge=True)
 
 
 def check_model(model: onnx.ModelProto, quadratic_tokens: int | None = None, input_size: int | None = None) -> CheckResult:
@@ -142,8 +135,13 @@ def check_model(model: onnx.ModelProto, quadratic_tokens: int | None = None, inp
     if image_axes and input_size is None:
         result.errors.append("the image axes are symbolic (dynamic resolution); check at a concrete input size")
         return result
+    from .shape_inference import ReductionAxesError  # imports ONNX Runtime and sympy: only when checking
+
     try:
         inferred = infer_shapes(model, size=input_size)
+    except ReductionAxesError as exc:
+        result.errors.append(str(exc))
+        return result
     except Exception as exc:  # symbolic inference raises bare Exceptions on graphs it cannot follow
         result.errors.append(f"shape inference failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
         return result

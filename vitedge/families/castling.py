@@ -59,25 +59,15 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
     return x.norm(dim=-1, keepdim=True)
 
 
-def l2_norm_exportable(x: torch.Tensor) -> torch.Tensor:
-    """‖x‖ as sqrt(Σ x²): ReduceSum + Sqrt in ONNX.
-
-    ``x.norm`` exports as an opset-18 ReduceL2 with its axes as an input, which ONNX Runtime's
-    symbolic shape inference (the lint's prover of static shapes) cannot follow; the values
-    agree to float rounding.
-    """
-    return (x * x).sum(dim=-1, keepdim=True).sqrt()
-
-
-def linear_angular(q, k, v, dconv: nn.Conv2d, sparse_v: torch.Tensor | None = None, norm=l2_norm) -> torch.Tensor:
+def linear_angular(q, k, v, dconv: nn.Conv2d, sparse_v: torch.Tensor | None = None) -> torch.Tensor:
     """The per-head attention output [B, H, N, d]; ``sparse_v`` is the training-only branch's term."""
-    q = q / norm(q)
-    k = k / norm(k)
+    q = q / l2_norm(q)
+    k = k / l2_norm(k)
     conv = dconv(v)  # channels = heads, height = tokens, width = head channels: (9, 1) runs along tokens
     context = k.transpose(-2, -1) @ v  # [B, H, d, d]
     linear = (1.0 / math.pi) * (q @ context)
     y = 0.5 * v + linear if sparse_v is None else sparse_v + 0.5 * v + linear
-    return y / norm(y) + conv
+    return y / l2_norm(y) + conv
 
 
 class LinAngularAttention(nn.Module):
@@ -122,7 +112,7 @@ class LinearOnlyAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = split_heads(self.qkv, x, self.num_heads)
-        return merge_heads(self.proj, linear_angular(q, k, v, self.dconv, norm=l2_norm_exportable))
+        return merge_heads(self.proj, linear_angular(q, k, v, self.dconv))
 
 
 class CastlingBlock(Block):
