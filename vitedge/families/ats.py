@@ -71,8 +71,11 @@ def attention_logits(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def row_max(x: torch.Tensor, dim: int = -1, largest: bool = True) -> torch.Tensor:
-    """Max (or min) along ``dim``, kept: a TopK of 1, because ONNX Runtime's symbolic shape
-    inference leaves opset-18 ReduceMax/ReduceMin outputs shapeless, which the check rejects."""
+    """Max (or min) along ``dim``, kept: a TopK of 1 (the same values as ReduceMax/ReduceMin).
+
+    Written this way before the check could prove the shapes of opset-18 reductions
+    (vitedge.shape_inference); kept so that the exported graph, and with it the validated
+    float results of the bundled model, stay as they are."""
     return x.topk(1, dim=dim, largest=largest).values
 
 
@@ -101,7 +104,7 @@ def policy_softmax(logits: torch.Tensor, valid: torch.Tensor | None = None) -> t
 def significance(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Σ_heads attn[class → j] · ‖v_j‖ over the patch tokens [B, N-1], not yet normalised."""
     batch, heads, tokens, dim = v.shape
-    v_norm = v.transpose(1, 2).reshape(batch, tokens, heads * dim).square().sum(dim=2).sqrt()  # no ReduceL2: see row_max
+    v_norm = v.transpose(1, 2).reshape(batch, tokens, heads * dim).square().sum(dim=2).sqrt()  # sqrt(Σ v²), not ReduceL2: see row_max
     return (attn[:, :, 0].sum(dim=1) * v_norm)[:, 1:]
 
 
