@@ -127,3 +127,118 @@ def test_cli(tmp_path):
     assert "no candidate meets p90" in assert_clean_failure(missed, tmp_path / "missed")
     bad = run_cli("tune", EVIT, "-o", tmp_path / "bad", "--latency-budget-ms", "5", "--keep-rates", "0.5,x")
     assert "expected comma-separated numbers" in assert_clean_failure(bad, tmp_path / "bad")
+
+
+# --- A-ViT: candidates whose token budgets are calibrated on other images than the tuning ones ---
+
+AVIT = Path(__file__).resolve().parents[1] / "models" / "fmnist-avit.safetensors"
+
+
+def test_avit_grid_is_calibrated_into_shrinking_budgets():
+    """The family's grid through its calibration hook, on the default calibration set (train images)."""
+    from vitedge.calibration import calibration_array, load_calibration_set
+    from vitedge.data import InputSpec
+    from vitedge.families.avit import TUNING_QUANTILES
+    from vitedge.load import load_model
+
+    loaded = load_model(AVIT)
+    family, cfg = loaded.family, loaded.cfg
+    grid = [family.resolve_settings(cfg, {**loaded.settings, **s}) for s in family.tuning_candidates(cfg, loaded.settings)]
+    assert grid[0]["token_budgets"] is None and "budget_quantile" not in grid[0]  # the masked graph first
+    spec = InputSpec(cfg.img_size, cfg.in_chans, tuple(loaded.mean), tuple(loaded.std))
+    images = calibration_array(load_calibration_set(), spec)
+    resolved = family.calibrate_candidates(loaded.model, cfg, grid, images)
+    assert resolved[0] == grid[0]
+    assert [s["budget_quantile"] for s in resolved[1:]] == list(TUNING_QUANTILES)
+    budgets = [s["token_budgets"] for s in resolved[1:]]
+    for higher, lower in zip(budgets, budgets[1:]):  # a lower quantile never needs more tokens in any block
+        assert all(b <= a for a, b in zip(higher, lower))
+    assert sum(budgets[-1]) < sum(budgets[0]) < cfg.depth * (cfg.num_patches + 1)
+
+
+@pytest.fixture(scope="module")
+def tuned_avit(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("tune") / "avit"
+    quantiles = [{"budget_quantile": 1.0}, {"budget_quantile": 0.95}]
+    summary = vitedge.tune(AVIT, outdir, latency_budget_ms=1e6, candidates=quantiles, **{**FAST, "limit": 200})
+    return outdir, summary
+
+
+def test_avit_candidates_record_their_quantile_and_calibrated_budgets(tuned_avit):
+    outdir, summary = tuned_avit
+    candidates = summary["candidates"]
+    assert [c["label"] for c in candidates] == ["q 1", "q 0.95"]
+    for c in candidates:
+        assert c["error"] is None and c["top1_agreement"] >= 0.99
+        assert c["calibrated"] == {"token_budgets": c["settings"]["token_budgets"]}
+    high, low = (c["settings"]["token_budgets"] for c in candidates)
+    assert all(b <= a for a, b in zip(high, low)) and sum(low) < sum(high)
+    assert candidates[1]["flops_ratio"] < candidates[0]["flops_ratio"] < 1.0
+    calibration = summary["calibration"]
+    assert (calibration["name"], calibration["split"], calibration["images"]) == ("fmnist-train-512", "train", 512)
+    assert read_json(outdir / "report.json")["tune"]["calibration"] == calibration
+    table = (outdir / "tune.md").read_text()
+    assert "Calibrated on fmnist-train-512 (512 fashion-mnist train images" in table
+    assert f"- q 0.95: token_budgets {' '.join(map(str, low))}" in table
+
+
+def test_avit_winner_is_a_valid_fixed_budget_export(tuned_avit):
+    import onnx
+
+    from vitedge.check import check_model
+
+    outdir, summary = tuned_avit
+    meta = read_json(outdir / "vitedge.json")
+    chosen = summary["chosen"]
+    assert meta["settings"] == chosen["settings"] and meta["settings"]["budget_quantile"] in (1.0, 0.95)
+    budgets = meta["settings"]["token_budgets"]
+    assert [b["attention"] for b in meta["token_budgets"]["tokens_per_block"]] == budgets
+    assert vitedge.check(outdir)["passed"] and read_json(outdir / "report.json")["validate"]["passed"]
+    tokens = (meta["arch"]["img_size"] // meta["arch"]["patch_size"]) ** 2 + 1
+    shrinking = [b - 1 for previous, b in zip([tokens] + budgets, budgets) if b < previous]
+    assert check_model(onnx.load(str(outdir / "model.onnx"))).topk_k == shrinking and shrinking  # constant K per cut
+    dataset = load_dataset("fashion-mnist", 200)
+    images = np.concatenate([batch for batch, _ in dataset.batches(input_spec(meta), 100)])
+    accuracy = float((vitedge.predict(outdir, images, threads=1).argmax(1) == dataset.labels).mean())
+    assert accuracy == pytest.approx(chosen["accuracy"])
+
+
+@pytest.mark.parametrize("candidates, calib, message", [
+    ([{"budget_quantile": 1.5}], None, r"quantile must be in \(0, 1\], got 1.5"),
+    ([{"budget_quantile": "x"}], None, r"quantile must be a number in \(0, 1\], got 'x'"),
+    ([{"budget_quantile": 0.9}], "no-such-set", "unknown calibration set 'no-such-set'"),
+    ([{"budget_quantile": 0.9}], "TEST_SPLIT", "calibration set 'fmnist-test' holds the images accuracy is ranked on"),
+])
+def test_avit_bad_calibration_input_fails_before_anything_is_written(tmp_path, candidates, calib, message):
+    if calib == "TEST_SPLIT":
+        calib = tmp_path / "fmnist-test.yaml"
+        calib.write_text("source: fashion-mnist\nsplit: test\ncount: 64\npreprocess: {size: 28, channels: 1}\n")
+    outdir = tmp_path / "out"
+    with pytest.raises(VitedgeError, match=message):
+        vitedge.tune(AVIT, outdir, 10.0, candidates=candidates, **FAST, **({"calib": str(calib)} if calib else {}))
+    assert not outdir.exists()
+
+
+def test_budget_quantile_is_an_avit_setting_only(tmp_path):
+    with pytest.raises(VitedgeError, match="family 'evit' has no setting budget_quantile"):
+        vitedge.tune(EVIT, tmp_path / "out", 10.0, candidates=[{"budget_quantile": 0.9}], **FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_avit_quantiles(tmp_path):
+    outdir = tmp_path / "cli-avit"
+    result = run_cli("tune", AVIT, "-o", outdir, "--latency-budget-ms", "1000000", "--quantiles", "0.98",
+                     "--limit", "100", "--iterations", "3", "--warmup", "1", "--threads", "1", "--batch", "4")
+    assert result.exit_code == 0, result.stderr
+    assert '"budget_quantile": 0.98' in result.stdout
+    assert "calibrating avit candidates on fmnist-train-512 (512 images)" in result.stderr
+    assert "[1/1] q 0.98: FLOPs" in result.stderr
+    both = run_cli("tune", AVIT, "-o", tmp_path / "both", "--latency-budget-ms", "5", "--keep-rates", "0.5",
+                   "--quantiles", "0.9")
+    assert "give --keep-rates or --quantiles, not both" in assert_clean_failure(both, tmp_path / "both")
+    bad = run_cli("tune", AVIT, "-o", tmp_path / "bad", "--latency-budget-ms", "5", "--quantiles", "0.9,high")
+    assert "expected comma-separated quantiles" in assert_clean_failure(bad, tmp_path / "bad")
+    test_split = tmp_path / "fmnist-test.yaml"
+    test_split.write_text("source: fashion-mnist\nsplit: test\npreprocess: {size: 28, channels: 1}\n")
+    leak = run_cli("tune", AVIT, "-o", tmp_path / "leak", "--latency-budget-ms", "5", "--calib", test_split)
+    assert "holds the images accuracy is ranked on" in assert_clean_failure(leak, tmp_path / "leak")

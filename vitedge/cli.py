@@ -322,6 +322,15 @@ def parse_keep_rates(ctx, param, value):
         raise click.BadParameter(f"expected comma-separated numbers such as 0.5,0.7,0.9, got {value!r}") from None
 
 
+def parse_quantiles(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [{"budget_quantile": float(part)} for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated quantiles such as 0.99,0.9,0.8, got {value!r}") from None
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Folder for the winning artifact + tune.md/.json/.png.")
@@ -329,6 +338,10 @@ def parse_keep_rates(ctx, param, value):
 @click.option("--family", help="Model family; read from vitedge checkpoints.")
 @click.option("--arch", help="Named architecture; default: inferred from the weights.")
 @click.option("--keep-rates", callback=parse_keep_rates, help="Keep rates to try, comma-separated (default: the family's grid).")
+@click.option("--quantiles", callback=parse_quantiles,
+              help="A-ViT: budget quantiles to try, comma-separated, each calibrated on --calib (default: masked + the family's grid).")
+@click.option("--calib", default="fmnist-train-512", show_default=True,
+              help="Calibration set for data-dependent settings (A-ViT budgets): a name in calibration/ or a YAML file.")
 @click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
 @click.option("--data", default="fashion-mnist", show_default=True, help="Labelled images: fashion-mnist or a folder with one sub-folder per class.")
 @click.option("--limit", type=int, default=2000, show_default=True, help="Images to measure accuracy on.")
@@ -338,12 +351,15 @@ def parse_keep_rates(ctx, param, value):
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @friendly
-def tune(checkpoint, outdir, latency_budget_ms, family, arch, keep_rates, backend, data, limit, batch, statistic,
-         iterations, warmup, threads):
+def tune(checkpoint, outdir, latency_budget_ms, family, arch, keep_rates, quantiles, calib, backend, data, limit, batch,
+         statistic, iterations, warmup, threads):
     """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does)."""
-    summary = vitedge.tune(checkpoint, outdir, latency_budget_ms, family=family, arch=arch, candidates=keep_rates,
+    if keep_rates is not None and quantiles is not None:
+        raise VitedgeError("give --keep-rates or --quantiles, not both (a family has one of the two knobs)")
+    summary = vitedge.tune(checkpoint, outdir, latency_budget_ms, family=family, arch=arch,
+                           candidates=keep_rates if quantiles is None else quantiles,
                            backend=backend, data=data, limit=limit, batch=batch, statistic=statistic,
-                           iterations=iterations, warmup=warmup, threads=threads, log=log)
+                           iterations=iterations, warmup=warmup, threads=threads, log=log, calib=calib)
     chosen = summary["chosen"]
     click.echo(json.dumps({"outdir": outdir, "chosen": chosen["settings"], "accuracy": chosen["accuracy"],
                            f"{statistic}_ms": chosen["latency_ms"], "budget_ms": latency_budget_ms}))

@@ -5,6 +5,10 @@ candidate the family offers (``Family.tuning_candidates``: keep rates, per-block
 is exported, proven against its reference on labelled images, and timed on the backend at
 hand. The winner is the most accurate candidate whose latency statistic meets the budget; the
 whole table, its Pareto front and a plot are written beside it.
+
+Some settings are resolved from data (``Family.calibrated_settings``: A-ViT's budget quantile
+becomes per-block token budgets). Those candidates are calibrated on a calibration set
+(``calibration/*.yaml``) that must not be the images accuracy is ranked on.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .artifact import Artifact, staged_outdir, write_json_atomic, write_text_atomic
-from .data import load_dataset
+from .calibration import DEFAULT_SET, array_sha256, calibration_array, load_calibration_set
+from .data import InputSpec, load_dataset
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
 from .load import load_model
 from .pipeline import export
@@ -45,6 +50,7 @@ class Candidate:
     meets_budget: bool = False
     pareto: bool = False
     error: str | None = None
+    calibrated: dict = field(default_factory=dict)  # settings the calibration images decided (A-ViT: token_budgets)
 
 
 def _stderr(message: str) -> None:
@@ -103,12 +109,16 @@ def tune(
     warmup: int = 10,
     threads: int = 2,
     log=_stderr,
+    calib: str = DEFAULT_SET,
 ) -> dict:
     """Search the family's token budgets; OUTDIR gets the winning artifact plus tune.json/.md/.png.
 
     ``candidates`` overrides the family's grid (a list of settings dicts, e.g.
-    ``[{"keep_rate": 0.5}, {"keep_rate": 0.7}]``). Raises BudgetMissed (exit 4, OUTDIR
-    untouched) when no candidate meets the budget, naming the fastest one.
+    ``[{"keep_rate": 0.5}, {"keep_rate": 0.7}]``, or A-ViT's ``[{"budget_quantile": 0.95}]``).
+    Raises BudgetMissed (exit 4, OUTDIR untouched) when no candidate meets the budget, naming
+    the fastest one. ``calib`` is the
+    calibration set (a name in calibration/ or a YAML file) that data-dependent settings such
+    as A-ViT's ``budget_quantile`` are resolved on; it must not hold the ``data`` images.
     """
     _check_arguments(latency_budget_ms, backend, statistic, batch, limit)
     dataset = load_dataset(data, limit)  # checks the source and limit first
@@ -119,8 +129,15 @@ def tune(
     grid = candidates if candidates is not None else loaded.family.tuning_candidates(loaded.cfg, loaded.settings)
     if not grid:
         raise VitedgeError("no candidates to try; give at least one settings dict")
-    for settings in grid:  # every candidate must be valid before anything is exported
-        loaded.family.resolve_settings(loaded.cfg, {**loaded.settings, **settings})
+    grid = [{**loaded.settings, **settings} for settings in grid]
+    resolved = [loaded.family.resolve_settings(loaded.cfg, settings) for settings in grid]  # all valid before any export
+    calibrated = [{} for _ in grid]
+    calibration = None
+    if any(s.get(key) is not None for s in resolved for key in loaded.family.calibrated_settings):
+        images, calibration = _calibration_images(calib, data, loaded)
+        log(f"calibrating {loaded.family.name} candidates on {calibration['name']} ({len(images)} images)")
+        grid = loaded.family.calibrate_candidates(loaded.model, loaded.cfg, resolved, images)
+        calibrated = [{k: v for k, v in after.items() if before.get(k) != v} for before, after in zip(resolved, grid)]
     log(f"tuning {loaded.family.name} for {statistic} <= {latency_budget_ms:g} ms on {backend}, batch {batch}: "
         f"{len(grid)} candidate(s), {len(dataset)} {dataset.name} images each")
 
@@ -133,8 +150,9 @@ def tune(
     with staged_outdir(Path(outdir)) as stage:
         for index, settings in enumerate(grid):
             folder = stage / "candidates" / str(index)
-            candidate = _measure(checkpoint, folder, {**loaded.settings, **settings}, export_options, timing,
+            candidate = _measure(checkpoint, folder, settings, export_options, timing,
                                  statistic, latency_budget_ms, f"[{index + 1}/{len(grid)}]", log)
+            candidate.calibrated = calibrated[index]
             results.append(candidate)
         for point in pareto_front(results):
             point.pareto = True
@@ -147,13 +165,30 @@ def tune(
         shutil.rmtree(stage / "candidates")
         summary = _summary(loaded.family.name, results, chosen, latency_budget_ms, statistic, backend, batch,
                            threads, dataset)
+        if calibration is not None:
+            summary["calibration"] = calibration
         summary["plot"] = TUNE_PLOT if plot_pareto(summary, stage / TUNE_PLOT) else None
         write_json_atomic(stage / TUNE_JSON, summary)
         write_text_atomic(stage / TUNE_MD, render_markdown(summary))
-        Artifact(stage).update_report("tune", {k: summary[k] for k in ("budget_ms", "statistic", "backend", "chosen")})
+        keys = ("budget_ms", "statistic", "backend", "chosen", "calibration")
+        Artifact(stage).update_report("tune", {k: summary[k] for k in keys if k in summary})
     log(f"chose {chosen.label}: accuracy {chosen.accuracy:.4f}, {statistic} {chosen.latency_ms:.2f} ms "
         f"(budget {latency_budget_ms:g} ms); table in {Path(outdir) / TUNE_MD}")
     return summary
+
+
+def _calibration_images(calib, data, loaded) -> tuple:
+    """The calibration set's images for this model, and their record; never the tuning images."""
+    cset = load_calibration_set(calib)
+    same = (cset.source == "fashion-mnist" and data == "fashion-mnist" and cset.split == "test") or (
+        cset.source == "image-folder" and data != "fashion-mnist" and Path(data).resolve() == cset.path)
+    if same:
+        raise VitedgeError(f"calibration set '{cset.name}' holds the images accuracy is ranked on ({data}); "
+                           f"calibrate on other images, e.g. --calib {DEFAULT_SET}")
+    spec = InputSpec(loaded.cfg.img_size, loaded.cfg.in_chans, tuple(loaded.mean), tuple(loaded.std))
+    images = calibration_array(cset, spec)
+    split = cset.split if cset.source == "fashion-mnist" else None
+    return images, {**cset.record(), "split": split, "images": int(len(images)), "sha256": array_sha256(images)}
 
 
 def _quiet(message: str) -> None:
@@ -231,7 +266,18 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"| {c['label']}{chosen} | {c['flops_ratio']:.3f} | {c['accuracy']:.4f} | "
                      f"{c['top1_agreement']:.4f} | {c['latency_ms']:.2f} | {'yes' if c['meets_budget'] else 'no'} | "
                      f"{'yes' if c['pareto'] else ''} |")
+    calibration = summary.get("calibration")
+    if calibration:
+        split = f" {calibration['split']}" if calibration["split"] else ""
+        lines += ["", f"Calibrated on {calibration['name']} ({calibration['images']} {calibration['source']}{split} "
+                  "images, not the images above):", ""]
+        lines += [f"- {c['label']}: " + "; ".join(f"{k} {_value(v)}" for k, v in c["calibrated"].items())
+                  for c in summary["candidates"] if c["calibrated"]]
     return "\n".join(lines) + "\n"
+
+
+def _value(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else f"{value}"
 
 
 def plot_pareto(summary: dict, path: Path) -> bool:
@@ -275,4 +321,9 @@ def _label(settings: dict) -> str:
         return "keep " + (",".join(f"{r:g}" for r in rate) if isinstance(rate, list) else f"{rate:g}")
     if "merge_count" in settings:
         return f"r {settings['merge_count']}"
+    if settings.get("budget_quantile") is not None:
+        return f"q {settings['budget_quantile']:g}"
+    if "token_budgets" in settings:
+        budgets = settings["token_budgets"]
+        return "masked" if budgets is None else "budgets " + ",".join(map(str, budgets))
     return ", ".join(f"{k}={v}" for k, v in settings.items())[:30]

@@ -379,3 +379,39 @@ def test_bundled_model_halts_and_its_committed_budgets_export(tmp_path):
     report = read_json(out / "report.json")["validate"]
     assert report["top1_agreement"] >= 0.99 and report["exported_accuracy"] > 0.75
     assert report["halting"]["mean_depth"] < 10
+
+
+# --- vitedge tune: budget quantiles resolved on calibration images -----------------------------
+
+
+def test_tune_hook_calibrates_each_candidate_with_its_own_gates(loaded):
+    """``calibrate_candidates`` gives what ``vitedge calibrate`` would, for the gates each candidate has."""
+    from vitedge.data import InputSpec, load_dataset
+
+    spec = InputSpec(FMNIST.img_size, FMNIST.in_chans, tuple(loaded.mean), tuple(loaded.std))
+    images = np.concatenate([b for b, _ in load_dataset("fashion-mnist", 256, split="train").batches(spec, 128)])
+    later = {**GATES, "gate_center": 3.0}  # halts later: more live tokens per block
+    grid = [AVIT.resolve_settings(FMNIST, {**loaded.settings, **s}) for s in
+            ({"token_budgets": None}, {"budget_quantile": 0.9}, {**later, "budget_quantile": 0.9})]
+    masked, same_gates, later_gates = AVIT.calibrate_candidates(loaded.model, FMNIST, grid, images)
+    assert masked == grid[0]
+    assert same_gates["budget_quantile"] == 0.9 and same_gates["gate_center"] == GATES["gate_center"]
+    assert same_gates["token_budgets"] == choose_budgets(loaded, live_counts_of(loaded, images), 0.9)[0]
+    other = load_model(loaded.checkpoint.path, family="avit", num_heads=HEADS, settings=later)
+    assert later_gates["token_budgets"] == choose_budgets(other, live_counts_of(other, images), 0.9)[0]
+    assert sum(later_gates["token_budgets"]) > sum(same_gates["token_budgets"])
+    assert (loaded.model.gate_scale, loaded.model.gate_center) == tuple(GATES.values())  # the loaded model is untouched
+
+
+def live_counts_of(loaded, images):
+    from vitedge.families.avit import live_patch_counts
+
+    return live_patch_counts(loaded.model, [images])
+
+
+def test_budget_quantile_without_budgets_is_refused_at_load(avit_ckpt):
+    settings = AVIT.resolve_settings(FMNIST, {**GATES, "budget_quantile": 0.9})
+    assert settings["budget_quantile"] == 0.9 and settings["token_budgets"] is None
+    with pytest.raises(VitedgeError, match=r"budget_quantile 0.9 becomes token budgets only on calibration images: "
+                                           r"use 'vitedge export --quantile 0.9' or 'vitedge tune'"):
+        load_model(avit_ckpt, family="avit", num_heads=HEADS, settings={**GATES, "budget_quantile": 0.9})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,6 +92,17 @@ class Family:
     def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
         """Settings overrides that ``vitedge tune`` tries, cheapest last; the trained setting alone by default."""
         return [{}]
+
+    # Settings that ``vitedge tune`` resolves on calibration images before exporting a candidate
+    # (A-ViT's "budget_quantile" → "token_budgets"); a candidate with none of them needs no data.
+    calibrated_settings: tuple[str, ...] = ()
+
+    def calibrate_candidates(self, model: nn.Module, cfg: ViTConfig, candidates: list[dict],
+                             images: np.ndarray) -> list[dict]:
+        """Candidates (full settings) with their data-dependent settings resolved on ``images``
+        (normalised NCHW calibration images, never the ones accuracy is measured on); ``model``
+        is the loaded reference. Unchanged by default."""
+        return candidates
 
     def default_thresholds(self, settings: dict) -> dict:
         """Validation thresholds these settings call for, when the recipe gives none (A-ViT budgets)."""

@@ -44,6 +44,9 @@ HALT_EPS = 0.01  # the official ``self.eps``: a token halts once its cumulative 
 MASK_BIAS = -1000.0  # the official ``masked_softmax_bias`` added to the logits of halted keys
 HALTED_POSITION = -1  # ``kept_tokens_<block>`` entry of a budget slot holding a halted token
 BUDGET_MULTIPLE = 8  # budgets are rounded up to hardware-friendly token counts
+# ``vitedge tune``'s grid after the masked graph. Below about 0.92 a block overflows on more than the
+# 10 % of images that a budgeted export's kept-set agreement (>= 0.9) allows, so lower ones fail validation.
+TUNING_QUANTILES = (1.0, 0.99, 0.98, 0.95, 0.93)
 # (gate_scale, gate_center) of the released checkpoints: tiny-10-30.pth, small-10-75.pth
 OFFICIAL_GATES = {192: (10.0, 30.0), 384: (10.0, 75.0)}
 
@@ -275,7 +278,7 @@ class AViTFamily(Family):
     selection_hint = ("Sigmoid",)
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
-        check_setting_names(self.name, overrides, {"gate_scale", "gate_center", "token_budgets"})
+        check_setting_names(self.name, overrides, {"gate_scale", "gate_center", "token_budgets", "budget_quantile"})
         scale, center = default_gates(cfg)
         try:
             scale = float(overrides.get("gate_scale", scale))
@@ -285,11 +288,44 @@ class AViTFamily(Family):
         if not (math.isfinite(scale) and math.isfinite(center)):
             raise VitedgeError(f"gate_scale and gate_center must be finite, got {scale:g} and {center:g}")
         budgets = overrides.get("token_budgets")
-        return {
+        settings = {
             "gate_scale": scale,
             "gate_center": center,
             "token_budgets": None if budgets is None else check_budgets(budgets, cfg),
         }
+        if overrides.get("budget_quantile") is not None:  # the record of where calibrated budgets came from
+            settings["budget_quantile"] = check_quantile(overrides["budget_quantile"])
+        return settings
+
+    calibrated_settings = ("budget_quantile",)
+
+    def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
+        """The masked graph (exact, dense cost), then budgets at falling quantiles of live tokens."""
+        return [{"token_budgets": None}] + [{"budget_quantile": q} for q in TUNING_QUANTILES]
+
+    @torch.no_grad()
+    def calibrate_candidates(self, model, cfg, candidates, images):
+        """``budget_quantile`` → ``token_budgets``: the quantile of live tokens per block that the
+        reference (with each candidate's gates) runs on the calibration images."""
+        counts = {}
+        resolved = []
+        for settings in candidates:
+            quantile = settings.get("budget_quantile")
+            if quantile is None:
+                resolved.append(settings)
+                continue
+            gates = (settings["gate_scale"], settings["gate_center"])
+            if gates not in counts:
+                reference = model
+                if gates != (model.gate_scale, model.gate_center):
+                    reference = self.reference(cfg, settings)
+                    reference.load_state_dict(model.state_dict())
+                    reference.eval()
+                batches = (images[i : i + 128] for i in range(0, len(images), 128))
+                counts[gates] = live_patch_counts(reference, batches)
+            budgets = budgets_from_counts(counts[gates], quantile, cfg.num_patches + 1)
+            resolved.append(self.resolve_settings(cfg, {**settings, "token_budgets": budgets}))
+        return resolved
 
     def adapt_state_dict(self, state_dict):
         blocks = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")})
@@ -319,6 +355,10 @@ class AViTFamily(Family):
 
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         tokens = cfg.num_patches + 1
+        if settings.get("budget_quantile") is not None and not settings.get("token_budgets"):
+            quantile = settings["budget_quantile"]
+            raise VitedgeError(f"budget_quantile {quantile:g} becomes token budgets only on calibration images: "
+                               f"use 'vitedge export --quantile {quantile:g}' or 'vitedge tune'")
         budgets = settings.get("token_budgets") or [tokens] * cfg.depth
         blocks = [BlockTokens(k, k) for k in budgets]
         if settings.get("token_budgets") and min(budgets) < tokens:  # the last block's MLP runs for the class token alone
