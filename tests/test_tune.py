@@ -237,7 +237,7 @@ def test_cli_avit_quantiles(tmp_path):
                    "--quantiles", "0.9")
     assert "give --keep-rates or --quantiles, not both" in assert_clean_failure(both, tmp_path / "both")
     bad = run_cli("tune", AVIT, "-o", tmp_path / "bad", "--latency-budget-ms", "5", "--quantiles", "0.9,high")
-    assert "expected comma-separated quantiles" in assert_clean_failure(bad, tmp_path / "bad")
+    assert "'--quantiles': expected comma-separated numbers such as 0.99" in assert_clean_failure(bad, tmp_path / "bad")
     test_split = tmp_path / "fmnist-test.yaml"
     test_split.write_text("source: fashion-mnist\nsplit: test\npreprocess: {size: 28, channels: 1}\n")
     leak = run_cli("tune", AVIT, "-o", tmp_path / "leak", "--latency-budget-ms", "5", "--calib", test_split)

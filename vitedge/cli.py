@@ -313,22 +313,22 @@ def predict(outdir, input_npy, output_npy):
     click.echo(json.dumps({"output": output_npy, "shape": list(logits.shape), "top1": logits.argmax(1).tolist()[:16]}))
 
 
-def parse_keep_rates(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [{"keep_rate": float(part)} for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as 0.5,0.7,0.9, got {value!r}") from None
+def settings_list(setting: str, example: str):
+    """A click callback turning "0.5,0.7" into candidate settings [{setting: 0.5}, {setting: 0.7}]."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [{setting: float(part)} for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers such as {example}, got {value!r}") from None
+
+    return parse
 
 
-def parse_quantiles(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [{"budget_quantile": float(part)} for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated quantiles such as 0.99,0.9,0.8, got {value!r}") from None
+parse_keep_rates = settings_list("keep_rate", "0.5,0.7,0.9")
+parse_quantiles = settings_list("budget_quantile", "0.99,0.9,0.8")
 
 
 @main.command()
