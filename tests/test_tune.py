@@ -63,6 +63,16 @@ def test_the_written_artifact_is_the_winner_with_the_measured_accuracy(tuned):
     assert (outdir / "tune_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_candidates_with_the_same_graph_are_measured_once(tmp_path):
+    messages = []
+    summary = vitedge.tune(EVIT, tmp_path / "out", 1e6, candidates=[{"keep_rate": 0.7}, {"keep_rate": [0.7, 0.7, 0.7]}],
+                           **{**FAST, "log": messages.append})
+    assert [c["label"] for c in summary["candidates"]] == ["keep 0.7"]
+    assert summary["same_graph_as"] == {"keep 0.7,0.7,0.7": "keep 0.7"}
+    assert "keep 0.7,0.7,0.7 gives the same graph as keep 0.7: measured once" in messages
+    assert "keep 0.7,0.7,0.7 = keep 0.7" in (tmp_path / "out" / "tune.md").read_text()
+
+
 def test_no_candidate_meets_the_budget(tmp_path):
     outdir = tmp_path / "never"
     with pytest.raises(BudgetMissed, match=r"no candidate meets p50 <= 1e-06 ms on ort; the fastest, keep 0.5, takes"):

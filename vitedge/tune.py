@@ -138,6 +138,10 @@ def tune(
         log(f"calibrating {loaded.family.name} candidates on {calibration['name']} ({len(images)} images)")
         grid = loaded.family.calibrate_candidates(loaded.model, loaded.cfg, resolved, images)
         calibrated = [{k: v for k, v in after.items() if before.get(k) != v} for before, after in zip(resolved, grid)]
+    graphs = grid if calibration is not None else resolved  # what each candidate exports, defaults filled in
+    grid, calibrated, same_graph = _drop_repeats(grid, graphs, calibrated, loaded.family.calibrated_settings)
+    for label, first in same_graph.items():
+        log(f"{label} gives the same graph as {first}: measured once")
     log(f"tuning {loaded.family.name} for {statistic} <= {latency_budget_ms:g} ms on {backend}, batch {batch}: "
         f"{len(grid)} candidate(s), {len(dataset)} {dataset.name} images each")
 
@@ -167,6 +171,8 @@ def tune(
                            threads, dataset)
         if calibration is not None:
             summary["calibration"] = calibration
+        if same_graph:
+            summary["same_graph_as"] = same_graph
         summary["plot"] = TUNE_PLOT if plot_pareto(summary, stage / TUNE_PLOT) else None
         write_json_atomic(stage / TUNE_JSON, summary)
         write_text_atomic(stage / TUNE_MD, render_markdown(summary))
@@ -175,6 +181,25 @@ def tune(
     log(f"chose {chosen.label}: accuracy {chosen.accuracy:.4f}, {statistic} {chosen.latency_ms:.2f} ms "
         f"(budget {latency_budget_ms:g} ms); table in {Path(outdir) / TUNE_MD}")
     return summary
+
+
+def _drop_repeats(grid: list[dict], graphs: list[dict], calibrated: list[dict], recorded_only: tuple[str, ...]) -> tuple:
+    """The candidates without repeats of an earlier one's graph, and {repeat label: first label}.
+
+    ``graphs`` are the candidates' resolved settings. Two A-ViT quantiles often round to the same
+    budgets, and keep 0.7 is keep [0.7, 0.7, 0.7]; settings that are only a record
+    (``recorded_only``, e.g. ``budget_quantile`` once resolved) do not make a graph different.
+    """
+    kept, kept_calibrated, firsts, same_graph = [], [], {}, {}
+    for settings, graph, record in zip(grid, graphs, calibrated):
+        key = json.dumps({k: v for k, v in graph.items() if k not in recorded_only}, sort_keys=True, default=str)
+        if key in firsts:
+            same_graph[_label(settings)] = firsts[key]
+            continue
+        firsts[key] = _label(settings)
+        kept.append(settings)
+        kept_calibrated.append(record)
+    return kept, kept_calibrated, same_graph
 
 
 def _calibration_images(calib, data, loaded) -> tuple:
@@ -273,6 +298,10 @@ def render_markdown(summary: dict) -> str:
                   "images, not the images above):", ""]
         lines += [f"- {c['label']}: " + "; ".join(f"{k} {_value(v)}" for k, v in c["calibrated"].items())
                   for c in summary["candidates"] if c["calibrated"]]
+    same_graph = summary.get("same_graph_as")
+    if same_graph:
+        lines += ["", "Not measured again (the same graph as an earlier candidate): "
+                  + ", ".join(f"{label} = {first}" for label, first in same_graph.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
