@@ -38,10 +38,14 @@ def _require_avit(loaded: LoadedModel) -> None:
         raise VitedgeError(f"token budgets are calibrated for halting models (family 'avit'); this checkpoint is '{loaded.family.name}'")
 
 
-def with_budgets(loaded: LoadedModel, budgets: list[int]) -> LoadedModel:
-    """``loaded`` with constant token budgets in its settings and plan (the reference model is unchanged)."""
+def with_budgets(loaded: LoadedModel, budgets: list[int], quantile: float | None = None) -> LoadedModel:
+    """``loaded`` with constant token budgets in its settings and plan (the reference model is unchanged);
+    ``quantile``, when the budgets were calibrated just now, is recorded as ``budget_quantile``."""
     _require_avit(loaded)
-    settings = loaded.family.resolve_settings(loaded.cfg, {**loaded.settings, "token_budgets": budgets})
+    overrides = {**loaded.settings, "token_budgets": budgets}
+    if quantile is not None:
+        overrides["budget_quantile"] = quantile
+    settings = loaded.family.resolve_settings(loaded.cfg, overrides)
     return dataclasses.replace(loaded, settings=settings, plan=loaded.family.token_plan(loaded.cfg, settings))
 
 

@@ -258,6 +258,7 @@ def _budgeted(loaded: LoadedModel, budgets, quantile, log) -> LoadedModel:
         raise VitedgeError(f"--budgets/--quantile set token budgets of halting models (family 'avit'), not '{loaded.family.name}'")
     if budgets is not None:
         chosen = read_budgets(budgets, loaded)
+        quantile = None
     else:
         from .families.avit import check_quantile
 
@@ -265,7 +266,7 @@ def _budgeted(loaded: LoadedModel, budgets, quantile, log) -> LoadedModel:
         log(f"      calibrating budgets at quantile {quantile:g} on fashion-mnist train images")
         chosen, _ = choose_budgets(loaded, measure_live_patches(loaded)[0], quantile)
     log(f"      token budgets per block: {chosen}")
-    return with_budgets(loaded, chosen)
+    return with_budgets(loaded, chosen, quantile)
 
 
 def check(outdir, precision: str | None = None) -> dict:

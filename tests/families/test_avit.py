@@ -297,8 +297,10 @@ def test_export_quantile_calibrates_in_place(tmp_path, avit_ckpt):
     report = vitedge.export(avit_ckpt, out, family="avit", num_heads=HEADS, settings=GATES, quantile=1.0,
                             validate_limit=64, log=quiet)
     assert report["validate"]["passed"]
-    budgets = read_json(out / "vitedge.json")["settings"]["token_budgets"]
+    settings = read_json(out / "vitedge.json")["settings"]
+    budgets = settings["token_budgets"]
     assert budgets[0] == TOKENS and budgets[-1] < TOKENS
+    assert settings["budget_quantile"] == 1.0  # where the budgets came from
 
 
 @pytest.mark.parametrize("quantile", ["0", "1.5", "-0.2", "nan"])
