@@ -23,9 +23,7 @@ Usage: python benchmarks/bench_ats.py [--rounds 30] [--threads 2] [--lower-k 99]
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_token_pruning import (  # noqa: E402
-    cpu_model, eager_runner, interleaved, ort_runner, paired, quiet, summary, write_doc_section,
+    eager_runner, interleaved, ort_runner, paired, quiet, run_environment, summary, write_doc_section,
 )
 from vitedge.artifact import write_json_atomic  # noqa: E402
 from vitedge.backbone import ARCHS, block_flops, dense_flops, stem_head_flops  # noqa: E402
@@ -50,7 +48,6 @@ from vitedge.export import export_onnx  # noqa: E402
 from vitedge.families import get_family  # noqa: E402
 from vitedge.families.ats import MASKED  # noqa: E402
 from vitedge.load import load_model  # noqa: E402
-from vitedge.pipeline import tool_versions  # noqa: E402
 from vitedge.rewrite import to_static  # noqa: E402
 from vitedge.validate import input_spec  # noqa: E402
 
@@ -150,13 +147,7 @@ def latency_part(args, tmp: Path) -> dict:
 
 
 def environment(args) -> dict:
-    return {
-        "date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
-        "ort_spinning": "off (session.intra_op.allow_spinning=0)", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()], "python": platform.python_version(),
-        **tool_versions(), "rounds": args.rounds, "warmup": args.warmup,
-        "command": "python benchmarks/bench_ats.py " + " ".join(sys.argv[1:]),
-    }
+    return run_environment(args.threads, args.rounds, args.warmup, "python benchmarks/bench_ats.py " + " ".join(sys.argv[1:]))
 
 
 def markdown(env: dict, accuracy: list[dict], latency: dict) -> str:

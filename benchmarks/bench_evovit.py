@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import copy
-import datetime
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -45,7 +43,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its O
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_token_pruning import (  # noqa: E402
-    cpu_model,
     eager_runner,
     fidelity_on_input,
     interleaved,
@@ -53,6 +50,7 @@ from bench_token_pruning import (  # noqa: E402
     paired,
     plain_export,
     ratio_ci,
+    run_environment,
     summary,
     vitedge_export,
     write_doc_section,
@@ -62,7 +60,6 @@ import vitedge  # noqa: E402
 from vitedge.backbone import ARCHS, dense_flops  # noqa: E402
 from vitedge.families import get_family  # noqa: E402
 from vitedge.families.evovit import EvoViT, StaticEvoViT, ema, head_class_attention  # noqa: E402
-from vitedge.pipeline import tool_versions  # noqa: E402
 from vitedge.tokens import gather_tokens, top_tokens  # noqa: E402
 
 ARCH = "deit_small"
@@ -258,23 +255,10 @@ def ratios(stats: dict, samples: dict, flops_ratio: float) -> dict:
 
 
 def environment(args) -> dict:
-    return {
-        "date": datetime.date.today().isoformat(),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "threads": args.threads,
-        "ort_spinning": "off (session.intra_op.allow_spinning=0)",
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-        "python": platform.python_version(),
-        **tool_versions(),
-        "arch": ARCH,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "command": "python benchmarks/bench_evovit.py" + (" --quick" if args.quick else "")
-        + (f" --rounds {args.rounds}" if not args.quick and args.rounds != DEFAULT_ROUNDS else "")
-        + (f" --threads {args.threads}" if args.threads != 2 else ""),
-    }
+    command = ("python benchmarks/bench_evovit.py" + (" --quick" if args.quick else "")
+               + (f" --rounds {args.rounds}" if not args.quick and args.rounds != DEFAULT_ROUNDS else "")
+               + (f" --threads {args.threads}" if args.threads != 2 else ""))
+    return run_environment(args.threads, args.rounds, args.warmup, command, arch=ARCH)
 
 
 def pct(value: float) -> str:

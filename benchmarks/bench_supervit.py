@@ -28,10 +28,8 @@ Usage: python benchmarks/bench_supervit.py [--rounds N] [--quick] [--batches 1 8
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,7 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenM
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_token_pruning import cpu_model, interleaved, quiet, summary, write_doc_section  # noqa: E402
+from bench_token_pruning import interleaved, quiet, run_environment, summary, write_doc_section  # noqa: E402
 
 import vitedge  # noqa: E402
 from vitedge.backbone import ARCHS, VisionTransformer, dense_flops  # noqa: E402
@@ -53,7 +51,6 @@ from vitedge.check import check_model  # noqa: E402
 from vitedge.export import export_onnx  # noqa: E402
 from vitedge.families import get_family  # noqa: E402
 from vitedge.families.deit import DeiT  # noqa: E402
-from vitedge.pipeline import tool_versions  # noqa: E402
 from vitedge.rewrite import to_static  # noqa: E402
 from vitedge.runtime import ort_session  # noqa: E402
 
@@ -232,14 +229,9 @@ def main(argv=None) -> None:
     if args.quick:
         args.rounds, args.warmup = 2, 1
     torch.set_num_threads(args.threads)
-    env = {
-        "date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()], "python": platform.python_version(),
-        **tool_versions(), "arch": args.arch, "rounds": args.rounds, "warmup": args.warmup,
-        "command": "python benchmarks/bench_supervit.py" + (" --quick" if args.quick else
-                                                             f" --rounds {args.rounds}" if args.rounds != DEFAULT_ROUNDS else ""),
-    }
+    command = "python benchmarks/bench_supervit.py" + (" --quick" if args.quick else
+                                                       f" --rounds {args.rounds}" if args.rounds != DEFAULT_ROUNDS else "")
+    env = run_environment(args.threads, args.rounds, args.warmup, command, arch=args.arch)
     with tempfile.TemporaryDirectory(prefix="vitedge-bench-supervit-") as tmp:
         tmp = Path(tmp)
         fmnist = None if args.no_fmnist else fmnist_accuracy(tmp, args.threads)

@@ -500,23 +500,28 @@ def targets(results: dict) -> dict:
     return out
 
 
-def environment(args) -> dict:
+def run_environment(threads: int, rounds: int, warmup: int, command: str, **extra) -> dict:
+    """What every benchmark records about its run: date, machine, load, thread and spin settings,
+    tool versions, then its own settings (``extra``), rounds and the command that reproduces it."""
     return {
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "threads": args.threads,
+        "threads": threads,
         "ort_spinning": "off (session.intra_op.allow_spinning=0)",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "python": platform.python_version(),
         **tool_versions(),
-        "arch": ARCH,
-        "keep_rate": args.keep_rate,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "command": command(args),
+        **extra,
+        "rounds": rounds,
+        "warmup": warmup,
+        "command": command,
     }
+
+
+def environment(args) -> dict:
+    return run_environment(args.threads, args.rounds, args.warmup, command(args), arch=ARCH, keep_rate=args.keep_rate)
 
 
 def command(args) -> str:

@@ -27,10 +27,8 @@ Usage: python benchmarks/bench_tome.py [--rounds N] [--quick] [--batches 1 8] [-
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -47,13 +45,13 @@ import torch  # noqa: E402
 
 import vitedge  # noqa: E402
 from bench_token_pruning import (  # noqa: E402
-    cpu_model,
     eager_runner,
     export_record,
     interleaved,
     ort_runner,
     paired,
     ratio_ci,
+    run_environment,
     summary,
     write_doc_section,
 )
@@ -62,7 +60,6 @@ from vitedge.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from vitedge.export import export_onnx  # noqa: E402
 from vitedge.families import get_family  # noqa: E402
 from vitedge.load import load_model  # noqa: E402
-from vitedge.pipeline import tool_versions  # noqa: E402
 from vitedge.rewrite import to_static  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tome.json"
@@ -296,13 +293,9 @@ def kernel_profile(paths: dict[str, Path], images: np.ndarray, threads: int, run
 
 
 def environment(args) -> dict:
-    return {
-        "date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
-        "ort_spinning": "off (session.intra_op.allow_spinning=0)", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()], "python": platform.python_version(),
-        **tool_versions(), "rounds": args.rounds, "warmup": args.warmup, "merge_count": args.merge_count,
-        "command": "python benchmarks/bench_tome.py" + (" --quick" if args.quick else ""),
-    }
+    return run_environment(args.threads, args.rounds, args.warmup,
+                           "python benchmarks/bench_tome.py" + (" --quick" if args.quick else ""),
+                           merge_count=args.merge_count)
 
 
 def pct(value: float) -> str:
