@@ -207,6 +207,28 @@ def test_fp16_selection_path_has_no_half_precision_round_trip(evit_fp16):
     assert not round_trips
 
 
+def test_round_trip_removal_keeps_casts_of_integer_tensors():
+    from onnx import TensorProto, helper
+
+    from vitedge.quantize import drop_cast_round_trips
+
+    cast = lambda source, target, to: helper.make_node("Cast", [source], [target], to=to)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),  # int64: its float copy is a real conversion
+        cast("shape", "shape16", TensorProto.FLOAT16), cast("shape16", "shape32", TensorProto.FLOAT),
+        cast("x", "x16", TensorProto.FLOAT16), cast("x16", "x32", TensorProto.FLOAT),  # FP32 → FP16 → FP32
+        helper.make_node("Add", ["shape32", "x32"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    drop_cast_round_trips(model)
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    assert list(add.input) == ["shape32", "x"]
+    assert [n.output[0] for n in model.graph.node if n.op_type == "Cast"] == ["shape16", "shape32"]
+    onnx.checker.check_model(model, full_check=True)
+
+
 def test_fp16_with_every_node_kept_is_the_fp32_graph(tmp_path, evit_artifact, fmnist_batch):
     from vitedge.quantize import convert_fp16
 

@@ -154,42 +154,38 @@ def convert_fp16(model: onnx.ModelProto, keep_ops: tuple[str, ...], keep_nodes: 
     # The converter appends its Casts after their consumers and leaves some value_info entries with
     # their old element type: restore topological order (the ONNX rule TensorRT's parser relies on)
     # and re-infer every declared type.
-    drop_cast_round_trips(converted)
     topological_sort(converted.graph)
+    drop_cast_round_trips(converted)
     del converted.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(converted, strict_mode=True)
 
 
-def drop_cast_round_trips(model: onnx.ModelProto) -> int:
+def drop_cast_round_trips(model: onnx.ModelProto) -> None:
     """Remove FP32 → FP16 → FP32 Cast pairs, so that chains of blocked nodes really stay FP32.
 
     The converter types every tensor FP16 and puts Casts around each blocked node, so between two
     nodes kept in FP32 the tensor is still rounded to half precision (and so is the FP32 input of a
     graph whose first node is blocked): the selection path "kept in FP32" ranked FP16-rounded scores.
-    Consumers of such a round trip read the original FP32 tensor instead. Returns how many Casts
-    were bypassed; unused Casts are dropped.
+    Consumers of such a round trip read the original FP32 tensor instead; unused Casts are dropped.
+    Needs the graph in topological order (element types come from ONNX shape inference).
     """
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     graph_outputs = {value.name for value in graph.output}
-    float_inputs = {v.name for v in graph.input if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    types = _element_types(model)
 
     def cast_to(node):
-        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
-
-    def is_float32(name):
-        if name in float_inputs:
-            return True
-        source = producer.get(name)
-        return source is not None and source.op_type != "Cast" or cast_to(source) == onnx.TensorProto.FLOAT
+        if node is None or node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
 
     renamed = {}
     for node in graph.node:
         if cast_to(node) != onnx.TensorProto.FLOAT:
             continue
         half = producer.get(node.input[0])
-        if half is None or cast_to(half) != onnx.TensorProto.FLOAT16 or not is_float32(half.input[0]):
-            continue
+        if cast_to(half) != onnx.TensorProto.FLOAT16 or types.get(half.input[0]) != onnx.TensorProto.FLOAT:
+            continue  # not a round trip of an FP32 tensor (e.g. an integer index cast to float)
         if node.output[0] in graph_outputs:
             node.input[0] = half.input[0]
         else:
@@ -199,7 +195,17 @@ def drop_cast_round_trips(model: onnx.ModelProto) -> int:
             if name in renamed:
                 node.input[i] = renamed[name]
     _drop_dead_nodes(model)
-    return len(renamed)
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Every tensor's element type, inferred afresh (the converter leaves stale value_info types)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    graph = onnx.shape_inference.infer_shapes(probe).graph
+    types = {init.name: init.data_type for init in graph.initializer}
+    types.update({v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]})
+    return types
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
