@@ -182,7 +182,7 @@ def test_host_buffers_have_the_real_element_sizes():
 
 
 def test_every_data_type_of_each_version_has_a_size():
-    """The DataType members the bindings export are all in ELEMENT_BITS (FP4 arrived in 10.8, E8M0 in 10.x)."""
+    """The DataType members the bindings export are all in ELEMENT_BITS (FP4 arrived in 10.8, E8M0 in 10.12)."""
     for version in VERSIONS:
         names = api_names(version)
         for member in ("FLOAT", "HALF", "BF16", "INT8", "UINT8", "BOOL", "FP8", "INT32", "INT64", "INT4"):
