@@ -1,4 +1,6 @@
-"""examples/cpp's TensorRT program: its CMake rules, and a syntax-only compile against real TensorRT headers.
+"""examples/cpp's TensorRT program: its CMake rules, what it reads from vitedge.json and how it fills
+dynamic input dimensions (engine_settings.hpp, built and run here without TensorRT), and a
+syntax-only compile against real TensorRT headers.
 
 CI has no TensorRT, so the compile runs where ``VITEDGE_TRT_HEADERS`` names one or more TensorRT
 include folders (colon-separated, e.g. the ``include/`` of NVIDIA/TensorRT's release/10.3 and
@@ -49,3 +51,33 @@ def test_the_program_compiles_against_tensorrt_headers():
                                  "-isystem", str(folder), "-isystem", str(cuda), "-I", str(CPP / "include"),
                                  str(PROGRAM)], capture_output=True, text=True)
         assert result.returncode == 0, f"{folder}:\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def engine_settings_program(tmp_path_factory) -> Path:
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    build = tmp_path_factory.mktemp("cpp-trt")
+    subprocess.run(["cmake", "-S", str(CPP), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"], check=True,
+                   capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", "test_engine_settings", "-j", "2"], check=True,
+                   capture_output=True)
+    return build / "test_engine_settings"
+
+
+def test_the_program_reads_what_build_records(engine_settings_program, evit_artifact, tmp_path):
+    """vitedge_trt_infer's view of vitedge.json["engine"], as 'vitedge build' writes it (BuildSettings.to_dict)."""
+    import json
+
+    from vitedge.build import resolve_build
+
+    assert subprocess.run([str(engine_settings_program)]).returncode == 0  # the dynamic-dimension rules
+    cases = [({}, "version_compatible=0 dla_core=-1"),
+             ({"precision": "fp16", "dla_core": 1, "version_compatible": True}, "version_compatible=1 dla_core=1")]
+    for options, expected in cases:
+        meta = json.loads((evit_artifact / "vitedge.json").read_text())
+        meta["engine"] = {"plan": "model.plan", **resolve_build(evit_artifact, trt_version=(10, 3), **options).to_dict()}
+        path = tmp_path / "vitedge.json"
+        path.write_text(json.dumps(meta))
+        result = subprocess.run([str(engine_settings_program), str(path)], capture_output=True, text=True)
+        assert result.returncode == 0 and result.stdout.strip() == expected, result.stdout + result.stderr

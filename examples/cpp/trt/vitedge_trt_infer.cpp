@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "engine_settings.hpp"
 #include "vitedge/host.hpp"
 #include "vitedge/json.hpp"
 
@@ -63,29 +64,7 @@ size_t element_bits(nvinfer1::DataType type) {
   throw std::runtime_error("unknown TensorRT data type " + std::to_string(static_cast<int>(type)));
 }
 
-std::string dims_text(const nvinfer1::Dims& dims) {
-  std::string text;
-  for (int d = 0; d < dims.nbDims; ++d) text += (d ? "x" : "") + std::to_string(dims.d[d]);
-  return text;
-}
-
-// What the runtime needs from vitedge.json's "engine" section (written by 'vitedge build').
-struct EngineSettings {
-  bool version_compatible = false;
-  int dla_core = -1;  // -1: the GPU
-};
-
-EngineSettings engine_settings(const std::string& vitedge_json) {
-  EngineSettings settings;
-  vitedge::Json root = vitedge::Json::parse_file(vitedge_json);
-  if (!root.has("engine") || !root["engine"].is_object()) return settings;
-  const vitedge::Json& engine = root["engine"];
-  if (engine.has("version_compatible") && !engine["version_compatible"].is_null())
-    settings.version_compatible = engine["version_compatible"].boolean();
-  if (engine.has("dla_core") && engine["dla_core"].is_number())
-    settings.dla_core = static_cast<int>(engine["dla_core"].integer());
-  return settings;
-}
+std::vector<int64_t> dims_vector(const nvinfer1::Dims& dims) { return std::vector<int64_t>(dims.d, dims.d + dims.nbDims); }
 
 struct Tensor {
   std::string name;
@@ -122,7 +101,7 @@ int main(int argc, char** argv) {
     if (!file) throw std::runtime_error("cannot open " + dir + "/" + meta.engine_plan);
     std::vector<char> plan((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
 
-    const EngineSettings settings = engine_settings(dir + "/vitedge.json");
+    const vitedge::EngineSettings settings = vitedge::engine_settings(vitedge::Json::parse_file(dir + "/vitedge.json"));
     Logger logger;
     std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
     if (!runtime) throw std::runtime_error("cannot create the TensorRT runtime");
@@ -147,22 +126,13 @@ int main(int argc, char** argv) {
       if (t.input) {
         // Every dynamic dimension (-1: batch, and H, W of a dynamic-resolution graph) from the
         // preprocessed input, [1, C, H, W] as vitedge.json describes it; static ones must agree.
-        nvinfer1::Dims dims = engine->getTensorShape(t.name.c_str());
-        if (dims.nbDims != static_cast<int>(input.shape.size()))
-          throw std::runtime_error("input " + t.name + " has " + std::to_string(dims.nbDims) + " dimensions, the image " +
-                                   std::to_string(input.shape.size()));
-        const nvinfer1::Dims engine_dims = dims;
-        for (int d = 0; d < dims.nbDims; ++d) {
-          if (dims.d[d] == -1) {
-            dims.d[d] = static_cast<decltype(dims.d[d])>(input.shape[d]);
-          } else if (dims.d[d] != input.shape[d]) {
-            throw std::runtime_error("input " + t.name + " is " + dims_text(engine_dims) + " in the engine, the image gives " +
-                                     std::to_string(input.shape[d]) + " for axis " + std::to_string(d));
-          }
-        }
+        const nvinfer1::Dims engine_dims = engine->getTensorShape(t.name.c_str());
+        const std::vector<int64_t> shape = vitedge::fill_dynamic_dims(dims_vector(engine_dims), input.shape, t.name);
+        nvinfer1::Dims dims = engine_dims;
+        for (int d = 0; d < dims.nbDims; ++d) dims.d[d] = static_cast<decltype(dims.d[d] + 0)>(shape[d]);
         if (!context->setInputShape(t.name.c_str(), dims))
-          throw std::runtime_error("input shape " + dims_text(dims) + " is outside the engine's optimisation profile (" +
-                                   dims_text(engine_dims) + "): rebuild with a profile that covers it");
+          throw std::runtime_error("input shape " + vitedge::shape_text(shape) + " is outside the engine's optimisation "
+                                   "profile: rebuild with a --batch (or export with a resolution range) that covers it");
       }
       tensors.push_back(t);
     }
@@ -171,7 +141,8 @@ int main(int argc, char** argv) {
       nvinfer1::Dims dims = context->getTensorShape(t.name.c_str());
       size_t count = 1;
       for (int d = 0; d < dims.nbDims; ++d) {
-        if (dims.d[d] < 0) throw std::runtime_error("output " + t.name + " has a data-dependent shape " + dims_text(dims));
+        if (dims.d[d] < 0)
+          throw std::runtime_error("output " + t.name + " has a data-dependent shape " + vitedge::shape_text(dims_vector(dims)));
         count *= static_cast<size_t>(dims.d[d]);
       }
       t.bytes = (count * element_bits(t.type) + 7) / 8;
