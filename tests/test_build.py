@@ -61,6 +61,18 @@ GRAMMARS = Path(__file__).resolve().parent / "data" / "trtexec"
 
 
 @pytest.fixture(scope="module")
+def castling_exports(tmp_path_factory) -> dict[str, Path]:
+    """The bundled Castling-ViT exported for 16-40 px, with a static and with a dynamic batch (one export each)."""
+    castling = Path(__file__).resolve().parents[1] / "models" / "fmnist-castling.safetensors"
+    root = tmp_path_factory.mktemp("castling")
+    exports = {}
+    for name, extra in (("resolution", {}), ("resolution+batch", {"dynamic_batch": True})):
+        exports[name] = root / name
+        vitedge.export(castling, exports[name], dynamic_resolution="16:40", validate_data=None, log=quiet, **extra)
+    return exports
+
+
+@pytest.fixture(scope="module")
 def calibration_set(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calibration") / "fmnist-train-48.yaml"
     path.write_text(CALIBRATION_SET)
@@ -216,19 +228,15 @@ def test_dynamic_batch_gets_an_optimisation_profile(dynamic_artifact):
     assert resolve_build(dynamic_artifact, batch="8", trt_version=(10, 3)).batch == (8, 8, 8)
 
 
-def test_dynamic_resolution_gets_one_profile_over_its_size_range(tmp_path):
+def test_dynamic_resolution_gets_one_profile_over_its_size_range(castling_exports):
     """A castling graph for 16-40 px: the profile spans the sizes, combined with a dynamic batch."""
-    castling = Path(__file__).resolve().parents[1] / "models" / "fmnist-castling.safetensors"
-    out = tmp_path / "castling-dyn"
-    vitedge.export(castling, out, dynamic_resolution="16:40", validate_data=None, log=quiet)
+    out = castling_exports["resolution"]
     settings = resolve_build(out, trt_version=(10, 3))
     assert settings.sizes == (16, 28, 40) and settings.batch is None and settings.dynamic
     assert [a for a in trtexec_args(settings) if "Shapes=" in a] == [
         "--minShapes=images:1x1x16x16", "--optShapes=images:1x1x28x28", "--maxShapes=images:1x1x40x40"]
     assert "--shapes=images:1x1x28x28" in trtexec_script(settings)
-    both = tmp_path / "castling-dyn-batch"
-    vitedge.export(castling, both, dynamic_resolution="16:40", dynamic_batch=True, validate_data=None, log=quiet)
-    assert resolve_build(both, batch="1:2:8", trt_version=(10, 3)).to_dict()["profile"] == {
+    assert resolve_build(castling_exports["resolution+batch"], batch="1:2:8", trt_version=(10, 3)).to_dict()["profile"] == {
         "min": [1, 1, 16, 16], "opt": [2, 1, 28, 28], "max": [8, 1, 40, 40]}
 
 
@@ -341,19 +349,16 @@ def test_the_grammar_check_rejects_what_trtexec_rejects():
 
 
 @pytest.fixture(scope="module")
-def shape_kinds(tmp_path_factory, int8_artifact, dynamic_artifact):
+def shape_kinds(tmp_path_factory, int8_artifact, dynamic_artifact, castling_exports):
     """One artifact per input-shape kind, each with the FP16 and QDQ INT8 models of the EViT.
 
     The precision models are the static EViT's (resolve_build reads their presence and their
     Q/DQ zero-points, not their shapes), so the combinations below cost one quantization.
     """
-    castling = Path(__file__).resolve().parents[1] / "models" / "fmnist-castling.safetensors"
     root = tmp_path_factory.mktemp("kinds")
     kinds = {"static": int8_artifact, "dynamic-batch": copy_artifact(dynamic_artifact, root / "dyn")}
-    for name, extra in (("resolution", {}), ("resolution+batch", {"dynamic_batch": True})):
-        out = root / name
-        vitedge.export(castling, out, dynamic_resolution="16:40", validate_data=None, log=quiet, **extra)
-        kinds[name] = out
+    for name, out in castling_exports.items():
+        kinds[name] = copy_artifact(out, root / name)
     for out in list(kinds.values())[1:]:
         for model in ("model.fp16.onnx", "model.int8.onnx"):
             (out / model).write_bytes((int8_artifact / model).read_bytes())
@@ -473,10 +478,8 @@ def test_dla_refuses_a_dynamic_profile(dynamic_artifact, tmp_path):
         "--minShapes=images:4x1x28x28", "--optShapes=images:4x1x28x28", "--maxShapes=images:4x1x28x28"]
 
 
-def test_dla_refuses_a_resolution_range(tmp_path):
-    castling = Path(__file__).resolve().parents[1] / "models" / "fmnist-castling.safetensors"
-    out = tmp_path / "castling-dyn"
-    vitedge.export(castling, out, dynamic_resolution="16:40", validate_data=None, log=quiet)
+def test_dla_refuses_a_resolution_range(castling_exports, tmp_path):
+    out = copy_artifact(castling_exports["resolution"], tmp_path / "castling")
     before = folder_listing(out)
     line = assert_clean_failure(run_cli("build", out, "--precision", "fp16", "--dla-core", "0"))
     assert "the graph takes sizes 16..40 px: re-export without --dynamic-resolution for --dla-core" in line
