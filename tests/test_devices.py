@@ -102,3 +102,37 @@ def test_unreadable_profiles_and_folders(tmp_path):
         available_devices(tmp_path / "nowhere")
     result = run_cli("devices", "--devices-dir", tmp_path / "nowhere")
     assert result.exit_code == 2 and result.stderr.startswith("vitedge: error: device profile folder")
+
+
+def _extras() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def _spec(extra: list[str], package: str):
+    from packaging.requirements import Requirement
+
+    return next(Requirement(r).specifier for r in extra if Requirement(r).name == package)
+
+
+def test_trt_extras_pin_tensorrt_and_cuda_python_per_cuda_major():
+    """[trt-cu12] must not resolve to TensorRT 11 / cuda-python 13 (driver R580+, strongly typed only)."""
+    extras = _extras()
+    for name in ("trt", "trt-cu12"):
+        tensorrt, cuda = _spec(extras[name], "tensorrt-cu12"), _spec(extras[name], "cuda-python")
+        assert tensorrt.contains("10.3.0") and tensorrt.contains("10.16.1.11") and not tensorrt.contains("11.4.0")
+        assert cuda.contains("12.6.2") and not cuda.contains("13.0.0")
+    tensorrt, cuda = _spec(extras["trt-cu13"], "tensorrt-cu13"), _spec(extras["trt-cu13"], "cuda-python")
+    assert tensorrt.contains("11.4.0") and not tensorrt.contains("10.16.1") and cuda.contains("13.0.1")
+
+
+def test_jetpack_profiles_name_their_tensorrt_and_cuda_and_the_extra_pins_that_cuda():
+    """cuda-python 12.9 fails on JetPack 6's CUDA 12.6 driver: the jetpack6 extra keeps to 12.6.x."""
+    cuda = _spec(_extras()["trt-jetpack6"], "cuda-python")
+    for name in ("orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb"):
+        software = get_device(name).raw["software"]
+        assert (software["jetpack"], software["tensorrt"], software["cuda"]) == ("6.x", "10.3", "12.6")
+        assert get_device(name).tensorrt == "10.3"
+        assert cuda.contains(f"{software['cuda']}.2") and not cuda.contains("12.9.0")
+    assert get_device("xavier-nx").tensorrt == "8.5" and get_device("x86-l4").tensorrt == "10.x"

@@ -240,7 +240,7 @@ def _echo_profile(result: dict) -> None:
 @click.option("--devices-dir", type=click.Path(file_okay=False), help="Folder with your own device YAML files.")
 @click.option("--workspace-mb", type=int, default=1024, show_default=True, help="Builder workspace memory pool limit.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file: loaded if present, saved after the build.")
-@click.option("--dla-core", type=int, help="Run on this DLA core (Jetson), with GPU fallback.")
+@click.option("--dla-core", type=int, help="Run on this DLA core (Jetson), with GPU fallback; the DLA takes one input shape (--batch N).")
 @click.option("--batch", help="Optimisation profile MIN:OPT:MAX for a --dynamic-batch export (default 1:1:8).")
 @click.option("--version-compatible", is_flag=True, help="Build an engine later TensorRT versions can run.")
 @click.option("--optimization-level", type=int, default=3, show_default=True, help="Builder optimisation level 0..5.")

@@ -142,12 +142,12 @@ def _profile_trt(artifact: Artifact, batch: int, iterations: int, warmup: int, d
                            f"run 'vitedge build {artifact.root}' again")
     import_tensorrt()
     gpu = gpu_info()
-    if device is not None and device.compute_capability and gpu["compute_capability"] \
-            and gpu["compute_capability"] != device.compute_capability:
+    if device is not None and device.compute_capability and gpu["compute_capability"] != device.compute_capability:
         raise VitedgeError(f"this GPU ({gpu['name']}, compute capability {gpu['compute_capability']}) is not a "
                            f"{device.name} ({device.compute_capability}); profile on the device itself")
     engine = artifact.metadata.get("engine", {})
-    runner = EngineRunner(plan, batch, bool(engine.get("version_compatible")), artifact.metadata["input"]["shape"][2])
+    runner = EngineRunner(plan, batch, bool(engine.get("version_compatible")), artifact.metadata["input"]["shape"][2],
+                          engine.get("dla_core"))
     try:
         if log:
             log(f"profiling trt batch {batch} on {gpu['name']}: {warmup} warm-up + {iterations} timed runs")

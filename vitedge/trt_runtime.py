@@ -3,7 +3,8 @@
 ``import_tensorrt`` is the one place that says how to get TensorRT; ``EngineRunner`` runs a
 serialized plan with explicit copies so that the profiler can time host-to-device copies,
 GPU compute and device-to-host copies separately (as trtexec reports them), with CUDA events.
-The CUDA runtime comes from NVIDIA's ``cuda-python`` bindings (the ``[trt]`` extra).
+The CUDA runtime comes from NVIDIA's ``cuda-python`` bindings (the ``[trt-cu12]`` /
+``[trt-cu13]`` extras, or JetPack's pinned minor).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import numpy as np
 
 from .errors import BackendMissing, VitedgeError
 
-INSTALL_HINT = ("install it with pip install 'vitedge[trt]' on an x86 CUDA machine, use JetPack 6's python3-libnvinfer "
-                "on a Jetson, or run the docker/ images")
+INSTALL_HINT = ("install it with pip install 'vitedge[trt-cu12]' (driver >= 525) or 'vitedge[trt-cu13]' (driver >= 580) "
+                "on an x86 CUDA machine, use JetPack 6's python3-libnvinfer on a Jetson, or run the docker/ images")
+CUDA_PYTHON_HINT = ("install the cuda-python of this driver's CUDA minor (nvidia-smi's 'CUDA Version'; JetPack 6: "
+                    "pip install 'cuda-python==12.6.*')")
 
 
 def import_tensorrt():
@@ -55,7 +58,7 @@ def _cudart():
         try:
             from cuda import cudart as runtime  # older cuda-python
         except ImportError:
-            raise BackendMissing("the CUDA runtime bindings (cuda-python) are not installed: pip install 'vitedge[trt]'") from None
+            raise BackendMissing(f"the CUDA runtime bindings (cuda-python) are not installed: {CUDA_PYTHON_HINT}") from None
     return runtime
 
 
@@ -67,24 +70,64 @@ def _check(result):
     return values[0] if len(values) == 1 else values
 
 
+def cuda_error_line(error, what: str) -> str:
+    """One line for a failed CUDA runtime call; a too-new cuda-python for the driver says which to install."""
+    name = getattr(error, "name", None) or str(error).split(".")[-1]
+    line = f"{what} failed with {name}"
+    if "InsufficientDriver" in name:
+        line += (": the installed cuda-python's CUDA runtime is newer than this driver supports; "
+                 + CUDA_PYTHON_HINT)
+    elif "NoDevice" in name:
+        line += ": no CUDA GPU is visible (run with --runtime nvidia / --gpus all inside docker)"
+    return line
+
+
 def gpu_info() -> dict:
-    """Name and compute capability of CUDA device 0 (cuda-python, else torch), or nulls."""
+    """Name and compute capability of CUDA device 0 (cuda-python, else torch).
+
+    Raises instead of answering "unknown": a silent unknown used to skip the check that the plan
+    is built on the device profile's GPU.
+    """
     try:
         cudart = _cudart()
-        props = _check(cudart.cudaGetDeviceProperties(0))
+    except BackendMissing:
+        cudart = None
+    if cudart is not None:
+        try:
+            error, props = cudart.cudaGetDeviceProperties(0)
+        except RuntimeError as exc:  # cuda-python dlopens the driver on first use
+            raise VitedgeError(f"cuda-python cannot load the NVIDIA driver ({exc}): install the driver, or run the "
+                               "container with --runtime nvidia / --gpus all") from None
+        if int(error) != 0:
+            raise VitedgeError(cuda_error_line(error, "cudaGetDeviceProperties(0)"))
         name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
         return {"name": name, "compute_capability": f"{props.major}.{props.minor}"}
-    except (BackendMissing, VitedgeError):
-        pass
     try:
         import torch
-
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
     except ImportError:
-        pass
-    return {"name": None, "compute_capability": None}
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+    raise BackendMissing(f"no CUDA runtime here can name the GPU: cuda-python is missing and torch sees no CUDA "
+                         f"device; {CUDA_PYTHON_HINT}")
+
+
+# Bits per element of each TensorRT DataType (by enum member name): 4-bit types pack two per byte.
+ELEMENT_BITS = {"FLOAT": 32, "HALF": 16, "BF16": 16, "INT8": 8, "UINT8": 8, "BOOL": 8, "FP8": 8, "E8M0": 8,
+                "INT32": 32, "INT64": 64, "INT4": 4, "FP4": 4}
+HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_,
+               "INT32": np.int32, "INT64": np.int64}
+
+
+def host_buffer(type_name: str, shape) -> np.ndarray:
+    """A zeroed host buffer for a tensor: its NumPy type where NumPy has one, else the packed bytes."""
+    if type_name not in ELEMENT_BITS:
+        raise VitedgeError(f"vitedge does not know the size of TensorRT data type {type_name}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if type_name in HOST_DTYPES:
+        return np.zeros(tuple(shape), HOST_DTYPES[type_name])
+    return np.zeros((count * ELEMENT_BITS[type_name] + 7) // 8, np.uint8)
 
 
 class TensorRTLogger:
@@ -110,10 +153,16 @@ class TensorRTLogger:
         return _Logger()
 
 
-def deserialize(trt, plan: bytes, logger, version_compatible: bool = False):
+def deserialize(trt, plan: bytes, logger, version_compatible: bool = False, dla_core: int | None = None):
+    """(runtime, engine) from a plan: host code allowed for version-compatible plans, the DLA core set for DLA ones."""
     runtime = trt.Runtime(logger)
     if version_compatible:
         runtime.engine_host_code_allowed = True  # a version-compatible plan carries its lean runtime
+    if dla_core is not None:
+        if runtime.num_DLA_cores <= dla_core:
+            raise VitedgeError(f"the engine runs on DLA core {dla_core}, this machine has {runtime.num_DLA_cores} "
+                               "DLA cores: rebuild with another --dla-core")
+        runtime.DLA_core = dla_core
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise VitedgeError("TensorRT cannot load model.plan (built by another TensorRT version or for another GPU); "
@@ -124,12 +173,14 @@ def deserialize(trt, plan: bytes, logger, version_compatible: bool = False):
 class EngineRunner:
     """Runs ``model.plan`` at one batch size from numpy (pageable) host buffers, with per-stage CUDA events."""
 
-    def __init__(self, plan_path: Path, batch: int, version_compatible: bool = False, size: int | None = None):
-        """``size`` fills the image axes of a dynamic-resolution engine (-1 there)."""
+    def __init__(self, plan_path: Path, batch: int, version_compatible: bool = False, size: int | None = None,
+                 dla_core: int | None = None):
+        """``size`` fills the image axes of a dynamic-resolution engine (-1 there); ``dla_core`` is the build's."""
         trt = import_tensorrt()
         self.cudart = cudart = _cudart()
         self.logger = TensorRTLogger(trt)
-        self.runtime, self.engine = deserialize(trt, Path(plan_path).read_bytes(), self.logger, version_compatible)
+        self.runtime, self.engine = deserialize(trt, Path(plan_path).read_bytes(), self.logger, version_compatible,
+                                                dla_core)
         self.context = self.engine.create_execution_context()
         self.stream = _check(cudart.cudaStreamCreate())
         self.inputs, self.outputs, self._device = [], [], []
@@ -148,10 +199,9 @@ class EngineRunner:
                     raise VitedgeError(f"batch {batch} is outside the engine's optimisation profile; rebuild with a wider --batch")
         for name in names:
             shape = tuple(self.context.get_tensor_shape(name))
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            host = np.zeros(shape, dtype)
-            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                host[...] = rng.standard_normal(shape).astype(dtype)
+            host = host_buffer(self.engine.get_tensor_dtype(name).name, shape)
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT and host.shape == shape:
+                host[...] = rng.standard_normal(shape).astype(host.dtype)
             pointer = _check(cudart.cudaMalloc(max(host.nbytes, 1)))
             self._device.append(pointer)
             self.context.set_tensor_address(name, int(pointer))

@@ -3,9 +3,14 @@
 // Loads ARTIFACT_DIR/model.plan (from 'vitedge build') and ARTIFACT_DIR/vitedge.json, preprocesses
 // INPUT (.pgm/.ppm image, or a preprocessed .npy) as the metadata says, runs TensorRT, and prints
 // the top-5 classes and the latency: GPU compute (CUDA events) and end to end with the copies.
-// Written against the TensorRT 10 C++ API (enqueueV3, named I/O tensors); built only where CMake
-// finds TensorRT. Not compiled on vitedge's CI machines (no TensorRT there).
+// From vitedge.json's "engine" section it takes what the runtime must know before it can load and
+// run the plan: version-compatible plans need host code allowed (their lean runtime is in the
+// plan), DLA plans their DLA core, and every dynamic input dimension (batch, and H/W of a
+// dynamic-resolution graph) is set from the preprocessed input's shape.
+// Written against the TensorRT 10 and 11 C++ API (enqueueV3, named I/O tensors); built only where
+// CMake finds TensorRT. Not compiled on vitedge's CI machines (no TensorRT there).
 #include <NvInfer.h>
+#include <NvInferVersion.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -19,7 +24,9 @@
 #include <string>
 #include <vector>
 
+#include "engine_settings.hpp"
 #include "vitedge/host.hpp"
+#include "vitedge/json.hpp"
 
 namespace {
 
@@ -34,16 +41,30 @@ void cuda_check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
 }
 
-size_t element_size(nvinfer1::DataType type) {
+// Bits per element: 4-bit types pack two elements per byte.
+size_t element_bits(nvinfer1::DataType type) {
   switch (type) {
-    case nvinfer1::DataType::kHALF: return 2;
+    case nvinfer1::DataType::kFLOAT:
+    case nvinfer1::DataType::kINT32: return 32;
+    case nvinfer1::DataType::kHALF:
+    case nvinfer1::DataType::kBF16: return 16;
     case nvinfer1::DataType::kINT8:
     case nvinfer1::DataType::kUINT8:
-    case nvinfer1::DataType::kBOOL: return 1;
-    case nvinfer1::DataType::kINT64: return 8;
-    default: return 4;  // kFLOAT, kINT32
+    case nvinfer1::DataType::kBOOL:
+    case nvinfer1::DataType::kFP8: return 8;
+    case nvinfer1::DataType::kINT64: return 64;
+    case nvinfer1::DataType::kINT4: return 4;
+#if NV_TENSORRT_MAJOR > 10 || (NV_TENSORRT_MAJOR == 10 && NV_TENSORRT_MINOR >= 8)
+    case nvinfer1::DataType::kFP4: return 4;
+#endif
+#if NV_TENSORRT_MAJOR > 10 || (NV_TENSORRT_MAJOR == 10 && NV_TENSORRT_MINOR >= 12)
+    case nvinfer1::DataType::kE8M0: return 8;
+#endif
   }
+  throw std::runtime_error("unknown TensorRT data type " + std::to_string(static_cast<int>(type)));
 }
+
+std::vector<int64_t> dims_vector(const nvinfer1::Dims& dims) { return std::vector<int64_t>(dims.d, dims.d + dims.nbDims); }
 
 struct Tensor {
   std::string name;
@@ -80,11 +101,21 @@ int main(int argc, char** argv) {
     if (!file) throw std::runtime_error("cannot open " + dir + "/" + meta.engine_plan);
     std::vector<char> plan((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
 
+    const vitedge::EngineSettings settings = vitedge::engine_settings(vitedge::Json::parse_file(dir + "/vitedge.json"));
     Logger logger;
     std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
+    if (!runtime) throw std::runtime_error("cannot create the TensorRT runtime");
+    if (settings.version_compatible) runtime->setEngineHostCodeAllowed(true);  // the plan carries its lean runtime
+    if (settings.dla_core >= 0) {
+      if (settings.dla_core >= runtime->getNbDLACores())
+        throw std::runtime_error("the engine runs on DLA core " + std::to_string(settings.dla_core) + ", this machine has " +
+                                 std::to_string(runtime->getNbDLACores()) + " DLA cores");
+      runtime->setDLACore(settings.dla_core);
+    }
     std::unique_ptr<nvinfer1::ICudaEngine> engine(runtime->deserializeCudaEngine(plan.data(), plan.size()));
     if (!engine) throw std::runtime_error("TensorRT cannot load the plan (other TensorRT version or GPU): rebuild it here");
     std::unique_ptr<nvinfer1::IExecutionContext> context(engine->createExecutionContext());
+    if (!context) throw std::runtime_error("cannot create an execution context for the plan");
 
     std::vector<Tensor> tensors;
     for (int i = 0; i < engine->getNbIOTensors(); ++i) {
@@ -93,17 +124,28 @@ int main(int argc, char** argv) {
       t.input = engine->getTensorIOMode(t.name.c_str()) == nvinfer1::TensorIOMode::kINPUT;
       t.type = engine->getTensorDataType(t.name.c_str());
       if (t.input) {
-        nvinfer1::Dims dims = engine->getTensorShape(t.name.c_str());
-        if (dims.d[0] == -1) dims.d[0] = 1;  // dynamic batch: run one image
-        if (!context->setInputShape(t.name.c_str(), dims)) throw std::runtime_error("batch 1 is outside the engine's profile");
+        // Every dynamic dimension (-1: batch, and H, W of a dynamic-resolution graph) from the
+        // preprocessed input, [1, C, H, W] as vitedge.json describes it; static ones must agree.
+        const nvinfer1::Dims engine_dims = engine->getTensorShape(t.name.c_str());
+        const std::vector<int64_t> shape = vitedge::fill_dynamic_dims(dims_vector(engine_dims), input.shape, t.name);
+        nvinfer1::Dims dims = engine_dims;
+        for (int d = 0; d < dims.nbDims; ++d) dims.d[d] = static_cast<decltype(dims.d[d] + 0)>(shape[d]);
+        if (!context->setInputShape(t.name.c_str(), dims))
+          throw std::runtime_error("input shape " + vitedge::shape_text(shape) + " is outside the engine's optimisation "
+                                   "profile: rebuild with a --batch (or export with a resolution range) that covers it");
       }
       tensors.push_back(t);
     }
+    if (!context->allInputDimensionsSpecified()) throw std::runtime_error("the engine has an input shape left unset");
     for (Tensor& t : tensors) {
       nvinfer1::Dims dims = context->getTensorShape(t.name.c_str());
       size_t count = 1;
-      for (int d = 0; d < dims.nbDims; ++d) count *= static_cast<size_t>(dims.d[d]);
-      t.bytes = count * element_size(t.type);
+      for (int d = 0; d < dims.nbDims; ++d) {
+        if (dims.d[d] < 0)
+          throw std::runtime_error("output " + t.name + " has a data-dependent shape " + vitedge::shape_text(dims_vector(dims)));
+        count *= static_cast<size_t>(dims.d[d]);
+      }
+      t.bytes = (count * element_bits(t.type) + 7) / 8;
       t.host.resize(t.bytes);
       cuda_check(cudaMalloc(&t.device, std::max<size_t>(t.bytes, 1)), "cudaMalloc");
       if (!context->setTensorAddress(t.name.c_str(), t.device)) throw std::runtime_error("cannot bind " + t.name);
