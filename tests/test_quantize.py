@@ -396,3 +396,34 @@ def test_bundled_evit_keeps_accuracy(tmp_path):
     assert int8["passed"] and section["check"]["passed"]
     assert int8["accuracy_drop"] <= 0.01 and int8["top1_agreement"] >= 0.98
     assert int8["fp32_accuracy"] == fp16["fp32_accuracy"] > 0.75
+
+
+def _reverse_output(path: Path, name: str) -> None:
+    """Rewrite the graph at ``path`` so that output ``name`` comes out reversed along axis 1:
+    the same values per row, in the wrong places."""
+    model = onnx.load(str(path))
+    (output,) = [o for o in model.graph.output if o.name == name]
+    width = output.type.tensor_type.shape.dim[1].dim_value
+    for node in model.graph.node:
+        node.output[:] = [f"{name}_in_order" if o == name else o for o in node.output]
+    index = numpy_helper.from_array(np.arange(width - 1, -1, -1, dtype=np.int64), f"{name}_reversed")
+    model.graph.initializer.append(index)
+    model.graph.node.append(onnx.helper.make_node("Gather", [f"{name}_in_order", index.name], [name], axis=1))
+    onnx.save(model, str(path))
+
+
+def test_quantized_tome_assignments_are_compared_element_wise(tmp_path):
+    """ToMe's assignment_<block> maps each patch to its token: a permuted map is a different
+    model (same values, other places), which a set comparison would call identical."""
+    out = tmp_path / "tome"
+    vitedge.export(Path(__file__).resolve().parents[1] / "models" / "fmnist-tome.safetensors", out,
+                   validate_data=None, log=quiet)
+    quantize(out, "fp16", validate_data=None, log=quiet)
+    intact = validate_quantized(out, "fp16", "fashion-mnist", 16)
+    assert intact["first_disagreement"] == {"none": 16}
+    _reverse_output(out / "model.fp16.onnx", "assignment_4")
+    permuted = validate_quantized(out, "fp16", "fashion-mnist", 16)
+    assert permuted["kept_agreement"]["assignment_4"] == 0.0
+    assert all(v == 1.0 for k, v in permuted["kept_agreement"].items() if k != "assignment_4")
+    assert permuted["first_disagreement"] == {"assignment_4": 16}
+    assert permuted["top1_agreement"] == intact["top1_agreement"]  # the logits are untouched

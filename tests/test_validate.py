@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,12 +13,17 @@ import pytest
 import torch
 from onnx import numpy_helper
 from PIL import Image
-from support import copy_artifact, make_state_dict, read_json
+from support import REPO, copy_artifact, make_state_dict, official_dynamicvit_keys, official_vit_keys, read_json, run_cli
 
 import vitedge
+from vitedge.backbone import ARCHS
 from vitedge.data import load_dataset
 from vitedge.errors import ValidationFailed, VitedgeError
-from vitedge.validate import Thresholds, kept_agreement
+from vitedge.families import tome
+from vitedge.families.dynamicvit import DynamicViTFamily
+from vitedge.load import load_model
+from vitedge.tokens import recording_margins
+from vitedge.validate import NEAR_TIE_ULPS, SelectionMargins, Thresholds, compare, kept_agreement, verdict
 
 
 @pytest.fixture
@@ -149,3 +156,199 @@ def test_logit_bound_is_taken_where_every_selection_agrees():
     assert metrics["kept_agreement"] == {"kept_tokens_3": 1.0, "kept_tokens_6": 0.75}
     dense = compare(reference, exported, [], [], None, [])
     assert dense["max_abs_logit_diff"] == dense["max_abs_logit_diff_all"] == pytest.approx(0.5, rel=1e-3)
+
+
+NAMES = ["kept_tokens_3", "kept_tokens_6"]
+
+
+def _margins(gaps, tolerance=1e-6, swaps_only=True) -> SelectionMargins:
+    return SelectionMargins(np.array(gaps, np.float64), np.full(len(gaps), tolerance), swaps_only)
+
+
+def test_near_ties_are_counted_apart_and_real_disagreements_still_fail():
+    """Image 1 parts ways at a near-tie (margin 1e-7 below the 1e-6 tolerance) and so differs at
+    the next selection too; image 2 differs where the reference's margin was 0.5: a real
+    disagreement, which the kept-token threshold must reject."""
+    reference = np.zeros((4, 3), np.float32)
+    exported = reference + np.float32(1e-6)
+    exported[1:3] += 0.3  # the images that kept other tokens have other logits
+    first = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    second = np.array([[0], [2], [4], [6]])
+    first_exp, second_exp = first.copy(), second.copy()
+    first_exp[1] = [2, 9]
+    second_exp[1] = [9]
+    second_exp[2] = [5]
+    margins = [_margins([1.0, 1e-7, 1.0, 1.0]), _margins([1.0, 1.0, 0.5, 1.0])]
+    metrics = compare(reference, exported, [first, second], [first_exp, second_exp], None, NAMES, margins=margins)
+    assert metrics["kept_identical"] == {"kept_tokens_3": 0.75, "kept_tokens_6": 0.5}
+    assert metrics["kept_agreement"] == {"kept_tokens_3": 1.0, "kept_tokens_6": 0.75}
+    ties = metrics["near_ties"]
+    assert ties["kept_tokens_3"] == {"count": 1, "from_earlier": 0, "largest_margin": pytest.approx(1e-7),
+                                     "tolerance": 1e-6, "disagreements": 0}
+    assert ties["kept_tokens_6"] == {"count": 1, "from_earlier": 1, "largest_margin": None,
+                                     "tolerance": 1e-6, "disagreements": 1}
+    assert metrics["near_tie_tolerance"]["ulps"] == NEAR_TIE_ULPS
+    assert metrics["max_abs_logit_diff"] == pytest.approx(1e-6, rel=1e-3)  # images 0 and 3 only
+    assert metrics["top1_agreement"] == 1.0
+    assert verdict(metrics, Thresholds()) == ["kept_tokens_6 agreement 0.7500 < 0.999 (1 near-ties not counted)"]
+    # the same differences with large margins everywhere: both selections fail
+    wide = [_margins([1.0] * 4), _margins([1.0] * 4)]
+    strict = compare(reference, exported, [first, second], [first_exp, second_exp], None, NAMES, margins=wide)
+    assert strict["kept_agreement"] == {"kept_tokens_3": 0.75, "kept_tokens_6": 0.5}
+    assert len(verdict(strict, Thresholds())) == 2
+
+
+def test_a_near_tie_never_changes_how_many_tokens_a_top_k_keeps():
+    """Swapping tied tokens keeps k of them; a graph that keeps one more or one fewer (an
+    off-by-one K) disagrees on every image, however small the reference's margins."""
+    reference = np.zeros((2, 3), np.float32)
+    kept = np.array([[0, 1, 2], [3, 4, 5]])
+    tiny = [_margins([0.0, 0.0])]
+    for exported in (kept[:, :2], np.array([[0, 1, 2, 7], [3, 4, 5, 7]]), np.array([[0, 1, -1], [3, 4, -1]])):
+        metrics = compare(reference, reference, [kept], [exported], None, NAMES[:1], margins=tiny)
+        assert metrics["kept_agreement"] == {"kept_tokens_3": 0.0}, exported
+        assert metrics["near_ties"]["kept_tokens_3"]["disagreements"] == 2
+    # a halting threshold (swaps_only=False) can let one token more run: a near-tie there
+    halting = compare(reference, reference, [kept], [np.array([[0, 1, 2], [3, 4, -1]])], None, NAMES[:1],
+                      margins=[_margins([0.0, 0.0], swaps_only=False)])
+    assert halting["kept_agreement"] == {"kept_tokens_3": 1.0} and halting["near_ties"]["kept_tokens_3"]["count"] == 1
+
+
+def test_no_image_with_identical_selections_leaves_the_logit_bound_open():
+    reference = np.zeros((2, 3), np.float32)
+    kept = np.array([[0, 1], [2, 3]])
+    metrics = compare(reference, reference + 0.5, [kept], [kept[:, ::-1] + 1], None, NAMES[:1], margins=[_margins([0.0, 0.0])])
+    assert metrics["max_abs_logit_diff"] is None and metrics["max_abs_logit_diff_all"] == 0.5
+    assert verdict(metrics, Thresholds()) == []
+
+
+@pytest.mark.parametrize("family", ["evit", "dynamicvit", "evovit", "supervit", "tome", "avit", "ats", "castling"])
+def test_every_reference_reports_one_margin_per_selection(family, fmnist_batch):
+    """The bundled models' references under ``recording_margins``: one non-negative margin per
+    image for each kept-token output, in output order (ATS: images run alone, then stacked)."""
+    loaded = load_model(REPO / "models" / f"fmnist-{family}.safetensors")
+    images = torch.from_numpy(fmnist_batch[0][:3])
+    with torch.inference_mode(), recording_margins() as margins:
+        _, kept = loaded.model.forward_tokens(images)
+    assert len(margins) == len(kept) == len(loaded.plan.selections)
+    for margin in margins:
+        assert margin.gap.shape == margin.scale.shape == (3,)
+        assert (margin.gap >= 0).all() and (margin.scale > 0).all()
+        assert margin.swaps_only == (family not in ("avit", "ats"))
+
+
+# --- acceptance: official-layout checkpoints with random weights at ImageNet shapes ---------------
+
+ACCEPTANCE = {"dynamicvit": "deit_small", "tome": "deit_small", "evit": "deit_tiny"}
+ACCEPTANCE_IMAGES = "8"  # 224 px models on two shared cores: a handful of images
+
+
+def official_init_state(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the official key layout, initialised the way the official constructors
+    do (timm ``_init_weights``): weights ~ truncated N(0, 0.02), biases 0, LayerNorm gains 1.
+    Such untrained models score most tokens alike, so near-ties are common."""
+    cfg = ARCHS[ACCEPTANCE[family]]
+    keys = official_dynamicvit_keys(cfg) if family == "dynamicvit" else official_vit_keys(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in keys.items():
+        if key.endswith("bias"):
+            state[key] = torch.zeros(shape)
+        elif len(shape) == 1:  # LayerNorm gains (norm1/norm2/norm, the predictors' in_conv.0)
+            state[key] = torch.ones(shape)
+        else:
+            state[key] = (0.02 * torch.randn(shape, generator=gen)).clamp(-0.04, 0.04)
+    return state
+
+
+@pytest.fixture(scope="module")
+def official_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("official")
+    paths = {}
+    for family in ACCEPTANCE:
+        paths[family] = root / f"{family}_{ACCEPTANCE[family]}.pth"
+        torch.save({"model": official_init_state(family)}, paths[family])
+    return paths
+
+
+def _export(checkpoint, outdir, *args):
+    return run_cli("export", checkpoint, "-o", outdir, "--family", Path(checkpoint).stem.split("_")[0],
+                   "--validate-limit", ACCEPTANCE_IMAGES, *args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(ACCEPTANCE))
+def test_official_layout_random_checkpoints_pass_the_default_validation(family, official_checkpoints, tmp_path):
+    out = tmp_path / family
+    result = _export(official_checkpoints[family], out)
+    assert result.exit_code == 0, result.output
+    meta = read_json(out / "vitedge.json")
+    assert meta["validation"] == dataclasses.asdict(Thresholds())  # the defaults, nothing relaxed
+    report = read_json(out / "report.json")["validate"]
+    assert report["passed"] and report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] < 1e-4
+    assert set(report["near_ties"]) == set(report["kept_agreement"]) == set(meta["outputs"][1:])
+    assert all(t["disagreements"] == 0 for t in report["near_ties"].values())
+    if family == "tome":
+        # Fashion-MNIST's flat backgrounds make equal tokens: ToMe's matching meets exact ties,
+        # which the old all-differences-fail rule counted as failures (the bug this fixes).
+        again = vitedge.validate(out, "fashion-mnist", limit=8)
+        assert again["passed"] and min(again["kept_identical"].values()) < 1.0
+        assert sum(t["count"] - t["from_earlier"] for t in again["near_ties"].values()) >= 1
+        assert max(t["largest_margin"] or 0.0 for t in again["near_ties"].values()) <= again["near_tie_tolerance"]["largest"]
+
+
+@pytest.mark.slow
+def test_an_off_by_one_k_fails_validation(official_checkpoints, tmp_path, monkeypatch):
+    """The static graph keeps one token fewer at DynamicViT's last selection than the reference."""
+    token_plan = DynamicViTFamily.token_plan
+
+    def one_short(self, cfg, settings):
+        plan = token_plan(self, cfg, settings)
+        last = {**plan.selections[-1], "kept_patches": plan.selections[-1]["kept_patches"] - 1}
+        return dataclasses.replace(plan, selections=plan.selections[:-1] + (last,))
+
+    monkeypatch.setattr(DynamicViTFamily, "token_plan", one_short)
+    result = _export(official_checkpoints["dynamicvit"], tmp_path / "out")
+    assert result.exit_code == 3, result.output
+    assert "kept_tokens_9 agreement 0.0000 < 0.999" in result.stderr
+    report = read_json(tmp_path / "out" / "report.json")["validate"]
+    assert report["near_ties"]["kept_tokens_9"]["disagreements"] == int(ACCEPTANCE_IMAGES)
+
+
+@pytest.mark.slow
+def test_a_shuffled_gather_fails_validation(official_checkpoints, tmp_path, monkeypatch):
+    """The static ToMe merge puts the unmerged tokens back in reversed order (the assignment map
+    still says where they should be): from the next block on the model computes something else."""
+    static_merge = tome.static_merge
+
+    def shuffled(x, size, metric, r, merge_with="matmul"):
+        out, size, token_map = static_merge(x, size, metric, r, merge_with)
+        unmerged = (x.shape[1] - 1) // 2 - r
+        order = [0, *range(unmerged, 0, -1), *range(unmerged + 1, out.shape[1])]
+        return out[:, order], size[:, order], token_map
+
+    monkeypatch.setattr(tome, "static_merge", shuffled)
+    result = _export(official_checkpoints["tome"], tmp_path / "out")
+    assert result.exit_code == 3, result.output
+    report = read_json(tmp_path / "out" / "report.json")["validate"]
+    assert report["kept_agreement"]["assignment_0"] == 1.0  # the first map is still right
+    assert report["kept_agreement"]["assignment_1"] < 0.999
+    assert sum(t["disagreements"] for t in report["near_ties"].values()) > 0
+
+
+@pytest.mark.slow
+def test_a_perturbed_head_bias_fails_validation(official_checkpoints, tmp_path):
+    """One class's bias moved by 0.01 in the exported EViT: top-1 barely changes, the logit bound catches it."""
+    out = tmp_path / "out"
+    assert _export(official_checkpoints["evit"], out, "--no-validate").exit_code == 0
+    proto = onnx.load(str(out / "model.onnx"))
+    (head,) = [n for n in proto.graph.node if n.op_type == "Gemm" and n.input[1] == "model.head.weight"]
+    assert len(head.input) == 2  # the official init's zero bias, dropped by the exporter: give it one
+    values = np.zeros(1000, np.float32)
+    values[7] = 0.01
+    proto.graph.initializer.append(numpy_helper.from_array(values, "perturbed_head_bias"))
+    head.input.append("perturbed_head_bias")
+    onnx.save(proto, str(out / "model.onnx"))
+    result = run_cli("validate", out, "--limit", ACCEPTANCE_IMAGES)
+    assert result.exit_code == 3, result.output
+    assert "max |logit diff| 1.00e-02 > 0.001" in result.stderr

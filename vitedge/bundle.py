@@ -169,8 +169,8 @@ def export_bundle(
                 result = validate(folder, validate_data, validate_limit, thresholds, threads=threads)
             except ValidationFailed as exc:
                 raise ValidationFailed(f"variant {name}: {exc}; bundle not written") from None
-            log(f"   validated on {result['images']} images: top-1 agreement {result['top1_agreement']:.4f}, "
-                f"max |logit diff| {result['max_abs_logit_diff']:.1e}"
+            log(f"   validated on {result['images']} images: top-1 agreement {result['top1_agreement']:.4f}"
+                + (f", max |logit diff| {result['max_abs_logit_diff']:.1e}" if result["max_abs_logit_diff"] is not None else "")
                 + (f", accuracy {result['exported_accuracy']:.4f}" if "exported_accuracy" in result else ""))
             variants.append(_variant_entry(name, settings, metadata, result))
         log(f"timing {len(grid)} variants on {device} (ONNX Runtime CPU, batch {batch_size}, {threads} threads, "

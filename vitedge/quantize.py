@@ -543,29 +543,35 @@ DEFAULT_THRESHOLDS = {
 }
 
 
-def first_disagreement(reference: list[np.ndarray], other: list[np.ndarray], images: int) -> np.ndarray:
-    """Per image: the index of the first selection whose kept set differs; -1 where none does."""
+def first_disagreement(agreements: list[np.ndarray], images: int) -> np.ndarray:
+    """Per image: the index of the first selection whose kept tokens differ; -1 where none does."""
     first = np.full(images, -1)
-    for index in reversed(range(len(reference))):
-        differs = ~(np.sort(reference[index], axis=1) == np.sort(other[index], axis=1)).all(axis=1)
-        first[differs] = index
+    for index in reversed(range(len(agreements))):
+        first[~agreements[index]] = index
     return first
 
 
-def compare_precisions(fp32_outputs: list[np.ndarray], outputs: list[np.ndarray], labels, names: list[str]) -> dict:
-    """Agreement of a reduced-precision graph with the FP32 graph (logits first, then kept tokens)."""
+def compare_precisions(fp32_outputs: list[np.ndarray], outputs: list[np.ndarray], labels, names: list[str],
+                       ordered: bool = False) -> dict:
+    """Agreement of a reduced-precision graph with the FP32 graph (logits first, then kept tokens).
+
+    Kept tokens are compared as ``vitedge validate`` compares them (``validate.kept_agreement``):
+    as sets, or element-wise where the family's outputs are per-patch maps (``ordered``).
+    """
+    from .validate import kept_agreement
+
     ref_top1, top1 = fp32_outputs[0].argmax(1), outputs[0].argmax(1)
     diff = np.abs(fp32_outputs[0].astype(np.float64) - outputs[0])
     flips = ref_top1 != top1
-    first = first_disagreement(fp32_outputs[1:], outputs[1:], len(top1))
+    agreements = [kept_agreement(a, b, ordered) for a, b in zip(fp32_outputs[1:], outputs[1:])]
+    first = first_disagreement(agreements, len(top1))
     labels_of = ["none" if i < 0 else names[i] for i in first]
     metrics = {
         "images": int(len(top1)),
         "top1_agreement": float((~flips).mean()),
         "max_abs_logit_diff": float(diff.max()),
         "mean_abs_logit_diff": float(diff.mean()),
-        "kept_agreement": {name: float((np.sort(a, 1) == np.sort(b, 1)).all(1).mean())
-                           for name, a, b in zip(names, fp32_outputs[1:], outputs[1:])},
+        "kept_agreement": {name: float(agree.mean()) for name, agree in zip(names, agreements)},
         # Where the selections first part ways, over all images and over those whose class flipped.
         "first_disagreement": dict(collections.Counter(labels_of)),
         "first_disagreement_top1_flips": dict(collections.Counter(np.asarray(labels_of)[flips].tolist())),
@@ -615,7 +621,8 @@ def validate_quantized(outdir, precision: str, data: str = "fashion-mnist", limi
     fp32_outputs = [np.concatenate(p) for p in zip(*fp32_parts)]
     outputs = [np.concatenate(p) for p in zip(*parts)]
     usable = np.concatenate(labels) if labels and len(dataset.class_names) == artifact.metadata["arch"]["num_classes"] else None
-    metrics = compare_precisions(fp32_outputs, outputs, usable, names)
+    ordered = get_family(artifact.metadata["family"]).kept_order_matters
+    metrics = compare_precisions(fp32_outputs, outputs, usable, names, ordered)
     failures = []
     if metrics["top1_agreement"] < limits["min_top1_agreement"]:
         failures.append(f"top-1 agreement with FP32 {metrics['top1_agreement']:.4f} < {limits['min_top1_agreement']}")

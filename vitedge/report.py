@@ -57,13 +57,19 @@ def _validation_lines(validate: dict) -> list[str]:
              f"**{'passed' if validate['passed'] else 'FAILED'}** on {validate['images']} {validate['data']} images{size}", "",
              "| metric | value |", "|---|---|",
              f"| top-1 agreement | {_pct(validate['top1_agreement'])} |",
-             f"| max abs logit diff (images whose selections agree) | {validate['max_abs_logit_diff']:.2e} |",
+             "| max abs logit diff (images whose selections agree) | "
+             + (f"{validate['max_abs_logit_diff']:.2e} |" if validate["max_abs_logit_diff"] is not None else "no such image |"),
              f"| mean abs logit diff | {validate['mean_abs_logit_diff']:.2e} |"]
     if validate.get("kept_agreement"):
         lines += [f"| every selection identical | {_pct(validate['selections_identical'])} |",
                   f"| max abs logit diff (all images) | {validate['max_abs_logit_diff_all']:.2e} |"]
+    ties = validate.get("near_ties", {})
     for name, value in validate["kept_agreement"].items():
-        lines.append(f"| {name} set agreement | {_pct(value)} |")
+        tie = ties.get(name)
+        note = f" ({tie['count']} near-ties)" if tie and tie["count"] else ""
+        lines.append(f"| {name} set agreement | {_pct(value)}{note} |")
+    if ties:
+        lines.append(f"| near-tie rule | {validate['near_tie_tolerance']['rule']} |")
     if "exported_accuracy" in validate:
         lines.append(f"| accuracy (reference / exported) | {_pct(validate['reference_accuracy'])} / {_pct(validate['exported_accuracy'])} |")
     return lines + [""] + [f"- failure: {f}" for f in validate["failures"]] + [""]

@@ -30,6 +30,8 @@ a constant (TopK, ArgMin, CumSum, Where, Gather; no NonZero/Unique).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,7 +39,7 @@ from torch import nn
 from ..backbone import Attention, Block, ViTConfig, VisionTransformer
 from ..errors import VitedgeError
 from ..rewrite import rewrites
-from ..tokens import gather_tokens, patch_positions
+from ..tokens import gather_tokens, margins_recorded, nearest_margin, patch_positions, record_margin, record_per_image, recording_margins
 from . import (
     BlockTokens,
     Family,
@@ -138,10 +140,22 @@ def duplicate_picks(sorted_picks: torch.Tensor, last_pad: torch.Tensor | int = 1
     return sorted_picks == torch.cat([sorted_picks[:, 1:], pad], dim=1)
 
 
+def sampling_margin(steps: torch.Tensor, cdf: torch.Tensor, points: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """How near the draw came to picking other tokens [B], in CDF units: the smallest gap between
+    a point's nearest and second-nearest CDF value, and the smallest step difference between
+    neighbours in the significance order of which one is picked and the other not (a swap of
+    the two there moves the pick to the other token). ``steps``: the sorted scores in CDF units."""
+    picked = torch.zeros_like(cdf, dtype=torch.bool).scatter(1, picks, True)
+    swaps = picked[:, 1:] != picked[:, :-1]
+    order_gap = torch.where(swaps, steps[:, 1:] - steps[:, :-1], torch.full_like(steps[:, 1:], torch.inf)).amin(dim=1)
+    return torch.minimum(nearest_margin(points, cdf), order_gap)
+
+
 def sample_tokens(attn: torch.Tensor, v: torch.Tensor, points: int) -> torch.Tensor:
     """Reference sampler for one image: indices of the sampled patch tokens, ascending significance [n]."""
     patches = attn.shape[-1] - 1
     if patches < 2:  # nothing to sample from (the official code divides by zero here)
+        record_margin(torch.full(attn.shape[:1], torch.inf), attn[:, 0, 0], swaps_only=False)
         return torch.arange(patches, device=attn.device)
     scores = significance(attn, v)
     scores = scores / scores.sum(dim=1, keepdim=True)
@@ -151,6 +165,8 @@ def sample_tokens(attn: torch.Tensor, v: torch.Tensor, points: int) -> torch.Ten
     cdf = (cdf - low) / (high - low)
     ys = sample_points(cdf, cdf + (cdf == 0).to(cdf.dtype) * NONZERO_SHIFT, points)
     picks = torch.sort(nearest(ys, cdf), dim=1).values
+    if margins_recorded():
+        record_margin(sampling_margin(sorted_scores / (high - low), cdf, ys, picks), cdf, swaps_only=False)
     unique = picks[~duplicate_picks(picks)]
     return order[0, unique]
 
@@ -221,13 +237,16 @@ class ATSViT(VisionTransformer):
 
     def forward_tokens(self, images):
         """Logits and, per ATS block, the kept patch indices padded with −1 to the static slot count."""
-        logits, kept = [], [[] for _ in self.prune_blocks]
+        logits, kept, margins = [], [[] for _ in self.prune_blocks], []
         widths = self.kept_widths()
         for image in images.split(1):
-            image_logits, image_kept = self.forward_image(image)
+            with recording_margins() if margins_recorded() else nullcontext([]) as image_margins:
+                image_logits, image_kept = self.forward_image(image)
+            margins.append(image_margins)
             logits.append(image_logits)
             for step, positions in enumerate(image_kept):
                 kept[step].append(F.pad(positions, (0, widths[step] - positions.shape[1]), value=MASKED))
+        record_per_image(margins)
         return torch.cat(logits), [torch.cat(k) for k in kept]
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from ..backbone import Block, ViTConfig, VisionTransformer
 from ..errors import VitedgeError
 from ..rewrite import rewrites
-from ..tokens import gather_tokens, patch_positions, top_tokens
+from ..tokens import gather_tokens, margins_recorded, patch_positions, record_margin, threshold_margin, top_tokens
 from . import BlockTokens, Family, TokenPlan, check_setting_names, family
 
 HALT_EPS = 0.01  # the official ``self.eps``: a token halts once its cumulative score exceeds 1 - eps
@@ -129,6 +129,8 @@ class AViT(VisionTransformer):
         running = []
         for i, block in enumerate(self.blocks):
             active = c < 1 - self.eps
+            if margins_recorded():  # how near a patch token's cumulative halting score is to 1 - eps
+                record_margin(threshold_margin(c[:, 1:], 1 - self.eps), c[:, 1:], swaps_only=False)
             running.append(active)
             x = masked_block(block, x, active)
             last = i == len(self.blocks) - 1

@@ -20,7 +20,7 @@ from torch import nn
 from ..backbone import ViTConfig, VisionTransformer
 from ..errors import VitedgeError
 from ..rewrite import rewrites
-from ..tokens import gather_tokens, patch_positions, top_tokens
+from ..tokens import gather_tokens, patch_positions, record_topk_margin, top_tokens
 from . import (
     BlockTokens,
     Family,
@@ -79,6 +79,7 @@ class DynamicViT(VisionTransformer):
         patches = x[:, 1:]
         policy = torch.ones_like(patches[..., :1])
         score = self.score_predictor[step](patches, policy)[..., 0]
+        record_topk_margin(score, self.kept[step])
         # stable: on exact ties the lower index wins, as ONNX TopK (the static form) decides
         index = torch.argsort(score, dim=1, descending=True, stable=True)[:, : self.kept[step]]
         x = torch.cat([x[:, :1], gather_tokens(patches, index)], dim=1)

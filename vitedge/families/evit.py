@@ -21,7 +21,7 @@ from torch import nn
 
 from ..backbone import Block, ViTConfig, VisionTransformer
 from ..rewrite import rewrites
-from ..tokens import class_attention, drop_selected, gather_tokens, patch_positions, top_tokens
+from ..tokens import class_attention, drop_selected, gather_tokens, patch_positions, record_topk_margin, top_tokens
 from . import (
     BlockTokens,
     Family,
@@ -59,6 +59,7 @@ class EViTBlock(Block):
     def select(self, x, scores, positions):
         keep = kept_count(self.keep_rate, x.shape[1])
         patches = x[:, 1:]
+        record_topk_margin(scores, keep)
         if keep >= patches.shape[1]:
             return x, positions
         index = top_tokens(scores, keep)

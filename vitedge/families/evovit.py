@@ -34,7 +34,7 @@ from torch import nn
 from ..backbone import Mlp, ViTConfig, VisionTransformer, _init_weights
 from ..errors import VitedgeError
 from ..rewrite import rewrites
-from ..tokens import gather_tokens, patch_positions, top_tokens
+from ..tokens import gather_tokens, patch_positions, record_topk_margin, top_tokens
 from . import BlockTokens, Family, TokenPlan, blocks_and_keep_rates, check_setting_names, family, keep_rate_candidates
 
 TRAINING_ONLY_PREFIXES = ("head_cls.", "norm_cls.")
@@ -144,6 +144,7 @@ class EvoViT(VisionTransformer):
         for i, block in enumerate(self.blocks):
             if i in self.split_blocks:
                 slow = self.slow[self.split_blocks.index(i)]
+                record_topk_margin(scores, slow)
                 order = self.sort_tokens(scores)
                 scores, positions = gather_tokens(scores, order), gather_tokens(positions, order)
                 full = torch.cat([x[:, :1], gather_tokens(x[:, 1:], order)], dim=1)

@@ -35,7 +35,7 @@ from torch import nn
 from ..backbone import Block, ViTConfig, VisionTransformer, stem_head_flops
 from ..errors import VitedgeError
 from ..rewrite import rewrites
-from ..tokens import class_attention, gather_tokens, patch_positions, top_tokens
+from ..tokens import class_attention, gather_tokens, patch_positions, record_topk_margin, top_tokens
 from . import (
     BlockTokens,
     Family,
@@ -92,6 +92,7 @@ class SuperViTBlock(Block):
     def select(self, x: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor):
         """Reference selection as the official code computes it: k from the live count, argsort descending."""
         keep = kept_count(self.keep_rate, x.shape[1])
+        record_topk_margin(scores, keep)
         index = torch.argsort(scores, dim=1, descending=True)[:, :keep]
         return torch.cat([x[:, :1], gather_tokens(x[:, 1:], index)], dim=1), gather_tokens(positions, index)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..backbone import Block, ViTConfig, VisionTransformer
 from ..errors import VitedgeError
 from ..rewrite import rewrites
-from ..tokens import gather_tokens, top_tokens
+from ..tokens import best_match_margin, gather_tokens, margins_recorded, record_margin, top_tokens, topk_margin
 from . import BlockTokens, Family, TokenPlan, check_setting_names, family
 
 PAPER_MERGE_COUNT = 13  # ToMe DeiT-S r=13 (79.4 % top-1), 196 patch tokens
@@ -92,6 +92,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
         best, best_index = scores.max(dim=-1)
         order = best.argsort(dim=-1, descending=True, stable=True)
         merged = order[:, :r]
+        if margins_recorded():  # which a tokens merge (r-th vs (r+1)-th edge), and where each goes (best vs second)
+            destination_gap = best_match_margin(scores).gather(1, merged).amin(dim=1)
+            record_margin(torch.minimum(topk_margin(best, r), destination_gap), scores)
         return Matching(order[:, r:].sort(dim=1).values, merged, best_index.gather(1, merged))
 
 
