@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -146,3 +149,22 @@ def test_progress_bar_shows_rate_and_eta(tmp_path, capsys):
     list(dataset.batches(SMALL, 2, progress=True))
     err = capsys.readouterr().err
     assert "img/s" in err and "<" in err and "5/5" in err  # rate, ETA, count
+
+
+def test_cli_bad_image_folders_are_one_line_and_skips_are_counted(evit_artifact, tmp_path):
+    from support import assert_clean_failure, copy_artifact, read_json, run_cli
+
+    art = copy_artifact(evit_artifact, tmp_path / "art")
+    (tmp_path / "empty").mkdir()
+    for i in range(3):
+        save(tmp_path / "bad" / f"{i}.png", seed=i, size=(28, 28))
+        save(tmp_path / "classes" / ("shoe" if i else "bag") / f"{i}.png", seed=i, size=(28, 28))
+    (tmp_path / "bad" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for folder, message in [("empty", "no images"), ("bad", "cannot read image .*3.png.*--skip-bad-images"),
+                            ("classes", "has 2 class folders .* but this model has 10 classes")]:
+        line = assert_clean_failure(run_cli("validate", art, "--data", tmp_path / folder))
+        assert re.search(message, line), line
+    result = run_cli("validate", art, "--data", tmp_path / "bad", "--skip-bad-images")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["skipped_images"] == 1 and "skipped 1 unreadable image(s)" in result.stderr
+    assert read_json(art / "report.json")["validate"]["images"] == 3
