@@ -148,3 +148,18 @@ def test_bad_transforms_are_one_line(overrides, message):
 def test_bad_transform_option_text():
     with pytest.raises(VitedgeError, match="crop_pct must be a number"):
         parse_transform_option("crop_pct=wide")
+
+
+def test_an_artifact_without_a_recorded_transform_still_validates(evit_artifact, tmp_path):
+    """vitedge.json files from before input.transform: the default from their input shape and mean/std."""
+    import json
+
+    import vitedge
+    from support import copy_artifact
+
+    art = copy_artifact(evit_artifact, tmp_path / "old")
+    meta = json.loads((art / "vitedge.json").read_text())
+    recorded = meta["input"].pop("transform")
+    (art / "vitedge.json").write_text(json.dumps(meta))
+    section = vitedge.validate(art, "fashion-mnist", limit=16)
+    assert section["passed"] and section["transform"] == recorded
