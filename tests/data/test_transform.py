@@ -163,3 +163,29 @@ def test_an_artifact_without_a_recorded_transform_still_validates(evit_artifact,
     (art / "vitedge.json").write_text(json.dumps(meta))
     section = vitedge.validate(art, "fashion-mnist", limit=16)
     assert section["passed"] and section["transform"] == recorded
+
+
+def test_export_records_the_transform_flag_and_refuses_a_bad_one(tmp_path):
+    import json
+
+    from support import REPO, assert_clean_failure, run_cli
+
+    model = REPO / "models" / "fmnist-evit.safetensors"
+    result = run_cli("export", model, "-o", tmp_path / "art", "--transform", "crop_pct=0.9,interpolation=bicubic",
+                     "--no-validate")
+    assert result.exit_code == 0, result.stderr
+    recorded = json.loads((tmp_path / "art" / "vitedge.json").read_text())["input"]["transform"]
+    assert (recorded["preset"], recorded["crop_pct"], recorded["interpolation"], recorded["resize"]) == \
+        ("fashion-mnist", 0.9, "bicubic", 31)
+    for flag, message in [("resnet", "unknown transform preset 'resnet'"), ("crop_pct=2", "crop_pct must be in")]:
+        line = assert_clean_failure(run_cli("export", model, "-o", tmp_path / "bad", "--transform", flag), tmp_path / "bad")
+        assert message in line, line
+
+
+def test_a_calibration_set_yaml_is_a_data_source():
+    from vitedge.calibration import SET_DIR
+    from vitedge.data import load_dataset
+
+    dataset = load_dataset("fmnist-train-512")
+    assert len(dataset) == 512 and dataset.domain == "fashion-mnist" and dataset.labels_for(10) is not None
+    assert len(load_dataset(str(SET_DIR / "fmnist-train-512.yaml"), limit=40)) == 40
