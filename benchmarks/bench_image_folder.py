@@ -9,7 +9,8 @@ through the model's evaluation transform. Records the child's peak RSS (VmHWM) a
 ``--max-rss-mb`` (1,500 MB; a folder read whole would need ~10 GB for ImageNet's 50,000
 validation images).
 
-Writes benchmarks/results/image_folder.json (``--output``).
+Writes benchmarks/results/image_folder.json (``--output``) and the measured section of
+docs/data.md (between the image-folder-bench markers; not with ``--output`` elsewhere).
 
 Usage: python benchmarks/bench_image_folder.py [--count 5000] [--folder /tmp/vitedge-bench-images] [--embed-dim 192]
 """
@@ -33,6 +34,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "image_folder.json"
+DOC = ROOT / "docs" / "data.md"
+BEGIN, END = "<!-- image-folder-bench:begin -->", "<!-- image-folder-bench:end -->"
 CLASSES = 10
 
 
@@ -117,6 +120,21 @@ def run_child(module: str, args: list[str]) -> dict:
     return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "stdout": result.stdout, "stderr": result.stderr}
 
 
+def doc_section(record: dict) -> str:
+    """The measured part of docs/data.md."""
+    env = record["environment"]
+    return (f"{BEGIN}\n"
+            f"Measured {env['date']} on {env['cpu']} ({env['cores']} cores), load average "
+            f"{env['load_average_at_start'][0]} at the start; {env['vitedge']} / torch {env['torch']} / onnxruntime "
+            f"{env['onnxruntime']}. `vitedge validate` of a {record['images']}-image folder (generated photo-like PNG and "
+            f"JPEG, 320-640 px, 10 synset folders) with a {env['embed_dim']}-wide, 12-block 224-px DeiT, batch "
+            f"{env['batch_size']}:\n\n"
+            "| images | wall time (s) | images/s | peak RSS (MB) | limit (MB) |\n|---|---|---|---|---|\n"
+            f"| {record['images']} | {record['seconds']:.1f} | {record['images_per_s']:.1f} | {record['peak_rss_mb']:.0f} | "
+            f"{record['max_rss_mb']:.0f} |\n\n"
+            f"Reproduce: `{env['command']}`.\n{END}\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=5000)
@@ -152,6 +170,10 @@ def main(argv=None) -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n")
+    if args.output == RESULT:
+        from bench_token_pruning import write_doc_section
+
+        write_doc_section(DOC, BEGIN, END, doc_section(record), "")
     print(json.dumps({k: record[k] for k in ("images", "images_per_s", "peak_rss_mb", "passed")}))
     return 0 if record["passed"] else 1
 

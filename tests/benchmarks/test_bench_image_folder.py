@@ -41,3 +41,14 @@ def test_run_child_reports_the_childs_own_peak_memory(tmp_path, monkeypatch):
     big = bench.run_child("big_job", [])
     assert small["stdout"].strip() == "1" and big["stdout"].strip() == "2"
     assert big["peak_rss_mb"] > 300 > small["peak_rss_mb"]
+
+
+def test_doc_section_states_the_numbers():
+    record = {"environment": {"date": "2026-12-01", "cpu": "cpu", "cores": 2, "load_average_at_start": [1.0],
+                              "vitedge": "0.1.0", "torch": "2.13", "onnxruntime": "1.32", "embed_dim": 192,
+                              "batch_size": 64, "command": "python benchmarks/bench_image_folder.py"},
+              "images": 5000, "seconds": 100.0, "images_per_s": 50.0, "peak_rss_mb": 812.4, "max_rss_mb": 1500.0}
+    section = bench.doc_section(record)
+    assert section.startswith(bench.BEGIN) and section.rstrip().endswith(bench.END)
+    assert "| 5000 | 100.0 | 50.0 | 812 | 1500 |" in section
+    assert bench.BEGIN in bench.DOC.read_text() and bench.END in bench.DOC.read_text()
