@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from support import make_state_dict, read_json, run_cli
 
+from vitedge.backbone import ViTConfig
 from vitedge.calibration import (
     DEFAULT_SET, SET_DIR, array_sha256, available_sets, calibration_array, load_calibration_set, raw_images,
 )
@@ -72,7 +75,7 @@ def test_image_folder_set_resizes_and_greys_as_declared(tmp_path):
     path = write_yaml(tmp_path, "folder", "source: image-folder\npath: images\npreprocess: {size: 28, channels: 1}\n")
     array = calibration_array(load_calibration_set(path), FMNIST)
     assert array.shape == (5, 1, 28, 28)
-    # Grey is the mean of R, G and B; a 40 px noise image averages to about mid-grey.
+    # Grey is PIL's luma (ITU-R 601-2 weights); a 40 px noise image averages to about mid-grey.
     assert abs(float(array.mean()) * 0.3530 + 0.2860 - rgb.mean() / 255.0) < 0.02
 
 
@@ -110,7 +113,7 @@ def test_committed_224_rgb_set_is_refused_for_a_28px_model():
 @pytest.mark.parametrize("text, message", [
     ("source: fashion-mnist\ncount: 0\npreprocess: {size: 28, channels: 1}\n", "'count' must be a positive integer"),
     ("source: webcam\npreprocess: {size: 28, channels: 1}\n", "source must be one of"),
-    ("source: fashion-mnist\n", "'preprocess' must declare"),
+    ("source: fashion-mnist\npreprocess: {size: 28}\n", "'preprocess' declares the model input"),
     ("source: fashion-mnist\npreprocess: {size: 28, channels: 2}\n", "channels must be 1"),
     ("source: fashion-mnist\ncolour: red\npreprocess: {size: 28, channels: 1}\n", "unknown key"),
     ("- just\n- a list\n", "must be a mapping"),
@@ -146,3 +149,42 @@ def test_the_validation_images_are_not_the_calibration_images():
     test = load_dataset("fashion-mnist", limit=100).images
     calib = raw_images(load_calibration_set(DEFAULT_SET))
     assert not {i.tobytes() for i in test} & {i.tobytes() for i in calib}
+
+
+# A 224-px RGB ImageNet-shaped checkpoint (official timm/DeiT keys, random weights, narrow so that it exports in seconds).
+RGB224 = ViTConfig(img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=64, depth=4, num_heads=1)
+
+
+@pytest.fixture(scope="module")
+def rgb224_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rgb224") / "deit_rgb224.pth"
+    torch.save({"model": make_state_dict("deit", RGB224, seed=3)}, path)
+    return path
+
+
+def test_int8_runs_out_of_the_box_on_a_224px_rgb_model_and_says_the_data_is_not_in_domain(rgb224_checkpoint, tmp_path):
+    out = tmp_path / "art"
+    result = run_cli("export", rgb224_checkpoint, "-o", out, "--family", "deit", "--limit", "24")
+    assert result.exit_code == 0, result.stderr
+    assert "validating on samples" in result.stderr and "not this model's domain (imagenet)" in result.stderr
+    meta = read_json(out / "vitedge.json")
+    transform = meta["input"]["transform"]
+    assert (transform["preset"], transform["resize"], transform["interpolation"], transform["size"]) == ("deit", 256, "bicubic", 224)
+    section = read_json(out / "report.json")["validate"]
+    assert section["in_domain"] is False and "not accuracy" in section["domain_note"] and section["images"] == 24
+    # random 1000-class weights have near-tied logits that INT8 flips: the comparison with FP32 is not the point here
+    result = run_cli("quantize", out, "--precision", "int8", "--no-validate")
+    assert result.exit_code == 0, result.stderr
+    assert "in-domain calibration images" in result.stderr and "calibrating on 120 images of 'samples'" in result.stderr
+    calibration = read_json(out / "vitedge.json")["quantized"]["int8"]["calibration"]
+    assert (calibration["name"], calibration["images"], calibration["in_domain"]) == ("samples", 120, False)
+
+
+def test_avit_quantile_export_runs_out_of_the_box_on_a_224px_rgb_model(rgb224_checkpoint, tmp_path):
+    out = tmp_path / "avit"
+    result = run_cli("export", rgb224_checkpoint, "-o", out, "--family", "avit", "--quantile", "0.99", "--limit", "24")
+    assert result.exit_code == 0, result.stderr
+    assert "token budgets calibrated on the bundled sample photographs" in result.stderr
+    assert "in-domain images are needed" in result.stderr
+    settings = read_json(out / "vitedge.json")["settings"]
+    assert settings["budget_quantile"] == 0.99 and len(settings["token_budgets"]) == RGB224.depth

@@ -98,17 +98,21 @@ def test_moved_checkpoint_is_accepted(evit_artifact, evit_ckpt, tmp_path):
 
 
 def test_image_folder_source(evit_artifact, tmp_path):
-    """Real Fashion-MNIST images saved as PNG files in class folders validate like the IDX set."""
+    """Real Fashion-MNIST images saved as PNG files in class folders validate like the IDX set; folders named by
+    class index give accuracy, folders that are not the model's classes are refused in one line."""
     art = copy_artifact(evit_artifact, tmp_path / "art")
     dataset = load_dataset("fashion-mnist", limit=12)
-    root = tmp_path / "images"
+    root, named = tmp_path / "images", tmp_path / "named"
     for i, (image, label) in enumerate(zip(dataset.images, dataset.labels)):
-        folder = root / ("shoes" if label in (5, 7, 9) else "other")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{i:03d}.png")
+        for folder in (root / str(label), named / ("shoes" if label in (5, 7, 9) else "other")):
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
     section = vitedge.validate(art, str(root))
-    assert section["passed"] and section["images"] == 12 and section["data"] == "images"
-    assert "reference_accuracy" not in section  # 2 folder classes are not the model's 10
+    assert section["passed"] and section["images"] == 12 and section["data"] == "images" and section["in_domain"]
+    reference = vitedge.validate(copy_artifact(evit_artifact, tmp_path / "idx"), "fashion-mnist", limit=12)
+    assert section["reference_accuracy"] == reference["reference_accuracy"]  # the folder labels are the IDX labels
+    with pytest.raises(VitedgeError, match="has 2 class folders .* but this model has 10 classes"):
+        vitedge.validate(art, str(named))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -19,7 +19,7 @@ from .devices import available_devices, get_device  # noqa: E402
 from .errors import BackendMissing, BudgetMissed, BuildFailed, ValidationFailed, VitedgeError  # noqa: E402
 from .families import available_families, get_family  # noqa: E402
 from .load import load_model  # noqa: E402
-from .pipeline import check, export, inspect, predict, predict_file  # noqa: E402
+from .pipeline import check, export, inspect, predict, predict_file, predict_images  # noqa: E402
 from .profile import profile  # noqa: E402
 from .quantize import quantize, validate_quantized  # noqa: E402
 from .rewrite import to_static  # noqa: E402
@@ -29,6 +29,6 @@ from .validate import Thresholds, validate  # noqa: E402
 __all__ = [
     "BackendMissing", "BudgetMissed", "BuildFailed", "available_devices", "build", "get_device",
     "Artifact", "available_families", "calibrate", "check", "export", "get_family", "inspect", "load_model", "predict",
-    "predict_file", "profile", "quantize", "to_static", "tune", "validate", "Thresholds", "ValidationFailed",
+    "predict_file", "predict_images", "profile", "quantize", "to_static", "tune", "validate", "Thresholds", "ValidationFailed",
     "VitedgeError", "export_bundle", "load_bundle", "profile_bundle", "select", "validate_quantized",
 ]

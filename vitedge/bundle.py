@@ -112,7 +112,7 @@ def export_bundle(
     num_heads: int | None = None,
     opset: int | None = None,
     batch_size: int = 1,
-    validate_data: str = "fashion-mnist",
+    validate_data: str = "default",
     validate_limit: int | None = 1000,
     device: str | None = None,
     threads: int = 2,
@@ -120,6 +120,8 @@ def export_bundle(
     warmup: int = 5,
     thresholds: Thresholds | dict | None = None,
     log=_stderr,
+    validate_seed: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """checkpoint → OUTDIR/{vitedge.json, <size>px-keep<rate>/…}: export, check, validate and time every variant.
 
@@ -166,7 +168,8 @@ def export_bundle(
             metadata["validation"] = vars(thresholds)
             write_json_atomic(folder / METADATA, metadata)
             try:
-                result = validate(folder, validate_data, validate_limit, thresholds, threads=threads)
+                result = validate(folder, validate_data, validate_limit, thresholds, threads=threads,
+                                  shuffle_seed=validate_seed, skip_bad_images=skip_bad_images)
             except ValidationFailed as exc:
                 raise ValidationFailed(f"variant {name}: {exc}; bundle not written") from None
             log(f"   validated on {result['images']} images: top-1 agreement {result['top1_agreement']:.4f}"

@@ -1,8 +1,9 @@
 """Calibrate per-block token budgets of a halting model (A-ViT) on real images.
 
 A-ViT decides per image how many tokens run in each block; a static graph needs a constant
-count. ``calibrate`` runs the reference model on calibration images (Fashion-MNIST's
-*train* split, never the test images that validation uses), records the live tokens per
+count. ``calibrate`` runs the reference model on calibration images (by default Fashion-MNIST's
+*train* split for grey models, never the test images that validation uses, and the bundled
+sample photographs for RGB ones; in-domain images give budgets that fit), records the live tokens per
 block, and picks budgets: a quantile of those counts (class token added, rounded up to a
 multiple of 8), or the largest quantile that meets a FLOPs target. The result is a small
 JSON file meant to be committed (``calibration/<model>-avit-budgets.json``) and passed to
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .artifact import write_json_atomic
 from .backbone import dense_flops
-from .data import InputSpec, check_source, load_dataset
+from .data import check_source, default_source, load_dataset, make_transform, out_of_domain
 from .errors import VitedgeError
 from .load import LoadedModel, load_model
 from .recipe import load_recipe, merge
@@ -49,19 +50,32 @@ def with_budgets(loaded: LoadedModel, budgets: list[int], quantile: float | None
     return dataclasses.replace(loaded, settings=settings, plan=loaded.family.token_plan(loaded.cfg, settings))
 
 
-def measure_live_patches(loaded: LoadedModel, data: str = "fashion-mnist", limit: int | None = DEFAULT_LIMIT,
-                         batch_size: int = 100):
-    """Live patch tokens per block and image [images, depth] of the reference model on calibration images."""
+def measure_live_patches(loaded: LoadedModel, data: str | None = None, limit: int | None = DEFAULT_LIMIT,
+                         batch_size: int = 100, transform=None, shuffle_seed: int | None = None,
+                         skip_bad_images: bool = False, log=None):
+    """Live patch tokens per block and image [images, depth] of the reference model on calibration images.
+
+    ``data`` None: Fashion-MNIST (train split) for grey models, the bundled samples for RGB ones.
+    Returns (counts, data name, out-of-domain note or None).
+    """
     import torch
 
     from .families.avit import live_patch_counts
 
     _require_avit(loaded)
-    dataset = load_dataset(data, limit, split="train")
-    spec = InputSpec(loaded.cfg.img_size, loaded.cfg.in_chans, tuple(loaded.mean), tuple(loaded.std))
+    transform = transform or make_transform(loaded.cfg.img_size, loaded.cfg.in_chans, loaded.mean, loaded.std)
+    dataset = load_dataset(data, limit, split="train", shuffle_seed=shuffle_seed, skip_bad=skip_bad_images,
+                           in_chans=loaded.cfg.in_chans)
+    what = out_of_domain(dataset, loaded.cfg.in_chans, loaded.cfg.num_classes)
+    note = None
+    if what:
+        note = (f"token budgets calibrated on {what}: the graph runs, but in-domain images are needed for budgets "
+                "that fit your data ('vitedge calibrate --data FOLDER', then 'export --budgets FILE')")
+        if log:
+            log(f"note: {note}")
     with torch.inference_mode():
-        counts = live_patch_counts(loaded.model, (images for images, _ in dataset.batches(spec, batch_size)))
-    return counts, dataset.name
+        counts = live_patch_counts(loaded.model, (images for images, _ in dataset.batches(transform, batch_size)))
+    return counts, dataset.name, note
 
 
 def choose_budgets(loaded: LoadedModel, counts, quantile: float | None = None, flops_ratio: float | None = None):
@@ -97,7 +111,7 @@ def choose_budgets(loaded: LoadedModel, counts, quantile: float | None = None, f
 def calibrate(
     checkpoint,
     output_file,
-    data: str = "fashion-mnist",
+    data: str | None = None,
     quantile: float | None = None,
     flops_ratio: float | None = None,
     limit: int | None = DEFAULT_LIMIT,
@@ -106,6 +120,8 @@ def calibrate(
     settings: dict | None = None,
     recipe=None,
     log=_stderr,
+    shuffle_seed: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """checkpoint → budgets file (JSON): live tokens per block on ``data`` and the chosen budgets.
 
@@ -125,8 +141,12 @@ def calibrate(
     loaded = load_model(checkpoint, family=options.get("family"), arch=options.get("arch"), settings=options["settings"],
                         img_size=options.get("img_size"), num_heads=options.get("num_heads"))
     _require_avit(loaded)
+    data = default_source(loaded.cfg.in_chans) if data in (None, "default") else data
     log(f"measuring live tokens per block on {data} (train split{f', {limit} images' if limit else ''})")
-    counts, source = measure_live_patches(loaded, data, limit)
+    transform = make_transform(loaded.cfg.img_size, loaded.cfg.in_chans, loaded.mean, loaded.std,
+                               options.get("transform"))
+    counts, source, note = measure_live_patches(loaded, data, limit, transform=transform, shuffle_seed=shuffle_seed,
+                                                skip_bad_images=skip_bad_images, log=log)
     budgets, used = choose_budgets(loaded, counts, quantile, flops_ratio)
     budgeted = with_budgets(loaded, budgets)
     cfg = loaded.cfg
@@ -137,6 +157,9 @@ def calibrate(
         "arch": cfg.to_dict(),
         "settings": {k: v for k, v in loaded.settings.items() if k != "token_budgets"},
         "data": {"source": source, "split": "train", "images": int(len(counts))},
+        "data_in_domain": note is None,
+        **({"domain_note": note} if note else {}),
+        "transform": transform.to_dict(),
         "quantile": used,
         "flops_ratio_target": flops_ratio,
         "token_budgets": budgets,

@@ -1,10 +1,11 @@
 """Calibration sets: a YAML per data source, turned into normalised batches for a model.
 
-A set declares where its images come from (``fashion-mnist``, an ``image-folder``, or the
-``skimage`` sample images) and the geometric preprocessing that makes them fit a model
-(``preprocess: {size, channels}``). Normalisation (mean/std) is the model's own, from
-``vitedge.json``. A set whose preprocessing does not produce the model's input shape is
-refused, so a calibration never silently runs on images of the wrong geometry.
+A set declares where its images come from (``fashion-mnist``, an ``image-folder``, the bundled
+``samples`` photographs, or scikit-image's ``skimage`` sample images) and how many. The images
+go through the model's own evaluation transform (``input.transform`` in ``vitedge.json``); a
+set may also declare the model input it is meant for (``preprocess: {size, channels}``), and a
+model with another input refuses it, so a calibration never silently runs on the wrong geometry.
+Any other ``--data`` value (``fashion-mnist``, ``samples``, an image folder) is a set too.
 
 The set used is recorded by hashes (YAML text and the exact float32 batches) in
 ``vitedge.json``, so a quantized model names the data its scales came from.
@@ -19,14 +20,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .data import InputSpec, load_image_dir, preprocess
+from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_NAMES, SAMPLES, ArrayDataset, Dataset, Transform, load_image_folder
 from .data.fashion_mnist import load_fashion_mnist
 from .errors import VitedgeError
 
-SOURCES = ("fashion-mnist", "image-folder", "skimage")
+SOURCES = ("fashion-mnist", "image-folder", "samples", "skimage")
 DEFAULT_SET = "fmnist-train-512"
 SET_DIR = Path(__file__).resolve().parents[1] / "calibration"
-_KEYS = {"name", "description", "source", "split", "count", "seed", "path", "images", "crops_per_image", "preprocess"}
+_KEYS = {"name", "description", "source", "split", "count", "seed", "path", "labels", "images", "crops_per_image",
+         "preprocess"}
 
 
 @dataclass
@@ -35,20 +37,42 @@ class CalibrationSet:
 
     name: str
     source: str
-    size: int
-    channels: int
+    size: int | None = None
+    channels: int | None = None
     count: int | None = None
     seed: int = 0
     split: str = "train"
     path: Path | None = None
+    labels: Path | None = None
     images: list[str] = field(default_factory=list)
     crops_per_image: int = 1
     yaml_path: Path | None = None
     yaml_sha256: str = ""
 
     def record(self) -> dict:
-        return {"name": self.name, "source": self.source, "yaml": str(self.yaml_path), "yaml_sha256": self.yaml_sha256,
-                "preprocess": {"size": self.size, "channels": self.channels}}
+        record = {"name": self.name, "source": self.source, "yaml": str(self.yaml_path) if self.yaml_path else None,
+                  "yaml_sha256": self.yaml_sha256}
+        if self.path is not None:
+            record["path"] = str(self.path)
+        if self.size is not None:
+            record["preprocess"] = {"size": self.size, "channels": self.channels}
+        return record
+
+
+def default_set(in_chans: int) -> str:
+    """Out of the box: 512 Fashion-MNIST training images for grey models, the bundled photographs for RGB ones."""
+    return DEFAULT_SET if in_chans == 1 else SAMPLES
+
+
+def set_for_source(source: str) -> CalibrationSet | None:
+    """A ``--data``/``--calib`` value that is not a YAML (fashion-mnist, samples, an image folder) as a set."""
+    if source in FASHION_MNIST_NAMES:
+        return CalibrationSet(name="fashion-mnist-train", source="fashion-mnist", split="train")
+    if source == SAMPLES:
+        return CalibrationSet(name=SAMPLES, source="samples")
+    if Path(source).is_dir():
+        return CalibrationSet(name=Path(source).resolve().name, source="image-folder", path=Path(source).resolve())
+    return None
 
 
 def available_sets(folder: Path = SET_DIR) -> list[str]:
@@ -89,7 +113,11 @@ def _positive_int(data: dict, key: str, where: Path, default=None) -> int | None
 
 
 def load_calibration_set(name_or_path: str | Path = DEFAULT_SET) -> CalibrationSet:
-    """Parse and check a calibration-set YAML (``yaml.safe_load``); one-line errors on anything wrong."""
+    """Parse and check a calibration-set YAML (``yaml.safe_load``), or take a plain data source as a set;
+    one-line errors on anything wrong."""
+    plain = set_for_source(str(name_or_path)) if Path(str(name_or_path)).suffix not in (".yaml", ".yml") else None
+    if plain is not None:
+        return plain
     path = resolve_set_path(name_or_path)
     text = path.read_text()
     try:
@@ -105,12 +133,14 @@ def load_calibration_set(name_or_path: str | Path = DEFAULT_SET) -> CalibrationS
     if source not in SOURCES:
         raise VitedgeError(f"{path}: source must be one of {', '.join(SOURCES)}, got {source!r}")
     prep = data.get("preprocess")
-    if not isinstance(prep, dict) or set(prep) - {"size", "channels"} or "size" not in prep or "channels" not in prep:
-        raise VitedgeError(f"{path}: 'preprocess' must declare the model input it produces, e.g. {{size: 28, channels: 1}}")
-    size = _positive_int(prep, "size", path)
-    channels = prep["channels"]
-    if channels not in (1, 3):
-        raise VitedgeError(f"{path}: preprocess.channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    size = channels = None
+    if prep is not None:
+        if not isinstance(prep, dict) or set(prep) - {"size", "channels"} or "size" not in prep or "channels" not in prep:
+            raise VitedgeError(f"{path}: 'preprocess' declares the model input the set is for, e.g. {{size: 28, channels: 1}}")
+        size = _positive_int(prep, "size", path)
+        channels = prep["channels"]
+        if channels not in (1, 3):
+            raise VitedgeError(f"{path}: preprocess.channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     cset = CalibrationSet(
         name=str(data.get("name") or path.stem), source=source, size=size, channels=channels,
         count=_positive_int(data, "count", path), seed=int(data.get("seed", 0)), split=str(data.get("split", "train")),
@@ -121,6 +151,8 @@ def load_calibration_set(name_or_path: str | Path = DEFAULT_SET) -> CalibrationS
         if not data.get("path"):
             raise VitedgeError(f"{path}: an image-folder set needs 'path' (relative to the YAML file)")
         cset.path = (path.parent / str(data["path"])).resolve()
+        if data.get("labels"):
+            cset.labels = (path.parent / str(data["labels"])).resolve()
     if source == "skimage":
         images = data.get("images")
         if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
@@ -165,48 +197,47 @@ def _skimage_images(cset: CalibrationSet) -> list[np.ndarray]:
 
 
 def raw_images(cset: CalibrationSet) -> list[np.ndarray] | np.ndarray:
-    """The set's uint8 images (HW or HWC), before resizing and normalisation."""
+    """The uint8 images (HW or HWC) of an in-memory set (fashion-mnist, samples, skimage), before the transform."""
+    if cset.source == "image-folder":
+        raise VitedgeError(f"calibration set '{cset.name}' is an image folder, read lazily: use dataset_from_set")
+    return dataset_from_set(cset).images
+
+
+def dataset_from_set(cset: CalibrationSet, skip_bad: bool = False) -> Dataset:
+    """The set's images as a dataset (its ``count`` of them; the draw is seeded and class-balanced)."""
     if cset.source == "fashion-mnist":
         images, labels = load_fashion_mnist(cset.split)
-        if cset.count is not None and cset.count < len(images):
-            rng = np.random.default_rng(cset.seed)
-            # Class-balanced draw: the same number of images from every class (the remainder from the first ones).
-            classes = np.unique(labels)
-            per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-            take = [cset.count // len(classes) + (i < cset.count % len(classes)) for i in range(len(classes))]
-            order = np.sort(np.concatenate([idx[:n] for idx, n in zip(per_class, take)]))
-            images = images[order]
-        return images
+        dataset: Dataset = ArrayDataset("fashion-mnist", images, labels, FASHION_MNIST_CLASSES, domain="fashion-mnist")
+        return dataset.sample(cset.count, cset.seed if cset.count is not None and cset.count < len(images) else None)
     if cset.source == "image-folder":
         if not cset.path.is_dir():
             raise VitedgeError(f"calibration image folder {cset.path} (from {cset.yaml_path}) does not exist")
-        images = load_image_dir(cset.path).images
-        return images[: cset.count] if cset.count else images
-    images = _skimage_images(cset)
-    if cset.count:
-        images = images[: cset.count]
-    return images
+        dataset = load_image_folder(cset.path, cset.labels, skip_bad)
+        dataset.name = cset.name
+    elif cset.source == "samples":
+        from .data.samples import load_samples
+
+        dataset = load_samples()
+    else:
+        dataset = ArrayDataset(cset.name, _skimage_images(cset), domain="samples")
+    return dataset.sample(cset.count)
 
 
-def calibration_array(cset: CalibrationSet, spec: InputSpec) -> np.ndarray:
-    """All calibration images as normalised float32 NCHW for a model with input ``spec``.
+def calibration_array(cset: CalibrationSet, transform: Transform) -> np.ndarray:
+    """All calibration images as normalised float32 NCHW for a model with input ``transform``.
 
-    Raises when the set's declared preprocessing does not yield the model's input shape.
+    Raises when the set declares another model input (``preprocess``) than the model's.
     """
-    if (cset.size, cset.channels) != (spec.img_size, spec.in_chans):
+    if cset.size is not None and (cset.size, cset.channels) != (transform.size, transform.in_chans):
         raise VitedgeError(
             f"calibration set '{cset.name}' yields {cset.channels}x{cset.size}x{cset.size} images "
-            f"(preprocess in {cset.yaml_path}); this model takes {spec.in_chans}x{spec.img_size}x{spec.img_size}: "
+            f"(preprocess in {cset.yaml_path}); this model takes {transform.in_chans}x{transform.size}x{transform.size}: "
             "use a set whose preprocess matches the model input"
         )
-    images = raw_images(cset)
-    if len(images) == 0:
+    dataset = dataset_from_set(cset)
+    if len(dataset) == 0:
         raise VitedgeError(f"calibration set '{cset.name}' holds no images")
-    target = InputSpec(cset.size, cset.channels, spec.mean, spec.std)
-    if isinstance(images, np.ndarray):
-        return preprocess(images, target)
-    # Differently sized images (crops): preprocess one by one, then stack.
-    return np.concatenate([preprocess(image[None], target) for image in images])
+    return np.concatenate([images for images, _ in dataset.batches(transform, 64)])
 
 
 def array_sha256(array: np.ndarray) -> str:

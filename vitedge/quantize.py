@@ -38,7 +38,7 @@ import onnx
 from onnx import numpy_helper
 
 from .artifact import METADATA, Artifact, write_json_atomic, write_text_atomic
-from .calibration import DEFAULT_SET, array_sha256, calibration_array, load_calibration_set
+from .calibration import array_sha256, calibration_array, default_set, load_calibration_set
 from .errors import VitedgeError
 from .families import get_family
 from .runtime import graph_batch, ort_session
@@ -414,9 +414,11 @@ def quantize(
     include_selection: bool = False,
     keep_fp32_ops: tuple[str, ...] = KEEP_FP32_OPS,
     op_types: tuple[str, ...] = INT8_OP_TYPES,
-    validate_data: str | None = "fashion-mnist",
+    validate_data: str | None = "default",
     validate_limit: int | None = 1000,
     log=None,
+    validate_seed: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """Write OUTDIR/model.<precision>.onnx (+ scales for INT8) from OUTDIR/model.onnx; record it in vitedge.json.
 
@@ -425,7 +427,7 @@ def quantize(
     report.json and raises ValidationFailed when it misses the thresholds, as export does.
     Returns the report's "quantized" entry for ``precision``.
     """
-    from .data import check_source
+    from .data import check_source, default_source
     from .validate import input_spec
 
     if precision not in PRECISIONS:
@@ -448,11 +450,16 @@ def quantize(
     meta = artifact.metadata
     spec = input_spec(meta)
     log = log or (lambda message: None)
+    if validate_data == "default":
+        validate_data = default_source(spec.in_chans)
 
-    cset = array = None
+    cset = array = note = None
     if precision == "int8":  # the calibration data before anything else: a bad set fails in a second
-        cset = load_calibration_set(calib or DEFAULT_SET)
+        cset = load_calibration_set(calib or default_set(spec.in_chans))
         array = calibration_array(cset, spec)
+        note = _calibration_note(cset, meta)
+        if note:
+            log(f"note: {note}")
 
     _name_nodes(model)
     hints = tuple(get_family(meta["family"]).selection_hint)
@@ -495,7 +502,8 @@ def quantize(
             write_text_atomic(stage / cache_name, trt_calibration_cache(scales))
             entry.update({
                 "method": method, "op_types": list(op_types), "per_channel": True, "symmetric": True,
-                "calibration": {**cset.record(), "images": int(len(array)), "data_sha256": array_sha256(array)},
+                "calibration": {**cset.record(), "images": int(len(array)), "data_sha256": array_sha256(array),
+                                "in_domain": note is None, **({"domain_note": note} if note else {})},
                 "scales": scales_name, "calibration_cache": cache_name,
                 "quantized_tensors": sum(1 for s in scales.values() if s["kind"] == "activation"),
                 "quantized_weights": sum(1 for s in scales.values() if s["kind"] == "weight"),
@@ -525,7 +533,8 @@ def quantize(
     _update_quantized_report(Artifact(outdir), precision, section, replace=True)
     log(f"wrote {artifact.root / entry['model']} ({entry['size_bytes'] / 1e6:.2f} MB)")
     if validate_data:
-        validate_quantized(outdir, precision, validate_data, validate_limit, thresholds={}, log=log)
+        validate_quantized(outdir, precision, validate_data, validate_limit, thresholds={}, log=log,
+                           shuffle_seed=validate_seed, skip_bad_images=skip_bad_images)
     return Artifact(outdir).report()["quantized"][precision]
 
 
@@ -583,18 +592,32 @@ def compare_precisions(fp32_outputs: list[np.ndarray], outputs: list[np.ndarray]
     return metrics
 
 
-def validate_quantized(outdir, precision: str, data: str = "fashion-mnist", limit: int | None = None,
-                       thresholds: dict | None = None, batch_size: int = 64, threads: int = 2, log=None) -> dict:
+def _calibration_note(cset, meta: dict) -> str | None:
+    """A line when INT8 scales come from data that is not the model's domain (the bundled samples, or
+    Fashion-MNIST for another model)."""
+    from .data import model_domain
+
+    domain = model_domain(meta["input"]["shape"][1], meta["arch"]["num_classes"])
+    if cset.source in ("samples", "skimage") or (cset.source == "fashion-mnist" and domain != "fashion-mnist"):
+        return (f"INT8 scales calibrated on '{cset.name}', not this model's domain{f' ({domain})' if domain else ''}: "
+                "the graph runs, but in-domain calibration images (--calib FOLDER or a calibration YAML) are needed "
+                "for accurate scales")
+    return None
+
+
+def validate_quantized(outdir, precision: str, data: str | None = "default", limit: int | None = None,
+                       thresholds: dict | None = None, batch_size: int = 64, threads: int = 2, log=None,
+                       shuffle_seed: int | None = None, skip_bad_images: bool = False) -> dict:
     """The quantized graph against the FP32 graph (both ONNX Runtime) on real images.
 
     Reports accuracy (labelled data), top-1 agreement, kept-token agreement per selection and
     where the first selection disagreement happens; writes report.json["quantized"][precision]
     ["validate"]; raises ValidationFailed when a threshold is missed.
     """
-    from .data import load_dataset
+    from .data import domain_note, load_dataset
     from .errors import ValidationFailed
     from .runtime import run_batched
-    from .validate import input_spec
+    from .validate import data_record, input_spec
 
     if precision not in PRECISIONS:
         raise VitedgeError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)} (fp32 is 'vitedge validate' without --precision)")
@@ -605,22 +628,26 @@ def validate_quantized(outdir, precision: str, data: str = "fashion-mnist", limi
     limits.update({k: v for k, v in (thresholds or {}).items() if v is not None})
     artifact = Artifact(outdir)
     quantized_path = artifact.model_for(precision)
-    dataset = load_dataset(data, limit)
     spec = input_spec(artifact.metadata)
+    dataset = load_dataset(data, limit, shuffle_seed=shuffle_seed, skip_bad=skip_bad_images, in_chans=spec.in_chans)
+    dataset = dataset.for_model(artifact.metadata["arch"]["num_classes"])
+    note = domain_note(dataset, spec.in_chans, artifact.metadata["arch"]["num_classes"])
     names = artifact.metadata["outputs"][1:]
     if log:
         log(f"validating {precision} on {len(dataset)} {dataset.name} images against the FP32 graph")
+        if note:
+            log(f"note: {note}")
     fp32 = ort_session(artifact.model_path, threads)
     reduced = ort_session(quantized_path, threads)
     fp32_parts, parts, labels = [], [], []
-    for images, batch_labels in dataset.batches(spec, batch_size):
+    for images, batch_labels in dataset.batches(spec, batch_size, progress=log is not None):
         fp32_parts.append(run_batched(fp32, images, batch_size))
         parts.append(run_batched(reduced, images, batch_size))
         if batch_labels is not None:
             labels.append(batch_labels)
     fp32_outputs = [np.concatenate(p) for p in zip(*fp32_parts)]
     outputs = [np.concatenate(p) for p in zip(*parts)]
-    usable = np.concatenate(labels) if labels and len(dataset.class_names) == artifact.metadata["arch"]["num_classes"] else None
+    usable = np.concatenate(labels) if labels else None
     ordered = get_family(artifact.metadata["family"]).kept_order_matters
     metrics = compare_precisions(fp32_outputs, outputs, usable, names, ordered)
     failures = []
@@ -628,7 +655,8 @@ def validate_quantized(outdir, precision: str, data: str = "fashion-mnist", limi
         failures.append(f"top-1 agreement with FP32 {metrics['top1_agreement']:.4f} < {limits['min_top1_agreement']}")
     if "accuracy_drop" in metrics and metrics["accuracy_drop"] > limits["max_accuracy_drop"]:
         failures.append(f"accuracy drop {100 * metrics['accuracy_drop']:.2f} points > {100 * limits['max_accuracy_drop']:.2f}")
-    section = {"data": dataset.name, **metrics, "thresholds": limits, "passed": not failures, "failures": failures}
+    section = {"data": dataset.name, **data_record(dataset, spec, note), **metrics, "thresholds": limits,
+               "passed": not failures, "failures": failures}
     _update_quantized_report(artifact, precision, {"validate": section})
     if failures:
         raise ValidationFailed(f"{precision} validation failed on {dataset.name}: {'; '.join(failures)}")

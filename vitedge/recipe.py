@@ -10,7 +10,7 @@ from .errors import VitedgeError
 
 RECIPE_KEYS = {
     "family", "arch", "num_heads", "img_size", "opset", "batch_size", "dynamic_batch",
-    "settings", "keep_rate", "validation", "dynamic_resolution",
+    "settings", "keep_rate", "validation", "dynamic_resolution", "transform",
 }
 
 
@@ -59,6 +59,7 @@ _TYPES = {
     "num_heads": _INTEGER, "img_size": _INTEGER, "opset": _INTEGER, "batch_size": _INTEGER,
     "dynamic_batch": _BOOLEAN, "fuse_token": _BOOLEAN,
     "settings": _MAPPING, "validation": _MAPPING,
+    "transform": ("a preset name, 'key=value,...' text or a mapping", lambda v: isinstance(v, (str, dict))),
     "thresholds": ("a mapping of numbers", lambda v: isinstance(v, dict) and all(x is None or _number(x) for x in v.values())),
     "keep_rate": ("a number or a list of numbers", lambda v: _number(v) or (isinstance(v, list) and all(map(_number, v)))),
     "prune_blocks": ("a list of integers", lambda v: isinstance(v, list) and all(map(_integer, v))),

@@ -72,7 +72,19 @@ def _validation_lines(validate: dict) -> list[str]:
         lines.append(f"| near-tie rule | {validate['near_tie_tolerance']['rule']} |")
     if "exported_accuracy" in validate:
         lines.append(f"| accuracy (reference / exported) | {_pct(validate['reference_accuracy'])} / {_pct(validate['exported_accuracy'])} |")
-    return lines + [""] + [f"- failure: {f}" for f in validate["failures"]] + [""]
+    return lines + [""] + [f"- failure: {f}" for f in validate["failures"]] + _data_lines(validate) + [""]
+
+
+def _data_lines(section: dict) -> list[str]:
+    """The images a section was measured on: their transform, whether they are the model's domain, skips."""
+    lines = [f"- note: {section['domain_note']}"] if section.get("domain_note") else []
+    if section.get("transform"):
+        t = section["transform"]
+        lines.append(f"- transform: {t['channels']}, short side {t['resize']} ({t['interpolation']}), {t['crop']} crop "
+                     f"{t['size']} (crop_pct {t['crop_pct']:g}, preset {t.get('preset')})")
+    if section.get("skipped_images"):
+        lines.append(f"- skipped {section['skipped_images']} unreadable image(s), e.g. {section['skipped_examples'][0]}")
+    return lines
 
 
 def _profile_details(profile: dict) -> list[str]:
@@ -117,6 +129,8 @@ def _quantized_markdown(sections: dict) -> list[str]:
         if info.get("calibration"):
             cal = info["calibration"]
             lines.append(f"- calibration: {cal['name']} ({cal['images']} images, {info['method']}), data sha256 {cal['data_sha256'][:16]}")
+            if cal.get("domain_note"):
+                lines.append(f"- note: {cal['domain_note']}")
         if info:
             lines.append(f"- selection path {'quantized' if info.get('selection_quantized') else 'kept in FP32'}; "
                          f"size {info.get('size_bytes', 0) / 1e6:.2f} MB")

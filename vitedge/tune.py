@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from .artifact import Artifact, staged_outdir, write_json_atomic, write_text_atomic
-from .calibration import DEFAULT_SET, array_sha256, calibration_array, load_calibration_set
-from .data import InputSpec, load_dataset
+from .calibration import DEFAULT_SET, array_sha256, calibration_array, default_set, load_calibration_set
+from .data import load_dataset, make_transform
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
 from .load import load_model
 from .pipeline import export
@@ -101,7 +101,7 @@ def tune(
     num_heads: int | None = None,
     candidates: list[dict] | None = None,
     backend: str = "ort",
-    data: str = "fashion-mnist",
+    data: str | None = None,
     limit: int | None = 2000,
     batch: int = 1,
     statistic: str = "p90",
@@ -109,7 +109,9 @@ def tune(
     warmup: int = 10,
     threads: int = 2,
     log=_stderr,
-    calib: str = DEFAULT_SET,
+    calib: str | None = None,
+    shuffle_seed: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """Search the family's token budgets; OUTDIR gets the winning artifact plus tune.json/.md/.png.
 
@@ -118,14 +120,18 @@ def tune(
     Raises BudgetMissed (exit 4, OUTDIR untouched) when no candidate meets the budget, naming
     the fastest one. ``calib`` is the
     calibration set (a name in calibration/ or a YAML file) that data-dependent settings such
-    as A-ViT's ``budget_quantile`` are resolved on; it must not hold the ``data`` images.
+    as A-ViT's ``budget_quantile`` are resolved on (None: ``fmnist-train-512`` for grey models,
+    the bundled samples for RGB ones); it must not hold the ``data`` images.
     """
     _check_arguments(latency_budget_ms, backend, statistic, batch, limit)
-    dataset = load_dataset(data, limit)  # checks the source and limit first
-    if dataset.labels is None:
-        raise VitedgeError(f"tune ranks by accuracy and needs labelled images; {data} has no labels "
-                           "(use fashion-mnist or a folder with one sub-folder per class)")
+    load_dataset(data, limit, shuffle_seed=shuffle_seed, skip_bad=skip_bad_images)  # checks the source and limit first
     loaded = load_model(checkpoint, family=family, arch=arch, img_size=img_size, num_heads=num_heads)
+    data = data or ("fashion-mnist" if loaded.cfg.in_chans == 1 else "samples")
+    dataset = load_dataset(data, limit, shuffle_seed=shuffle_seed, skip_bad=skip_bad_images,
+                           in_chans=loaded.cfg.in_chans).for_model(loaded.cfg.num_classes)
+    if dataset.labels is None:
+        raise VitedgeError(f"tune ranks by accuracy and needs labelled images of this model's classes; {data} has none "
+                           "(use fashion-mnist for the Fashion-MNIST models, or a folder with one sub-folder per class)")
     grid = candidates if candidates is not None else loaded.family.tuning_candidates(loaded.cfg, loaded.settings)
     if not grid:
         raise VitedgeError("no candidates to try; give at least one settings dict")
@@ -147,7 +153,7 @@ def tune(
 
     export_options = {"family": loaded.family.name, "arch": arch, "img_size": loaded.cfg.img_size,
                       "num_heads": loaded.cfg.num_heads, "batch_size": batch, "validate_data": data,
-                      "validate_limit": limit}
+                      "validate_limit": limit, "validate_seed": shuffle_seed, "skip_bad_images": skip_bad_images}
     timing = {"backend": backend, "batch": batch, "iterations": iterations, "warmup": warmup, "threads": threads,
               "histogram": False}
     results: list[Candidate] = []
@@ -204,14 +210,13 @@ def _drop_repeats(grid: list[dict], graphs: list[dict], calibrated: list[dict], 
 
 def _calibration_images(calib, data, loaded) -> tuple:
     """The calibration set's images for this model, and their record; never the tuning images."""
-    cset = load_calibration_set(calib)
+    cset = load_calibration_set(calib or default_set(loaded.cfg.in_chans))
     same = (cset.source == "fashion-mnist" and data == "fashion-mnist" and cset.split == "test") or (
         cset.source == "image-folder" and data != "fashion-mnist" and Path(data).resolve() == cset.path)
     if same:
         raise VitedgeError(f"calibration set '{cset.name}' holds the images accuracy is ranked on ({data}); "
                            f"calibrate on other images, e.g. --calib {DEFAULT_SET}")
-    spec = InputSpec(loaded.cfg.img_size, loaded.cfg.in_chans, tuple(loaded.mean), tuple(loaded.std))
-    images = calibration_array(cset, spec)
+    images = calibration_array(cset, make_transform(loaded.cfg.img_size, loaded.cfg.in_chans, loaded.mean, loaded.std))
     split = cset.split if cset.source == "fashion-mnist" else None
     return images, {**cset.record(), "split": split, "images": int(len(images)), "sha256": array_sha256(images)}
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .artifact import Artifact
-from .data import InputSpec, load_dataset
+from .data import Transform, domain_note, load_dataset, transform_from_metadata
 from .errors import ValidationFailed, VitedgeError
 from .runtime import ort_session, run_batched
 from .tokens import Margin, recording_margins
@@ -43,9 +43,9 @@ class Thresholds:
         return cls(**values)
 
 
-def input_spec(metadata: dict, img_size: int | None = None) -> InputSpec:
-    inp = metadata["input"]
-    return InputSpec(img_size or inp["shape"][2], inp["shape"][1], tuple(inp["mean"]), tuple(inp["std"]))
+def input_spec(metadata: dict, img_size: int | None = None) -> Transform:
+    """The artifact's evaluation transform (``input.transform``; older artifacts: the default from their input)."""
+    return transform_from_metadata(metadata, img_size)
 
 
 def check_img_size(metadata: dict, img_size: int | None) -> str:
@@ -202,9 +202,20 @@ def verdict(metrics: dict, thresholds: Thresholds) -> list[str]:
     return failures
 
 
+def data_record(dataset, transform, note: str | None) -> dict:
+    """What a report says about its images: source, domain, transform, skipped files."""
+    record = {"data_domain": dataset.domain, "in_domain": note is None, "transform": transform.to_dict()}
+    if note:
+        record["domain_note"] = note
+    if dataset.skipped:
+        record["skipped_images"] = len(dataset.skipped)
+        record["skipped_examples"] = dataset.skipped[:5]
+    return record
+
+
 def validate(
     outdir,
-    data: str = "fashion-mnist",
+    data: str | None = None,
     limit: int | None = None,
     thresholds: Thresholds | dict | None = None,
     batch_size: int = 64,
@@ -212,8 +223,13 @@ def validate(
     threads: int = 2,
     log=None,
     img_size: int | None = None,
+    shuffle_seed: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """Compare the artifact's model.onnx with its reference model; writes report.json["validate"].
+
+    ``data`` is any ``--data`` source (None: Fashion-MNIST for grey models, the bundled samples
+    for RGB ones); the report says when it is not the model's domain.
 
     ``img_size`` validates a dynamic-resolution graph at another size of its range, against
     the reference built for that size (report section ``validate_<size>px``). Raises
@@ -229,16 +245,21 @@ def validate(
     )
     section_name = check_img_size(artifact.metadata, img_size)
     loaded = reference_from_metadata(artifact.metadata, checkpoint, img_size)
-    dataset = load_dataset(data, limit)
     spec = input_spec(artifact.metadata, img_size)
+    dataset = load_dataset(data, limit, shuffle_seed=shuffle_seed, skip_bad=skip_bad_images, in_chans=spec.in_chans)
+    num_classes = loaded.cfg.num_classes
+    dataset = dataset.for_model(num_classes)  # labels in the model's classes; refuses class folders that are not
+    note = domain_note(dataset, spec.in_chans, num_classes)
     session = ort_session(artifact.model_path, threads)
     names = artifact.metadata["outputs"][1:]
     if log:
         at = "" if section_name == "validate" else f" at {spec.img_size} px"
-        log(f"validating {len(dataset)} {dataset.name} images{at} against the reference model")
+        log(f"validating {len(dataset)} {dataset.name} images{at} against the reference model ({spec.describe()})")
+        if note:
+            log(f"note: {note}")
     ref_logits, exp_logits, ref_kept, exp_kept, ref_margins, labels = [], [], [], [], [], []
     with torch.inference_mode():
-        for images, batch_labels in dataset.batches(spec, batch_size):
+        for images, batch_labels in dataset.batches(spec, batch_size, progress=log is not None):
             with recording_margins() as margins:
                 logits, kept = loaded.model.forward_tokens(torch.from_numpy(images))
             if len(margins) != len(kept):
@@ -252,18 +273,21 @@ def validate(
             exp_kept.append(outputs[1:])
             if batch_labels is not None:
                 labels.append(batch_labels)
+    if not ref_logits:
+        raise VitedgeError(f"none of the {len(dataset)} images of {dataset.name} could be read "
+                           f"(skipped {len(dataset.skipped)}, e.g. {dataset.skipped[0]})")
     reference_kept = [np.concatenate(parts) for parts in zip(*ref_kept)] if names else []
     exported_kept = [np.concatenate(parts) for parts in zip(*exp_kept)] if names else []
-    usable_labels = (
-        np.concatenate(labels) if labels and len(dataset.class_names) == loaded.cfg.num_classes else None
-    )
+    usable_labels = np.concatenate(labels) if labels else None
     margins = [SelectionMargins.from_margins(list(parts)) for parts in zip(*ref_margins)] if names else []
     metrics = compare(np.concatenate(ref_logits), np.concatenate(exp_logits), reference_kept, exported_kept, usable_labels, names,
                       ordered=loaded.family.kept_order_matters, margins=margins)
     metrics.update(loaded.family.kept_summary(reference_kept))
     failures = verdict(metrics, thresholds)
-    section = {"data": dataset.name, "img_size": spec.img_size, **metrics, "thresholds": asdict(thresholds),
-               "passed": not failures, "failures": failures}
+    section = {"data": dataset.name, "img_size": spec.img_size, **data_record(dataset, spec, note), **metrics,
+               "thresholds": asdict(thresholds), "passed": not failures, "failures": failures}
+    if dataset.skipped and log:
+        log(f"skipped {len(dataset.skipped)} unreadable image(s), e.g. {dataset.skipped[0]}")
     artifact.update_report(section_name, section)
     if failures:
         at = "" if section_name == "validate" else f" at {spec.img_size} px"

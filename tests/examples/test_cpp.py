@@ -16,7 +16,7 @@ import pytest
 from support import REPO, quiet
 
 import vitedge
-from vitedge.data import InputSpec, load_dataset, preprocess
+from vitedge.data import load_dataset, preprocess, transform_from_metadata
 
 SOURCE = REPO / "examples" / "cpp"
 pytestmark = pytest.mark.skipif(
@@ -38,12 +38,12 @@ def case(tmp_path_factory):
     art = root / "evit"
     vitedge.export(REPO / "models" / "fmnist-evit.safetensors", art, validate_data=None, log=quiet)
     meta = json.loads((art / "vitedge.json").read_text())
-    spec = InputSpec(meta["input"]["shape"][2], meta["input"]["shape"][1], tuple(meta["input"]["mean"]), tuple(meta["input"]["std"]))
+    spec = transform_from_metadata(meta)  # the recorded input.transform: 28 px grey, bilinear, no crop margin
     raw = load_dataset("fashion-mnist", limit=6).images
     images = []
     for i in range(4):  # the test images as they are (28 x 28 grey)
         images.append((f"fmnist{i}.pgm", raw[i]))
-    # RGB and other sizes exercise the channel average and the antialiased resize (up and down)
+    # RGB and other sizes exercise PIL's luma, the antialiased resize (up and down) and the centre crop
     up = np.kron(raw[4], np.ones((2, 2), np.uint8))[:, :, None] * np.array([1.0, 0.8, 0.6])
     images.append(("rgb_up.ppm", np.clip(up + np.arange(56)[None, :, None], 0, 255).astype(np.uint8)))
     images.append(("grey_down.pgm", np.kron(raw[5], np.ones((3, 3), np.uint8))[5:80, 2:77]))
@@ -129,3 +129,39 @@ def test_cpp_tools_fail_in_one_line(built, case, tmp_path):
         result = subprocess.run([str(build / "vitedge_preprocess"), *args], capture_output=True, text=True)
         assert result.returncode == 2 and result.stderr.count("\n") == 1
         assert result.stderr.startswith("vitedge_preprocess: error:") and message in result.stderr
+
+
+def test_cpp_applies_the_recorded_deit_transform_like_python(built, tmp_path):
+    """A 224-px RGB export records DeiT's transform (short side 256, bicubic, centre crop 224); the C++ sample
+    applies it to portrait, landscape, grey and small images exactly as Python's PIL path does (PIL's fixed-point
+    resampling is reproduced, so the tensors agree to float rounding, 1e-5 after normalisation)."""
+    import torch
+    from PIL import Image
+    from support import make_state_dict
+
+    from vitedge.backbone import ViTConfig
+
+    build, _ = built
+    cfg = ViTConfig(img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=32, depth=2, num_heads=1)
+    torch.save({"model": make_state_dict("deit", cfg, seed=2)}, tmp_path / "deit.pth")
+    vitedge.export(tmp_path / "deit.pth", tmp_path / "art", family="deit", validate_data=None, log=quiet)
+    meta = json.loads((tmp_path / "art" / "vitedge.json").read_text())
+    transform = transform_from_metadata(meta)
+    assert (transform.resize, transform.interpolation) == (256, "bicubic")
+    rng = np.random.default_rng(4)
+    y, x = np.mgrid[0:300, 0:410] / 410.0
+    photo = np.clip(np.stack([np.sin(7 * x), np.cos(5 * y), np.sin(3 * (x + y))], -1) * 100 + 128
+                    + rng.normal(0, 10, (300, 410, 3)), 0, 255).astype(np.uint8)
+    cases = {"landscape.ppm": photo, "portrait.ppm": photo.transpose(1, 0, 2)[:, ::-1], "grey.pgm": photo[..., 1],
+             "small.ppm": photo[100:180, 50:170]}
+    worst = 0.0
+    for name, pixels in cases.items():
+        _pnm(tmp_path / name, pixels)
+        out = tmp_path / f"{name}.npy"
+        subprocess.run([str(build / "vitedge_preprocess"), str(tmp_path / "art" / "vitedge.json"), str(tmp_path / name),
+                        str(out)], check=True)
+        with Image.open(tmp_path / name) as image:
+            expected = transform(image)[None]
+        assert np.load(out).shape == expected.shape == (1, 3, 224, 224)
+        worst = max(worst, float(np.abs(np.load(out) - expected).max()))
+    assert worst <= 1e-5, worst

@@ -1,109 +1,123 @@
-"""Real images for validation, calibration and training, shaped for a given model input."""
+"""Real images for validation, calibration and training, through the model's own evaluation transform.
+
+One ``--data`` value names a source everywhere: ``fashion-mnist``, ``samples`` (the bundled
+photographs), an image folder, or a calibration-set YAML (``calibration/*.yaml``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..errors import VitedgeError
 from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from .fashion_mnist import fashion_mnist_files, load_fashion_mnist
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model expects: NCHW float32, this size and channel count, normalised so."""
-
-    img_size: int
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def preprocess(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """uint8 images [N, H, W] or [N, H, W, C] → normalised float32 NCHW at ``spec``'s size.
-
-    Grey images are repeated to three channels for RGB models and RGB images averaged for
-    grey models; resizing is bilinear with antialiasing, as PIL-style preprocessing does.
-    """
-    x = torch.from_numpy(np.array(images, dtype=np.uint8)).float().div_(255.0)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    if x.shape[1] != spec.in_chans:
-        x = x.mean(dim=1, keepdim=True) if spec.in_chans == 1 else x.mean(1, keepdim=True).expand(-1, spec.in_chans, -1, -1)
-    if x.shape[-1] != spec.img_size or x.shape[-2] != spec.img_size:
-        x = F.interpolate(x, size=(spec.img_size, spec.img_size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return ((x - mean) / std).contiguous().numpy()
-
-
-@dataclass
-class Dataset:
-    """Raw uint8 images with optional labels; batches are preprocessed on demand."""
-
-    name: str
-    images: np.ndarray
-    labels: np.ndarray | None
-    class_names: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def batches(self, spec: InputSpec, batch_size: int):
-        for start in range(0, len(self.images), batch_size):
-            stop = start + batch_size
-            labels = None if self.labels is None else self.labels[start:stop]
-            yield preprocess(self.images[start:stop], spec), labels
-
-
-def load_image_dir(path: Path) -> Dataset:
-    """A folder of images; with one sub-folder per class, the sub-folder names are labels."""
-    from PIL import Image
-
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise VitedgeError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
-    classes = sorted({p.parent.name for p in files if p.parent != path})
-    labelled = all(p.parent != path for p in files)
-    images = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                images.append(np.asarray(image.convert("RGB").resize((256, 256), Image.BILINEAR)))
-        except OSError as exc:
-            raise VitedgeError(f"cannot read image {file}: {exc}") from None
-    labels = np.array([classes.index(p.parent.name) for p in files]) if labelled else None
-    return Dataset(path.name, np.stack(images), labels, tuple(classes) if labelled else ())
-
+from .sources import (
+    IMAGE_SUFFIXES, ArrayDataset, Dataset, FolderDataset, imagenet_class_name, imagenet_synsets, load_image_folder,
+)
+from .transform import PRESETS, Transform, make_transform, parse_transform_option, transform_from_metadata
 
 FASHION_MNIST_NAMES = ("fashion-mnist", "fmnist")
+SAMPLES = "samples"
+DEFAULT_DATA = "default"  # the model's default source: default_source(in_chans)
+SOURCES_HELP = "fashion-mnist, samples (bundled photos), an image folder, or a calibration-set YAML"
 
 
-def check_source(source: str, limit: int | None = None) -> None:
-    """Fail early, in one line, on a data source or limit that cannot work."""
+def default_source(in_chans: int) -> str:
+    """Out of the box: Fashion-MNIST for grey models, the bundled photographs for RGB ones."""
+    return FASHION_MNIST_NAMES[0] if in_chans == 1 else SAMPLES
+
+
+def _is_set(source: str) -> bool:
+    from ..calibration import available_sets
+
+    return Path(source).suffix in (".yaml", ".yml") or source in available_sets()
+
+
+def check_source(source: str | None, limit: int | None = None) -> None:
+    """Fail early, in one line, on a data source or limit that cannot work (None: the model's default)."""
     if limit is not None and limit <= 0:
         raise VitedgeError(f"image limit must be positive, got {limit} (--limit, --validate-limit)")
+    if source in (None, DEFAULT_DATA, SAMPLES):
+        return
     if source in FASHION_MNIST_NAMES:
         fashion_mnist_files("test")
+    elif _is_set(source):
+        from ..calibration import load_calibration_set
+
+        load_calibration_set(source)
     elif not Path(source).is_dir():
-        raise VitedgeError(f"data source '{source}' is neither 'fashion-mnist' nor an image folder")
+        raise VitedgeError(f"data source '{source}' is neither 'fashion-mnist' nor an image folder "
+                           "(nor 'samples' or a calibration-set YAML)")
 
 
-def load_dataset(source: str, limit: int | None = None, split: str = "test") -> Dataset:
-    """``fashion-mnist`` (Debian package) or a folder of images."""
+def load_dataset(source: str | None, limit: int | None = None, split: str = "test", shuffle_seed: int | None = None,
+                 skip_bad: bool = False, in_chans: int = 3) -> Dataset:
+    """The images of ``source`` (None or "default": ``default_source(in_chans)``), ``limit`` of them (a class-balanced random
+    draw with ``shuffle_seed``); ``skip_bad`` drops unreadable files of a folder instead of failing."""
+    source = default_source(in_chans) if source in (None, DEFAULT_DATA) else source
     check_source(source, limit)
     if source in FASHION_MNIST_NAMES:
         images, labels = load_fashion_mnist(split)
-        dataset = Dataset("fashion-mnist", images, labels, FASHION_MNIST_CLASSES)
+        dataset: Dataset = ArrayDataset("fashion-mnist", images, labels, FASHION_MNIST_CLASSES, domain="fashion-mnist")
+    elif source == SAMPLES:
+        from .samples import load_samples
+
+        dataset = load_samples()
+    elif Path(source).is_dir():
+        dataset = load_image_folder(Path(source), skip_bad=skip_bad)
     else:
-        dataset = load_image_dir(Path(source))
-    if limit is not None:
-        dataset = Dataset(dataset.name, dataset.images[:limit],
-                          None if dataset.labels is None else dataset.labels[:limit], dataset.class_names)
-    return dataset
+        from ..calibration import dataset_from_set, load_calibration_set
+
+        dataset = dataset_from_set(load_calibration_set(source), skip_bad=skip_bad)
+    return dataset.sample(limit, shuffle_seed)
+
+
+def model_domain(in_chans: int, num_classes: int) -> str | None:
+    """What a model was trained on, as far as its shape tells: vitedge's Fashion-MNIST models or ImageNet-1k."""
+    if in_chans == 1 and num_classes == 10:
+        return "fashion-mnist"
+    if num_classes == 1000:
+        return "imagenet"
+    return None
+
+
+def out_of_domain(dataset: Dataset, in_chans: int, num_classes: int) -> str | None:
+    """"<what the images are>, not this model's domain (<domain>)" when they are not (None when they are, or are
+    the user's own images)."""
+    domain = model_domain(in_chans, num_classes)
+    if dataset.domain == "samples":
+        what = f"the bundled sample photographs ({len(dataset)} views)"
+    elif dataset.domain == "fashion-mnist" and domain != "fashion-mnist":
+        what = "Fashion-MNIST (28 px grey clothing)"
+    else:
+        return None
+    return f"{what}, not this model's domain{f' ({domain})' if domain else ''}"
+
+
+def domain_note(dataset: Dataset, in_chans: int, num_classes: int) -> str | None:
+    """The line reports carry when validation ran on images outside the model's domain."""
+    what = out_of_domain(dataset, in_chans, num_classes)
+    if what is None:
+        return None
+    return (f"validated on {what}: this measures agreement with the reference, not accuracy; "
+            "use in-domain images (--data FOLDER) for accuracy")
+
+
+__all__ = [
+    "DEFAULT_DATA", "FASHION_MNIST_CLASSES", "FASHION_MNIST_NAMES", "IMAGE_SUFFIXES", "PRESETS", "SAMPLES", "SOURCES_HELP",
+    "ArrayDataset", "Dataset", "FolderDataset", "InputSpec", "Transform", "check_source", "default_source", "domain_note",
+    "imagenet_class_name", "imagenet_synsets", "load_dataset", "load_image_folder", "make_transform", "model_domain", "out_of_domain",
+    "parse_transform_option", "preprocess", "transform_from_metadata",
+]
+
+
+def InputSpec(img_size: int, in_chans: int, mean, std) -> Transform:  # noqa: N802 - the name callers know
+    """A model input (size, channels, normalisation) with its default evaluation transform."""
+    return make_transform(img_size, in_chans, mean, std)
+
+
+def preprocess(images, transform: Transform):
+    """uint8 images ([N, H, W], [N, H, W, C] or a list of HW/HWC arrays) → normalised float32 NCHW."""
+    import numpy as np
+
+    return np.stack([transform.array(image) for image in images])

@@ -29,6 +29,27 @@ Metadata load_metadata(const std::string& path) {
       throw std::runtime_error("input mean/std must have one value per channel");
     for (float s : meta.std)
       if (!(s > 0.0f)) throw std::runtime_error("input std must be positive");
+    Transform& t = meta.transform;
+    if (input.has("transform")) {
+      const Json& tr = input["transform"];
+      t.size = static_cast<int>(tr["size"].integer());
+      t.crop_pct = tr["crop_pct"].number();
+      t.interpolation = tr["interpolation"].string();
+      t.crop = tr["crop"].string();
+      t.channels = tr.has("channels") ? tr["channels"].string() : (meta.channels == 1 ? "L" : "RGB");
+    } else {  // written before input.transform: vitedge's default for this input (vitedge.data.default_preset)
+      t.size = meta.height;
+      t.crop_pct = meta.channels == 1 || meta.height >= 384 ? 1.0 : 0.875;
+      t.interpolation = meta.channels == 1 ? "bilinear" : "bicubic";
+      t.crop = "center";
+      t.channels = meta.channels == 1 ? "L" : "RGB";
+    }
+    if (t.size != meta.height || t.size != meta.width)
+      throw std::runtime_error("input.transform size does not match the input shape");
+    if (!(t.crop_pct > 0.0 && t.crop_pct <= 1.0)) throw std::runtime_error("input.transform crop_pct must be in (0, 1]");
+    if (t.crop != "center" && t.crop != "squash") throw std::runtime_error("input.transform crop must be center or squash");
+    if ((t.channels == "L") != (meta.channels == 1) || (t.channels != "L" && t.channels != "RGB" && t.channels != "BGR"))
+      throw std::runtime_error("input.transform channels " + t.channels + " do not fit the input shape");
     for (const Json& v : root["outputs"].array()) meta.outputs.push_back(v.string());
     if (meta.outputs.empty()) throw std::runtime_error("no outputs listed");
     if (root.has("engine") && root["engine"].is_object()) {

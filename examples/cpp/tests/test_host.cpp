@@ -1,4 +1,4 @@
-// Unit tests of the host part (JSON, PNM/.npy I/O, resize, top-k). No data files needed.
+// Unit tests of the host part (JSON, PNM/.npy I/O, PIL-equivalent resize and grey conversion, top-k). No data files needed.
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -45,19 +45,19 @@ static void test_json() {
 }
 
 static void test_resize() {
-  // identity, constant images stay constant, and a 2x box down-sample averages pixel pairs
-  std::vector<float> plane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  CHECK(vitedge::resize_plane(plane, 4, 4, 4, 4) == plane);
-  std::vector<float> flat(30 * 20, 0.25f);
-  for (float v : vitedge::resize_plane(flat, 30, 20, 7, 11)) CHECK(std::fabs(v - 0.25f) < 1e-6f);
-  for (float v : vitedge::resize_plane(flat, 30, 20, 64, 48)) CHECK(std::fabs(v - 0.25f) < 1e-6f);
-  std::vector<float> half = vitedge::resize_plane(plane, 4, 4, 2, 2);
-  // antialiased 2x: triangle of width 2 input pixels centred between pixel pairs -> weights 1/8, 3/8, 3/8, 1/8
-  float expect00 = 0.0f;
-  const float w[3] = {3.0f / 7, 3.0f / 7, 1.0f / 7};  // clipped at the border: weights 3/8,3/8,1/8 renormalised
-  for (int dy = 0; dy < 3; ++dy)
-    for (int dx = 0; dx < 3; ++dx) expect00 += w[dy] * w[dx] * plane[dy * 4 + dx];
-  CHECK(std::fabs(half[0] - expect00) < 1e-5f);
+  // identity, constant images stay constant, a 2x box down-sample averages pixel pairs, luma is PIL's
+  vitedge::Image ramp{4, 1, 1, {0, 2, 4, 7}};
+  CHECK(vitedge::resize(ramp, 4, 1, "bicubic").pixels == ramp.pixels);
+  CHECK((vitedge::resize(ramp, 2, 1, "box").pixels == std::vector<uint8_t>{1, 6}));  // (4 + 7) / 2 = 5.5 rounds up
+  vitedge::Image flat{30, 20, 3, std::vector<uint8_t>(30 * 20 * 3, 64)};
+  for (const char* name : {"bilinear", "bicubic", "lanczos"}) {
+    for (uint8_t v : vitedge::resize(flat, 7, 11, name).pixels) CHECK(v == 64);
+    for (uint8_t v : vitedge::resize(flat, 64, 48, name).pixels) CHECK(v == 64);
+  }
+  CHECK(throws([&] { vitedge::resize(flat, 5, 5, "cubic"); }, "interpolation 'cubic' is not supported"));
+  vitedge::Image rgb{1, 1, 3, {255, 0, 0}};
+  CHECK(vitedge::convert_channels(rgb, 1).pixels[0] == 76);  // PIL: Image.new("RGB", (1, 1), (255, 0, 0)).convert("L")
+  CHECK((vitedge::convert_channels(vitedge::Image{1, 1, 1, {9}}, 3).pixels == std::vector<uint8_t>{9, 9, 9}));
 }
 
 static void test_top_k() {
