@@ -9,7 +9,7 @@ Public API (each CLI command is a thin shell over one of these)::
     vitedge.build("out/evit", precision="fp16", device="orin-nano-8gb")   # TensorRT
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .artifact import Artifact  # noqa: E402
 from .build import build  # noqa: E402

@@ -130,7 +130,7 @@ def export_bundle(
     variant passes. ``thresholds`` tightens or loosens the equality contract (names as in
     ``Thresholds``; unnamed ones keep the bundle's defaults).
     """
-    from .pipeline import export, tool_versions
+    from .artifact_export import export, tool_versions
 
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds.from_dict({**vars(BUNDLE_THRESHOLDS), **(thresholds or {})})

@@ -500,7 +500,7 @@ def quantize(
                 "quantized_tensors": sum(1 for s in scales.values() if s["kind"] == "activation"),
                 "quantized_weights": sum(1 for s in scales.values() if s["kind"] == "weight"),
             })
-        from .pipeline import check_sizes
+        from .check import check_sizes
 
         try:
             onnx.checker.check_model(quantized, full_check=True)
@@ -630,7 +630,7 @@ def validate_quantized(outdir, precision: str, data: str = "fashion-mnist", limi
 
 def check_quantized(outdir, precision: str) -> dict:
     """The static/TensorRT lint on one quantized model; writes report.json["quantized"][precision]["check"]."""
-    from .pipeline import check_sizes
+    from .check import check_sizes
 
     artifact = Artifact(outdir)
     path = artifact.model_for(precision)

@@ -26,7 +26,7 @@ from .calibration import DEFAULT_SET, array_sha256, calibration_array, load_cali
 from .data import InputSpec, load_dataset
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
 from .load import load_model
-from .pipeline import export
+from .artifact_export import export
 from .profile import profile
 
 STATISTICS = ("p50", "p90", "p99", "mean")

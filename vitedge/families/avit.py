@@ -38,7 +38,7 @@ from ..backbone import Block, ViTConfig, VisionTransformer
 from ..errors import VitedgeError
 from ..rewrite import rewrites
 from ..tokens import gather_tokens, patch_positions, top_tokens
-from . import BlockTokens, Family, TokenPlan, check_setting_names, family
+from . import Alias, BlockTokens, Family, LIST, Setting, TokenPlan, family
 
 HALT_EPS = 0.01  # the official ``self.eps``: a token halts once its cumulative score exceeds 1 - eps
 MASK_BIAS = -1000.0  # the official ``masked_softmax_bias`` added to the logits of halted keys
@@ -277,8 +277,21 @@ class AViTFamily(Family):
     # The halting gate (channel 0 → scale, shift → Sigmoid) is the scoring path; no TopK marks it.
     selection_hint = ("Sigmoid",)
 
-    def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
-        check_setting_names(self.name, overrides, {"gate_scale", "gate_center", "token_budgets", "budget_quantile"})
+    settings = (
+        Setting("gate_scale", float, "halting gate: sigmoid(channel 0 x gate_scale - gate_center) (default: the released "
+                "model's for this width)"),
+        Setting("gate_center", float, "halting gate shift (default: the released model's for this width)"),
+        Setting("token_budgets", int, "constant tokens per block, class token included (from 'vitedge calibrate')",
+                shape=LIST, minimum=1, none_means="masked (every token runs, halted ones are masked out)",
+                label="budgets {}", aliases=(Alias("--budgets", from_file=True,
+                                                   help="Token budgets per block from a 'vitedge calibrate' file."),)),
+        Setting("budget_quantile", float, "calibrate token budgets covering this quantile of images per block",
+                minimum=0.0, maximum=1.0, exclusive_minimum=True, label="q {}",
+                aliases=(Alias("--quantile", help="Calibrate token budgets now, covering this quantile of images per block."),
+                         Alias("--quantiles", many=True, help="Budget quantiles to try, comma-separated, each calibrated."))),
+    )
+
+    def combine_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         scale, center = default_gates(cfg)
         try:
             scale = float(overrides.get("gate_scale", scale))
