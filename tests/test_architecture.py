@@ -17,11 +17,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vitedge"
 
 # The one-way order: a module may import modules of its own layer or of earlier ones, never later ones.
 LAYERS = [
-    ("base", {"errors", "version", "artifact", "report", "runtime", "devices", "data", "calibration", "recipe",
+    ("base", {"errors", "version", "artifact", "report", "runtime", "devices", "data", "calibration",
               "shape_inference", "tokens", "trt_runtime"}),
     # Model parts and the rewrite registry the families fill (rewrite.to_static runs after load).
     ("model parts", {"backbone", "backbones", "rewrite"}),
-    ("load", {"families", "load", "calibrate"}),
+    ("load", {"families", "load", "calibrate", "recipe"}),
     ("export", {"export"}),
     ("check/validate", {"check", "validate", "artifact_export"}),
     ("quantize", {"quantize"}),

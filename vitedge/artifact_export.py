@@ -14,11 +14,13 @@ import onnx
 
 from .artifact import METADATA, MODEL, SCHEMA_VERSION, Artifact, staged_outdir, write_json_atomic
 from .backbone import dense_flops
+from .calibrate import load_calibrated
+from .calibration import DEFAULT_SET
 from .check import check_sizes, profile_sizes
 from .data import check_source
 from .errors import ValidationFailed, VitedgeError
 from .export import DEFAULT_OPSET, INPUT_NAME, export_onnx, output_names
-from .load import LoadedModel, load_model
+from .load import LoadedModel
 from .recipe import load_recipe, merge
 from .rewrite import to_static
 from .validate import Thresholds, validate
@@ -47,6 +49,7 @@ def build_metadata(loaded: LoadedModel, opset: int, batch: int | str, thresholds
         "arch": cfg.to_dict(),
         "settings": loaded.settings,
         "input": {
+            **loaded.family.describe_input(cfg, loaded.settings),
             "name": INPUT_NAME,
             "shape": [batch, cfg.in_chans, cfg.img_size, cfg.img_size],
             "batch": batch,
@@ -96,7 +99,6 @@ def export(
     outdir,
     family: str | None = None,
     arch: str | None = None,
-    keep_rate=None,
     img_size: int | None = None,
     recipe=None,
     opset: int | None = None,
@@ -108,23 +110,25 @@ def export(
     validate_data: str | None = "fashion-mnist",
     validate_limit: int | None = 256,
     log=_stderr,
-    budgets=None,
-    quantile: float | None = None,
+    calibration=None,
+    calib=DEFAULT_SET,
+    **named_settings,
 ) -> dict:
     """checkpoint → OUTDIR/{model.onnx, vitedge.json, report.json, report.md}: load, rewrite, export, check, validate.
 
-    ``dynamic_resolution="MIN:MAX"`` (resolution-agnostic families: deit, castling) makes the
-    input size symbolic in that range, optimum at the export size; the graph is checked at
-    min/opt/max and validated at each. Set ``validate_data=None`` to skip the quick
-    validation. A-ViT: ``budgets`` (a file from ``vitedge calibrate``) or ``quantile``
-    (calibrated here, on Fashion-MNIST train images) turns the masked graph into a
-    fixed-budget one. Returns the report. Raises
+    Family settings come from ``settings``, keyword arguments (``keep_rate=0.5``) and the recipe;
+    ``vitedge families`` lists them. ``dynamic_resolution="MIN:MAX"`` (resolution-agnostic
+    families) makes the input size symbolic in that range, optimum at the export size; the graph
+    is checked at min/opt/max and validated at each. Set ``validate_data=None`` to skip the quick
+    validation. Data-dependent settings (``Family.calibrated_settings``) are read from
+    ``calibration`` (a ``vitedge calibrate`` file) or calibrated here on the calibration set
+    ``calib``. Returns the report. Raises
     VitedgeError on bad input (OUTDIR untouched) and ValidationFailed when the exported
     graph disagrees with the reference (OUTDIR written, report says why).
     """
     options = merge(load_recipe(recipe), {
-        "family": family, "arch": arch, "keep_rate": keep_rate, "img_size": img_size, "opset": opset,
-        "batch_size": batch_size, "dynamic_batch": dynamic_batch, "num_heads": num_heads, "settings": settings,
+        "family": family, "arch": arch, "img_size": img_size, "opset": opset, "batch_size": batch_size,
+        "dynamic_batch": dynamic_batch, "num_heads": num_heads, "settings": {**(settings or {}), **named_settings},
         "dynamic_resolution": dynamic_resolution,
     })
     validation = options.get("validation") or {}
@@ -138,12 +142,11 @@ def export(
     if validate_data:
         check_source(validate_data, validate_limit)
     log(f"[1/4] loading {checkpoint}")
-    loaded = load_model(
+    loaded = load_calibrated(
         checkpoint, family=options.get("family"), arch=options.get("arch"), settings=options["settings"],
-        img_size=options.get("img_size"), num_heads=options.get("num_heads"),
+        img_size=options.get("img_size"), num_heads=options.get("num_heads"), calibration=calibration, calib=calib,
+        log=log,
     )
-    if budgets is not None or quantile is not None:
-        loaded = _budgeted(loaded, budgets, quantile, log)
     thresholds = Thresholds.from_dict({**loaded.family.default_thresholds(loaded.settings), **(validation.get("thresholds") or {})})
     log(f"      {loaded.family.name}: {loaded.cfg.embed_dim}-dim, {loaded.cfg.depth} blocks, "
         f"{loaded.cfg.img_size} px, settings {loaded.settings}")
@@ -181,24 +184,3 @@ def export(
     log(f"wrote {Path(outdir) / MODEL} ({(Path(outdir) / MODEL).stat().st_size / 1e6:.1f} MB), FLOPs ratio "
         f"{metadata['flops']['ratio']:.3f} vs dense")
     return report
-
-
-def _budgeted(loaded: LoadedModel, budgets, quantile, log) -> LoadedModel:
-    """``loaded`` with the token budgets of a calibration file, or calibrated now at ``quantile``."""
-    from .calibrate import choose_budgets, measure_live_patches, read_budgets, with_budgets
-
-    if budgets is not None and quantile is not None:
-        raise VitedgeError("give --budgets FILE or --quantile q, not both")
-    if loaded.family.name != "avit":
-        raise VitedgeError(f"--budgets/--quantile set token budgets of halting models (family 'avit'), not '{loaded.family.name}'")
-    if budgets is not None:
-        chosen = read_budgets(budgets, loaded)
-        quantile = None
-    else:
-        from .families.avit import check_quantile
-
-        check_quantile(quantile)
-        log(f"      calibrating budgets at quantile {quantile:g} on fashion-mnist train images")
-        chosen, _ = choose_budgets(loaded, measure_live_patches(loaded)[0], quantile)
-    log(f"      token budgets per block: {chosen}")
-    return with_budgets(loaded, chosen, quantile)

@@ -15,6 +15,7 @@ import click
 
 import vitedge
 from vitedge.errors import VitedgeError
+from vitedge.families import aliases, candidate_grid, get_family, parse_assignment
 
 
 def friendly(command):
@@ -60,6 +61,81 @@ class OneLineErrors(click.Group):
             sys.exit(130)
 
 
+def _alias_param(flag: str) -> str:
+    return "alias_" + flag.lstrip("-").replace("-", "_")
+
+
+def _parse_with(setting, many: bool):
+    """A click callback parsing an alias's text by the setting's schema (``many``: one value per comma)."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            if many:
+                return [setting.parse(part) for part in value.split(",") if part.strip()]
+            return setting.parse(value)
+        except VitedgeError as exc:
+            detail = f"expected comma-separated numbers ({exc}), got {value!r}" if many else str(exc)
+            raise click.BadParameter(detail) from None
+
+    return parse
+
+
+def _parse_assignments(ctx, param, values):
+    try:
+        return [parse_assignment(text) for text in values]
+    except VitedgeError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def setting_options(many: bool = False, from_file: bool = False):
+    """``--set NAME=VALUE`` (repeatable) and the alias flags the families declare (``--keep-rate``, ...).
+
+    The command receives ``settings`` ({name: value}); with ``many``, ``grid`` ({name: [values]},
+    from aliases such as ``--keep-rates``); with ``from_file``, ``calibration`` (a file's path, from
+    aliases such as ``--budgets``). Values are typed by the families' schema, so a bad one is a
+    usage error before anything runs."""
+    chosen = [(flag, setting, alias) for flag, (setting, alias) in sorted(aliases().items())
+              if (alias.many and many) or (alias.from_file and from_file) or not (alias.many or alias.from_file)]
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            settings, grid, files = {}, {}, {}
+            for flag, setting, alias in chosen:
+                value = kwargs.pop(_alias_param(flag))
+                if value is not None:
+                    target = grid if alias.many else files if alias.from_file else settings
+                    if setting.name in target:
+                        raise click.UsageError(f"{setting.name} is given twice (by {flag} and another flag)")
+                    target[setting.name] = value
+            for name, value in kwargs.pop("assignments"):
+                if name in settings:
+                    raise click.UsageError(f"{name} is given twice (--set {name}=... and a flag or another --set)")
+                settings[name] = value
+            if len(set(map(str, files.values()))) > 1:
+                raise click.UsageError(f"give one calibration file, not several ({', '.join(map(str, files.values()))})")
+            kwargs["settings"] = settings
+            if many:
+                kwargs["grid"] = grid
+            if from_file:
+                kwargs["calibration"] = next(iter(files.values()), None)
+            return command(*args, **kwargs)
+
+        for flag, setting, alias in reversed(chosen):
+            kind = click.Path(dir_okay=False) if alias.from_file else None
+            callback = None if alias.from_file else _parse_with(setting, alias.many)
+            metavar = "FILE" if alias.from_file else "V1,V2,..." if alias.many else "VALUE"
+            wrapper = click.option(flag, _alias_param(flag), type=kind, callback=callback, metavar=metavar,
+                                   help=alias.help)(wrapper)
+        return click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", callback=_parse_assignments,
+                            help="A family setting (see 'vitedge families'), typed by its schema; lists "
+                                 "comma-separated; repeatable.")(wrapper)
+
+    return decorate
+
+
 @click.group(name="vitedge", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(vitedge.__version__, prog_name="vitedge")
 def main():
@@ -71,32 +147,30 @@ def main():
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
 @click.option("--family", help=f"Model family ({', '.join(vitedge.available_families())}); read from vitedge checkpoints.")
 @click.option("--arch", help="Named architecture (deit_tiny, deit_small, deit_base, vit_fmnist); default: inferred from the weights.")
-@click.option("--keep-rate", type=float, help="Token keep rate in (0, 1] (EViT: per pruning block; DynamicViT: base rho).")
 @click.option("--img-size", type=int, help="Input size in pixels (position embeddings are resampled).")
-@click.option("--merge-count", type=int, help="ToMe: tokens merged per block (r).")
 @click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Export recipe YAML; flags override its values.")
 @click.option("--opset", type=int, help="ONNX opset (>= 17, default 18).")
 @click.option("--batch-size", type=int, help="Static batch size of the graph (default 1).")
 @click.option("--dynamic-batch/--static-batch", default=None, help="Symbolic batch dimension (token counts stay static).")
-@click.option("--dynamic-resolution", metavar="MIN:MAX", help="Symbolic input size in this range (deit, castling); optimum at --img-size.")
+@click.option("--dynamic-resolution", metavar="MIN:MAX",
+              help="Symbolic input size in this range (resolution-agnostic families, see 'vitedge families'); optimum at --img-size.")
 @click.option("--validate-data", default="fashion-mnist", show_default=True, help="fashion-mnist or an image folder.")
 @click.option("--validate-limit", type=int, default=256, show_default=True, help="Images for the quick validation.")
 @click.option("--no-validate", is_flag=True, help="Skip the quick validation.")
-@click.option("--budgets", "budgets_file", type=click.Path(dir_okay=False),
-              help="A-ViT: token budgets per block from 'vitedge calibrate' (fixed-budget graph).")
-@click.option("--quantile", type=float, help="A-ViT: calibrate budgets now, covering this quantile of images per block.")
+@click.option("--calib", default="fmnist-train-512", show_default=True,
+              help="Calibration set for data-dependent settings given here: a name in calibration/ or a YAML file.")
+@setting_options(from_file=True)
 @friendly
-def export(checkpoint, outdir, family, arch, keep_rate, img_size, merge_count, num_heads, recipe, opset, batch_size,
-           dynamic_batch, dynamic_resolution, validate_data, validate_limit, no_validate, budgets_file, quantile):
+def export(checkpoint, outdir, family, arch, img_size, num_heads, recipe, opset, batch_size, dynamic_batch,
+           dynamic_resolution, validate_data, validate_limit, no_validate, calib, settings, calibration):
     """Load CHECKPOINT, rewrite it to a static graph, export, check and validate it."""
     report = vitedge.export(
-        checkpoint, outdir, family=family, arch=arch, keep_rate=keep_rate, img_size=img_size, recipe=recipe,
+        checkpoint, outdir, family=family, arch=arch, img_size=img_size, recipe=recipe,
         opset=opset, batch_size=batch_size, dynamic_batch=dynamic_batch, num_heads=num_heads,
         dynamic_resolution=dynamic_resolution,
         validate_data=None if no_validate else validate_data, validate_limit=validate_limit, log=log,
-        settings={"merge_count": merge_count} if merge_count is not None else None,
-        budgets=budgets_file, quantile=quantile,
+        settings=settings, calibration=calibration, calib=calib,
     )
     summary = {"outdir": outdir, "check": report["check"]["passed"]}
     if "validate" in report:
@@ -313,35 +387,14 @@ def predict(outdir, input_npy, output_npy):
     click.echo(json.dumps({"output": output_npy, "shape": list(logits.shape), "top1": logits.argmax(1).tolist()[:16]}))
 
 
-def settings_list(setting: str, example: str):
-    """A click callback turning "0.5,0.7" into candidate settings [{setting: 0.5}, {setting: 0.7}]."""
-
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            return [{setting: float(part)} for part in value.split(",") if part.strip()]
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated numbers such as {example}, got {value!r}") from None
-
-    return parse
-
-
-parse_keep_rates = settings_list("keep_rate", "0.5,0.7,0.9")
-parse_quantiles = settings_list("budget_quantile", "0.99,0.9,0.8")
-
-
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Folder for the winning artifact + tune.md/.json/.png.")
 @click.option("--latency-budget-ms", type=float, required=True, help="Latency budget per batch, in ms.")
 @click.option("--family", help="Model family; read from vitedge checkpoints.")
 @click.option("--arch", help="Named architecture; default: inferred from the weights.")
-@click.option("--keep-rates", callback=parse_keep_rates, help="Keep rates to try, comma-separated (default: the family's grid).")
-@click.option("--quantiles", callback=parse_quantiles,
-              help="A-ViT: budget quantiles to try, comma-separated, each calibrated on --calib (default: masked + the family's grid).")
 @click.option("--calib", default="fmnist-train-512", show_default=True,
-              help="Calibration set for data-dependent settings (A-ViT budgets): a name in calibration/ or a YAML file.")
+              help="Calibration set for data-dependent settings: a name in calibration/ or a YAML file.")
 @click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
 @click.option("--data", default="fashion-mnist", show_default=True, help="Labelled images: fashion-mnist or a folder with one sub-folder per class.")
 @click.option("--limit", type=int, default=2000, show_default=True, help="Images to measure accuracy on.")
@@ -350,38 +403,26 @@ parse_quantiles = settings_list("budget_quantile", "0.99,0.9,0.8")
 @click.option("--iterations", type=int, default=50, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
+@setting_options(many=True)
 @friendly
-def tune(checkpoint, outdir, latency_budget_ms, family, arch, keep_rates, quantiles, calib, backend, data, limit, batch,
-         statistic, iterations, warmup, threads):
-    """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does)."""
-    if keep_rates is not None and quantiles is not None:
-        raise VitedgeError("give --keep-rates or --quantiles, not both (a family has one of the two knobs)")
+def tune(checkpoint, outdir, latency_budget_ms, family, arch, calib, backend, data, limit, batch,
+         statistic, iterations, warmup, threads, settings, grid):
+    """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does).
+
+    Candidates: the family's grid, or every combination of the listed values (--keep-rates ...)."""
     summary = vitedge.tune(checkpoint, outdir, latency_budget_ms, family=family, arch=arch,
-                           candidates=keep_rates if quantiles is None else quantiles,
+                           candidates=candidate_grid(grid) if grid else None, settings=settings,
                            backend=backend, data=data, limit=limit, batch=batch, statistic=statistic,
                            iterations=iterations, warmup=warmup, threads=threads, log=log, calib=calib)
     chosen = summary["chosen"]
     click.echo(json.dumps({"outdir": outdir, "chosen": chosen["settings"], "accuracy": chosen["accuracy"],
                            f"{statistic}_ms": chosen["latency_ms"], "budget_ms": latency_budget_ms}))
-def _number_list(kind):
-    """click callback: ``"16,20,24"`` → [16, 20, 24] (None stays None: the checkpoint's trained set)."""
-
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            return [kind(item) for item in value.split(",") if item.strip()]
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-
-    return parse
 
 
 @main.command("export-bundle")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-@click.option("--sizes", callback=_number_list(int), help="Input sizes in px, e.g. 128,160,192,224 (default: all trained).")
-@click.option("--keep-rates", callback=_number_list(float), help="Keep rates, e.g. 0.5,0.7,1 (default: all trained).")
+@click.option("--family", help="Model family with variant bundles (see 'vitedge families'); read from vitedge checkpoints.")
 @click.option("--arch", help="Named architecture; default: inferred from the weights.")
 @click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
 @click.option("--opset", type=int, help="ONNX opset (>= 17, default 18).")
@@ -391,12 +432,15 @@ def _number_list(kind):
 @click.option("--device", help="Label for the latencies measured here (default: this machine, e.g. x86-cpu-ort).")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--iterations", type=int, default=30, show_default=True, help="Interleaved timing rounds.")
+@setting_options(many=True)
 @friendly
-def export_bundle(checkpoint, outdir, sizes, keep_rates, arch, num_heads, opset, batch_size, validate_data,
-                  validate_limit, device, threads, iterations):
-    """Export every (size, keep rate) variant of a SuperViT CHECKPOINT into one bundle folder."""
+def export_bundle(checkpoint, outdir, family, arch, num_heads, opset, batch_size, validate_data,
+                  validate_limit, device, threads, iterations, settings, grid):
+    """Export every variant of CHECKPOINT (its family's bundle settings, e.g. size x keep rate) into one bundle folder.
+
+    Each bundle setting spans the values listed (--sizes, --keep-rates, ...), by default all the model was trained for."""
     bundle = vitedge.export_bundle(
-        checkpoint, outdir, resolutions=sizes, keep_rates=keep_rates, arch=arch, num_heads=num_heads, opset=opset,
+        checkpoint, outdir, values=grid, family=family, settings=settings, arch=arch, num_heads=num_heads, opset=opset,
         batch_size=batch_size, validate_data=validate_data, validate_limit=validate_limit, device=device,
         threads=threads, iterations=iterations, log=log,
     )
@@ -442,27 +486,37 @@ def select(bundle, latency_ms, device, as_json):
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output_file", required=True, type=click.Path(dir_okay=False),
               help="Budgets file to write (JSON), e.g. calibration/fmnist-avit-budgets.json.")
-@click.option("--quantile", type=float, help="Cover this quantile of calibration images per block (default 0.99).")
-@click.option("--flops-ratio", type=float, help="Instead: the largest quantile whose FLOPs are at most this ratio to dense.")
+@click.option("--flops-ratio", type=float, help="Instead of a setting: the largest one whose FLOPs are at most this ratio to dense.")
 @click.option("--data", default="fashion-mnist", show_default=True, help="fashion-mnist (train split) or an image folder.")
 @click.option("--limit", type=int, default=2000, show_default=True, help="Calibration images.")
-@click.option("--family", help="Model family (read from vitedge checkpoints; only avit has budgets).")
+@click.option("--family", help="Model family (read from vitedge checkpoints; see 'vitedge families' for which calibrate).")
 @click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
-@click.option("--recipe", type=click.Path(dir_okay=False), help="The export recipe YAML (family, gates in settings).")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="The export recipe YAML (family, settings).")
+@setting_options()
 @friendly
-def calibrate(checkpoint, output_file, quantile, flops_ratio, data, limit, family, num_heads, recipe):
-    """Measure live tokens per block of a halting model (A-ViT) and write per-block token budgets."""
-    result = vitedge.calibrate(checkpoint, output_file, data=data, quantile=quantile, flops_ratio=flops_ratio,
-                               limit=limit, family=family, num_heads=num_heads, recipe=recipe, log=log)
-    click.echo(json.dumps({k: result[k] for k in ("token_budgets", "quantile", "flops")} |
-                          {"mean_depth": result["halting"]["mean_depth"]}))
+def calibrate(checkpoint, output_file, flops_ratio, data, limit, family, num_heads, recipe, settings):
+    """Resolve a model's data-dependent settings (e.g. a halting model's token budgets) on calibration images."""
+    result = vitedge.calibrate(checkpoint, output_file, data=data, flops_ratio=flops_ratio, limit=limit, family=family,
+                               num_heads=num_heads, recipe=recipe, settings=settings, log=log)
+    click.echo(json.dumps(result["summary"]))
 
 
 @main.command()
 def families():
-    """List the registered families."""
+    """List the registered families and each one's settings (for --set NAME=VALUE and recipes)."""
     for name in vitedge.available_families():
-        click.echo(f"{name:12s} {vitedge.get_family(name).summary}")
+        fam = get_family(name)
+        traits = [label for flag, label in ((fam.resolution_agnostic, "resolution-agnostic (--dynamic-resolution)"),
+                                            (fam.linear_attention, "linear attention only"),
+                                            (bool(fam.bundle_axes), f"bundles over {', '.join(fam.bundle_axes)}"),
+                                            (bool(fam.calibrated_settings),
+                                             f"calibrates {', '.join(fam.calibrated_settings)} on data")) if flag]
+        click.echo(f"{name:12s} {fam.summary}" + (f" [{'; '.join(traits)}]" if traits else ""))
+        for setting in fam.settings:
+            default = "" if setting.default is None else f", default {setting.format(setting.default)}"
+            flags = ", ".join(a.flag for a in setting.aliases)
+            click.echo(f"  {setting.name:16s} {setting.describe()}{default}: {setting.help}"
+                       + (f" (flags: {flags})" if flags else ""))
 
 
 if __name__ == "__main__":

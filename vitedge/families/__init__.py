@@ -108,7 +108,8 @@ class Setting:
         one, many = _KINDS[self.type]
         kind = {ONE: one, LIST: f"a list of {many}", ONE_OR_LIST: f"{one} or a list of {many}"}[self.shape]
         bounds = self.bounds()
-        return f"{kind}{' in ' + bounds if bounds else ''}" + (" or none" if self.none_means else "")
+        where = (" in " if bounds[:1] in "([" else " ") + bounds if bounds else ""
+        return f"{kind}{where}" + (" or none" if self.none_means else "")
 
     def bounds(self) -> str:
         if self.minimum is None and self.maximum is None:

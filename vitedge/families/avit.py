@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbone import Block, ViTConfig, VisionTransformer
+from ..backbone import Block, ViTConfig, VisionTransformer, dense_flops
 from ..errors import VitedgeError
 from ..rewrite import rewrites
 from ..tokens import gather_tokens, patch_positions, top_tokens
@@ -47,6 +47,7 @@ BUDGET_MULTIPLE = 8  # budgets are rounded up to hardware-friendly token counts
 # ``vitedge tune``'s grid after the masked graph. Below about 0.92 a block overflows on more than the
 # 10 % of images that a budgeted export's kept-set agreement (>= 0.9) allows, so lower ones fail validation.
 TUNING_QUANTILES = (1.0, 0.99, 0.98, 0.95, 0.93)
+DEFAULT_QUANTILE = 0.99  # 'vitedge calibrate' without a quantile or FLOPs target
 # (gate_scale, gate_center) of the released checkpoints: tiny-10-30.pth, small-10-75.pth
 OFFICIAL_GATES = {192: (10.0, 30.0), 384: (10.0, 75.0)}
 
@@ -311,6 +312,43 @@ class AViTFamily(Family):
         return settings
 
     calibrated_settings = ("budget_quantile",)
+
+    @torch.no_grad()
+    def calibrate(self, model, cfg, settings, batches, flops_ratio=None):
+        """Budgets from the live patch tokens per block of the reference on calibration images: at
+        ``budget_quantile`` (default 0.99) or, with ``flops_ratio``, the largest quantile within it."""
+        counts = live_patch_counts(model, batches())
+        budgets, quantile = self.choose_budgets(cfg, settings, counts, settings.get("budget_quantile"), flops_ratio)
+        resolved = self.resolve_settings(cfg, {**settings, "token_budgets": budgets, "budget_quantile": quantile})
+        halting = halting_summary(counts, cfg.num_patches)
+        record = {"images": int(len(counts)), "quantile": quantile, "flops_ratio_target": flops_ratio, "halting": halting}
+        return resolved, record, {"quantile": quantile, "mean_depth": halting["mean_depth"]}
+
+    def choose_budgets(self, cfg, settings, counts, quantile=None, flops_ratio=None) -> tuple[list[int], float]:
+        """Budgets for a quantile of ``counts`` [images, depth], or for the largest quantile whose FLOPs
+        ratio to dense is at most ``flops_ratio``. Returns (budgets, quantile used)."""
+        tokens = cfg.num_patches + 1
+        if flops_ratio is None:
+            quantile = check_quantile(DEFAULT_QUANTILE if quantile is None else quantile)
+            return budgets_from_counts(counts, quantile, tokens), quantile
+        if quantile is not None:
+            raise VitedgeError("give a quantile or a FLOPs target, not both")
+        if not 0.0 < flops_ratio <= 1.0:
+            raise VitedgeError(f"FLOPs target must be a ratio to dense in (0, 1], got {flops_ratio:g}")
+
+        def ratio(q: float) -> float:
+            budgeted = self.resolve_settings(cfg, {**settings, "token_budgets": budgets_from_counts(counts, q, tokens)})
+            return self.token_plan(cfg, budgeted).flops(cfg) / dense_flops(cfg)
+
+        low, high = 1.0 / len(counts), 1.0
+        if ratio(low) > flops_ratio:
+            raise VitedgeError(f"FLOPs target {flops_ratio:g} is below what any quantile reaches ({ratio(low):.3f}); raise it")
+        if ratio(high) <= flops_ratio:
+            return budgets_from_counts(counts, high, tokens), high
+        for _ in range(30):  # budgets are a step function of q: bisect to the largest q that meets the target
+            middle = (low + high) / 2
+            low, high = (middle, high) if ratio(middle) <= flops_ratio else (low, middle)
+        return budgets_from_counts(counts, low, tokens), round(low, 6)
 
     def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
         """The masked graph (exact, dense cost), then budgets at falling quantiles of live tokens."""
