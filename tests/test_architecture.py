@@ -137,3 +137,56 @@ def test_the_import_reader_sees_a_backward_import(tmp_path, monkeypatch):
         test_imports_run_one_way()
     with pytest.raises(AssertionError, match="import cycle"):
         test_no_import_cycles()
+
+
+# Words that are both a family's setting name and a stage concept; each one's stage meaning is not the knob's.
+ALLOWED_WORDS = {
+    # vitedge.json "input.resolution": the size range of a dynamic-resolution graph (SuperViT's setting of the
+    # same name is one variant's input size, read only by its family).
+    "resolution": "dynamic-resolution range",
+    # vitedge.json "token_budgets": every plan's token counts per block (A-ViT's setting of the same name is one
+    # plan's input); the calibration file kind "vitedge-token-budgets" predates the generic calibration.
+    "token_budgets": "the plan's section of vitedge.json",
+}
+
+
+def _word_pattern(word: str) -> re.Pattern:
+    """``word`` (or its flag spelling, ``keep-rate``) as a whole word: not inside ``dynamic-resolution`` or ``fmnist-evit``."""
+    forms = sorted({word, word.replace("_", "-")}, key=len, reverse=True)
+    return re.compile(r"(?<!\w)(?<!\w-)(?:" + "|".join(map(re.escape, forms)) + r")(?!\w)(?!-\w)")
+
+
+def _named_words() -> dict[str, str]:
+    words = {name: "family" for name in available_families()}
+    for name in available_families():
+        words.update({s.name: f"setting of {name}" for s in get_family(name).settings if s.name not in words})
+    return {word: kind for word, kind in words.items() if word not in ALLOWED_WORDS}
+
+
+def _stage_files() -> list[Path]:
+    return [p for p in sorted(PACKAGE.rglob("*.py")) if "families" not in p.relative_to(PACKAGE).parts]
+
+
+def _mentions(files: list[Path], words: dict[str, str]) -> list[str]:
+    found = []
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for word, kind in words.items():
+                if _word_pattern(word).search(line):
+                    found.append(f"{path.name}:{number}: {kind} '{word}': {line.strip()[:90]}")
+    return found
+
+
+def test_no_stage_or_cli_code_names_a_family_or_a_setting():
+    """Stages reach families through the registry and the settings schema only (docs/architecture.md)."""
+    found = _mentions(_stage_files(), _named_words())
+    assert not found, "\n".join(found)
+
+
+def test_the_name_check_sees_a_family_and_a_flag(tmp_path):
+    """The check can fail: a family name in a message and a knob's flag spelling are both found."""
+    stage = tmp_path / "stage.py"
+    stage.write_text('raise Error("only family \'avit\' has budgets")\nflag = "--keep-rate"\n'
+                     'fine = ("dynamic-resolution", "fmnist-evit.safetensors", "keep_rates_list")\n')
+    found = _mentions([stage], {"avit": "family", "keep_rate": "setting", "resolution": "setting", "evit": "family"})
+    assert [line.split(": ")[1] for line in found] == ["family 'avit'", "setting 'keep_rate'"]

@@ -33,9 +33,14 @@ def test_export_prints_a_json_summary_and_no_traceback(dynamicvit_export):
 
 def test_version_and_families():
     assert run_cli("--version").stdout.strip() == f"vitedge, version {vitedge.__version__}"
-    names = [line.split()[0] for line in run_cli("families").stdout.splitlines()]
+    lines = run_cli("families").stdout.splitlines()
+    names = [line.split()[0] for line in lines if not line.startswith(" ")]
     assert names == sorted(names) == vitedge.available_families()
     assert {"deit", "dynamicvit", "evit"} <= set(names)
+    # Each family's settings follow it, with type, range, default, help and flags (from its schema).
+    evit = lines[lines.index(next(line for line in lines if line.startswith("evit "))) + 1:]
+    keep = next(line for line in evit if line.split()[0] == "keep_rate")
+    assert "a number or a list of numbers in (0, 1], default 0.7" in keep and "--keep-rate" in keep
 
 
 def test_inspect_json(evit_artifact):

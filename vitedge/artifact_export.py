@@ -86,7 +86,7 @@ def resolution_range(value, family, cfg) -> tuple[int, int] | None:
         raise VitedgeError(f"dynamic resolution must be MIN:MAX in pixels, e.g. 224:1024, got {value!r}") from None
     if not family.resolution_agnostic:
         raise VitedgeError(f"family '{family.name}' fixes token counts in the graph (TopK K, budgets), so one graph "
-                           "cannot serve several resolutions; export one artifact per --img-size instead")
+                           "cannot serve several input sizes; export one artifact per --img-size instead")
     patch = cfg.patch_size
     if low % patch or high % patch or not 0 < low <= cfg.img_size <= high:
         raise VitedgeError(f"dynamic resolution {low}:{high} must be multiples of the patch size {patch} around the "
@@ -116,7 +116,7 @@ def export(
 ) -> dict:
     """checkpoint → OUTDIR/{model.onnx, vitedge.json, report.json, report.md}: load, rewrite, export, check, validate.
 
-    Family settings come from ``settings``, keyword arguments (``keep_rate=0.5``) and the recipe;
+    Family settings come from ``settings``, keyword arguments (``NAME=value``) and the recipe;
     ``vitedge families`` lists them. ``dynamic_resolution="MIN:MAX"`` (resolution-agnostic
     families) makes the input size symbolic in that range, optimum at the export size; the graph
     is checked at min/opt/max and validated at each. Set ``validate_data=None`` to skip the quick

@@ -9,7 +9,7 @@ FLOPs, measured latency (per device label) and validation accuracy. ``select`` p
 accurate variant whose latency meets a budget.
 
 Every variant takes the same input (the checkpoint's full size); what a variant does with it
-is the family's (``Family.describe_input``, ``bundle_input_note``; docs/supervit.md).
+is the family's (``Family.describe_input``, ``bundle_input_note``; its docs/<family>.md says why).
 """
 
 from __future__ import annotations

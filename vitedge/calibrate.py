@@ -76,8 +76,8 @@ def load_calibrated(checkpoint, family: str | None = None, arch: str | None = No
                     img_size: int | None = None, num_heads: int | None = None, calibration=None,
                     calib=DEFAULT_SET, log=_stderr) -> LoadedModel:
     """``load_model`` with the family's data-dependent settings resolved: read from ``calibration``
-    (a ``vitedge calibrate`` file) or, when ``settings`` give one (A-ViT's ``budget_quantile``),
-    calibrated now on the calibration set ``calib``."""
+    (a ``vitedge calibrate`` file) or, when ``settings`` give one of them, calibrated now on the
+    calibration set ``calib``."""
     ckpt = read_checkpoint(checkpoint)
     settings = dict(settings or {})
     name = family or ckpt.metadata.get("family")
@@ -112,7 +112,7 @@ def calibrate(
 ) -> dict:
     """checkpoint → calibration file (JSON): the family's data-dependent settings resolved on ``data`` (train split).
 
-    ``settings`` (or keyword arguments, e.g. ``budget_quantile=0.9``) and ``recipe`` (family,
+    ``settings`` (or keyword arguments, ``NAME=value``) and ``recipe`` (family,
     num_heads, settings such as A-ViT's gates) describe the model the export will build;
     ``flops_ratio`` asks for the largest setting within that FLOPs ratio to dense instead.
     Raises VitedgeError on bad input before anything is written; the file lands atomically.

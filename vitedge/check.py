@@ -209,7 +209,7 @@ def check_sizes(proto, metadata: dict) -> dict:
 def quadratic_tokens(family_name: str, arch: dict) -> int | None:
     """The token count N whose N x N tensors the lint forbids, for linear-only families.
 
-    A family declares itself linear-only with ``linear_attention = True`` (castling); for the
+    A family declares itself linear-only with ``linear_attention = True``; for the
     others there is no such rule (None).
     """
     if not get_family(family_name).linear_attention:

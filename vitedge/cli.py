@@ -90,11 +90,11 @@ def _parse_assignments(ctx, param, values):
 
 
 def setting_options(many: bool = False, from_file: bool = False):
-    """``--set NAME=VALUE`` (repeatable) and the alias flags the families declare (``--keep-rate``, ...).
+    """``--set NAME=VALUE`` (repeatable) and the alias flags the families declare (``Alias``).
 
     The command receives ``settings`` ({name: value}); with ``many``, ``grid`` ({name: [values]},
-    from aliases such as ``--keep-rates``); with ``from_file``, ``calibration`` (a file's path, from
-    aliases such as ``--budgets``). Values are typed by the families' schema, so a bad one is a
+    from ``many`` aliases); with ``from_file``, ``calibration`` (a file's path, from ``from_file``
+    aliases). Values are typed by the families' schema, so a bad one is a
     usage error before anything runs."""
     chosen = [(flag, setting, alias) for flag, (setting, alias) in sorted(aliases().items())
               if (alias.many and many) or (alias.from_file and from_file) or not (alias.many or alias.from_file)]
@@ -409,7 +409,7 @@ def tune(checkpoint, outdir, latency_budget_ms, family, arch, calib, backend, da
          statistic, iterations, warmup, threads, settings, grid):
     """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does).
 
-    Candidates: the family's grid, or every combination of the listed values (--keep-rates ...)."""
+    Candidates: the family's grid, or every combination of the values its list flags give (see 'vitedge families')."""
     summary = vitedge.tune(checkpoint, outdir, latency_budget_ms, family=family, arch=arch,
                            candidates=candidate_grid(grid) if grid else None, settings=settings,
                            backend=backend, data=data, limit=limit, batch=batch, statistic=statistic,
@@ -438,7 +438,7 @@ def export_bundle(checkpoint, outdir, family, arch, num_heads, opset, batch_size
                   validate_limit, device, threads, iterations, settings, grid):
     """Export every variant of CHECKPOINT (its family's bundle settings, e.g. size x keep rate) into one bundle folder.
 
-    Each bundle setting spans the values listed (--sizes, --keep-rates, ...), by default all the model was trained for."""
+    Each bundle setting spans the values its list flag gives, by default all the model was trained for."""
     bundle = vitedge.export_bundle(
         checkpoint, outdir, values=grid, family=family, settings=settings, arch=arch, num_heads=num_heads, opset=opset,
         batch_size=batch_size, validate_data=validate_data, validate_limit=validate_limit, device=device,

@@ -1,7 +1,7 @@
 """Export recipes: YAML files that hold an export's settings; CLI flags override them.
 
 Family settings are typed by the families' schema (``Setting``), under ``settings:`` or, as a
-shorthand, at the top level (``keep_rate: 0.7``); the other keys are typed here.
+shorthand, at the top level (``NAME: value``); the other keys are typed here.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ _TYPES = {
 
 def merge(recipe: dict, overrides: dict) -> dict:
     """Recipe values with every non-None override on top; family settings given at the top level
-    (recipe shorthand, ``keep_rate: 0.7``) go into ``settings`` and win over the recipe's."""
+    (recipe shorthand, ``NAME: value``) go into ``settings`` and win over the recipe's."""
     schema = settings_by_name()
     given = {k: v for k, v in overrides.items() if v is not None and k != "settings"}
     settings = {**recipe.get("settings", {}), **{k: v for k, v in recipe.items() if k in schema},
