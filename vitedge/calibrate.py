@@ -81,8 +81,8 @@ def load_calibrated(checkpoint, family: str | None = None, arch: str | None = No
     ckpt = read_checkpoint(checkpoint)
     settings = dict(settings or {})
     name = family or ckpt.metadata.get("family")
-    pending_names = get_family(name).calibrated_settings if name else ()
-    pending = {k: settings.pop(k) for k in pending_names if settings.get(k) is not None}
+    pending = get_family(name).pending_calibration(settings) if name else {}
+    settings = {k: v for k, v in settings.items() if k not in pending}
     loaded = load_model(ckpt, family=family, arch=arch, settings=settings, img_size=img_size, num_heads=num_heads)
     if calibration is not None:
         if pending:

@@ -136,7 +136,7 @@ def tune(
     resolved = [loaded.family.resolve_settings(loaded.cfg, settings) for settings in grid]  # all valid before any export
     calibrated = [{} for _ in grid]
     calibration = None
-    if any(s.get(key) is not None for s in resolved for key in loaded.family.calibrated_settings):
+    if any(loaded.family.pending_calibration(s) for s in resolved):
         images, calibration = calibration_images(calib, loaded, ranked_data=data)
         log(f"calibrating {loaded.family.name} candidates on {calibration['name']} ({len(images)} images)")
         grid = loaded.family.calibrate_candidates(loaded.model, loaded.cfg, resolved, images)

@@ -404,4 +404,4 @@ def test_recipe_settings(tome_ckpt, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("family: tome\nsettings:\n  merge_count: lots\n")
     line = assert_clean_failure(run_cli("export", tome_ckpt, "-o", tmp_path / "o2", "--recipe", bad), tmp_path / "o2")
-    assert "'merge_count' must be an integer or a list of integers" in line
+    assert "'merge_count' must be a whole number or a list of whole numbers >= 0, got 'lots'" in line

@@ -274,6 +274,10 @@ class Family:
     # (A-ViT's "budget_quantile" → "token_budgets"); a candidate with none of them needs no data.
     calibrated_settings: tuple[str, ...] = ()
 
+    def pending_calibration(self, settings: dict) -> dict:
+        """The calibrated settings in ``settings`` not yet resolved on data; all that are given, by default."""
+        return {k: settings[k] for k in self.calibrated_settings if settings.get(k) is not None}
+
     def calibrate_candidates(self, model: nn.Module, cfg: ViTConfig, candidates: list[dict],
                              images: np.ndarray) -> list[dict]:
         """Candidates (full settings) with their data-dependent settings resolved on ``images``

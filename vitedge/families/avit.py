@@ -313,6 +313,10 @@ class AViTFamily(Family):
 
     calibrated_settings = ("budget_quantile",)
 
+    def pending_calibration(self, settings: dict) -> dict:
+        """A quantile is resolved once its budgets are there (a candidate from ``vitedge tune``)."""
+        return {} if settings.get("token_budgets") else super().pending_calibration(settings)
+
     @torch.no_grad()
     def calibrate(self, model, cfg, settings, batches, flops_ratio=None):
         """Budgets from the live patch tokens per block of the reference on calibration images: at
