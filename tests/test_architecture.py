@@ -28,7 +28,7 @@ LAYERS = [
     ("build/profile", {"build", "profile"}),
     ("tune/bundle", {"tune", "bundle"}),
     ("orchestration", {"pipeline"}),
-    ("cli", {"cli", "__init__"}),
+    ("cli", {"cli", "setting_options", "__init__"}),
 ]
 LAYER = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 

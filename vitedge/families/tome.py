@@ -313,13 +313,9 @@ class ToMeFamily(Family):
         else:
             count = _merge_count_value(count)
         inflection = overrides.get("inflection", 0.0)
-        if isinstance(inflection, bool) or not isinstance(inflection, (int, float)) or not -1.0 <= inflection <= 1.0:
-            raise VitedgeError(f"inflection must be a number in [-1, 1] (-1: decreasing schedule), got {inflection!r}")
         if isinstance(count, list) and inflection:
             raise VitedgeError("inflection applies to one merge_count, not to a list per block")
         prop_attn = overrides.get("prop_attn", True)
-        if not isinstance(prop_attn, bool):
-            raise VitedgeError(f"prop_attn must be true or false, got {prop_attn!r}")
         limit = mergeable(cfg.num_patches + 1)
         largest = max(merge_schedule(cfg.depth, count, float(inflection)), default=0)
         if largest > limit:
