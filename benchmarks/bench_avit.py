@@ -45,7 +45,7 @@ from bench_token_pruning import (  # noqa: E402
 import vitedge  # noqa: E402
 from vitedge.artifact import write_json_atomic  # noqa: E402
 from vitedge.backbone import ARCHS, dense_flops  # noqa: E402
-from vitedge.calibrate import read_budgets, with_budgets  # noqa: E402
+from vitedge.calibrate import read_calibration, with_settings  # noqa: E402
 from vitedge.families.avit import round_budget  # noqa: E402
 from vitedge.load import load_model, read_checkpoint  # noqa: E402
 from vitedge.pipeline import tool_versions  # noqa: E402
@@ -67,7 +67,7 @@ def fidelity(workdir: Path, limit: int | None) -> dict:
     """Export + validate the trained model's masked and fixed-budget graphs on Fashion-MNIST test images."""
     out = {}
     for name, budgets in (("masked", None), ("fixed_budget", BUDGETS)):
-        report = vitedge.export(MODEL, workdir / f"fmnist-{name}", budgets=budgets, validate_limit=limit,
+        report = vitedge.export(MODEL, workdir / f"fmnist-{name}", calibration=budgets, validate_limit=limit,
                                 log=lambda m: None)
         v = report["validate"]
         out[name] = {k: v[k] for k in ("images", "top1_agreement", "max_abs_logit_diff", "kept_agreement",
@@ -171,7 +171,7 @@ def main() -> None:
     torch.set_num_threads(1)
     calibration = json.loads(BUDGETS.read_text())
     loaded = load_model(MODEL)
-    read_budgets(BUDGETS, loaded)  # the committed budgets belong to the committed model
+    read_calibration(BUDGETS, loaded)  # the committed budgets belong to the committed model
     with tempfile.TemporaryDirectory(prefix="bench-avit-") as tmp:
         workdir = Path(tmp)
         log("part 1: fidelity on Fashion-MNIST")
@@ -181,7 +181,7 @@ def main() -> None:
         spd = speed(workdir, budgets, args.rounds, args.threads)
     spd["budget_source"] = {"file": str(BUDGETS.relative_to(ROOT)), "live_fraction_p99_per_block": [round(x, 4) for x in fractions],
                             "rule": "1 + ceil(fraction x 196), rounded up to a multiple of 8, never growing"}
-    fmnist_flops = with_budgets(loaded, calibration["token_budgets"]).plan.flops(loaded.cfg) / dense_flops(loaded.cfg)
+    fmnist_flops = with_settings(loaded, {"token_budgets": calibration["token_budgets"]}).plan.flops(loaded.cfg) / dense_flops(loaded.cfg)
     result = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "threads": args.threads, "load_average": os.getloadavg()},

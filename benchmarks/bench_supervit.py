@@ -78,7 +78,7 @@ def build_models(tmp: Path, arch: str) -> tuple[dict, dict]:
             model.load_state_dict(state)
             model.eval().set_fused_attention(True)
             plan = family.token_plan(cfg, settings)
-            name = variant_name(size, rate)
+            name = variant_name(family, settings)
             path = tmp / f"{name}.onnx"
             started = time.perf_counter()
             with quiet():
@@ -194,7 +194,8 @@ def markdown(env: dict, results: dict) -> str:
                      "— | — | — | — | — |")
         for row in result["rows"]:
             tokens = results["variants"][row["variant"]]["tokens_after_selections"]
-            fm_name = variant_name(FMNIST_SIZE.get(row["resolution"], row["resolution"]), row["keep_rate"])
+            fm_name = variant_name(get_family("supervit"), {"resolution": FMNIST_SIZE.get(row["resolution"], row["resolution"]),
+                                                            "keep_rate": row["keep_rate"]})
             acc = fm.get(fm_name)
             lines.append(
                 f"| {result['batch']} | {row['variant']} | {'/'.join(map(str, tokens)) or '—'} | {row['flops_ratio']:.3f} | "

@@ -159,7 +159,7 @@ def test_select_on_a_single_artifact_is_refused(bundle):
     (["--keep-rates", "0.5,0.6"], "keep rate 0.6 is not one this model was trained for; use one of (0.5, 0.7, 1.0)"),
     (["--sizes", "16,16"], "listed twice"),
     (["--sizes", "16,x"], "expected comma-separated numbers"),
-    (["--sizes", ","], "at least one size"),
+    (["--sizes", ","], "a bundle needs at least one value of resolution"),
     (["--device", "a/b"], "device name must be"),
 ])
 def test_bad_variant_grid_writes_nothing(supervit_ckpt, tmp_path, args, message):
@@ -190,7 +190,7 @@ def test_failed_variant_leaves_no_bundle(supervit_ckpt, tmp_path):
     """A threshold no graph can meet (0 logit error is not reachable in float32) fails the whole bundle."""
     out = tmp_path / "out"
     with pytest.raises(VitedgeError, match="variant 16px-keep0.5: validation failed"):
-        vitedge.export_bundle(supervit_ckpt, out, resolutions=[16], keep_rates=[0.5], num_heads=HEADS, validate_limit=8,
+        vitedge.export_bundle(supervit_ckpt, out, values={"resolution": [16], "keep_rate": [0.5]}, num_heads=HEADS, validate_limit=8,
                               iterations=1, thresholds={"max_abs_logit_diff": 0.0}, log=lambda m: None)
     assert not out.exists()
 
@@ -202,7 +202,7 @@ def test_bundled_fmnist_supervit(tmp_path):
     path = REPO / "models" / "fmnist-supervit.safetensors"
     if not path.is_file():
         pytest.skip(f"{path.relative_to(REPO)} is missing; train it with 'python scripts/train_fmnist.py supervit'")
-    meta = vitedge.export_bundle(path, tmp_path / "b", resolutions=[16, 28], keep_rates=[0.5, 1.0],
+    meta = vitedge.export_bundle(path, tmp_path / "b", values={"resolution": [16, 28], "keep_rate": [0.5, 1.0]},
                                  validate_limit=512, iterations=2, log=lambda m: None)
     accuracy = {v["name"]: v["accuracy"] for v in meta["variants"]}
     assert all(v["validation"]["top1_agreement"] >= 0.998 for v in meta["variants"])

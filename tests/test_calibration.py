@@ -9,7 +9,7 @@ from PIL import Image
 from support import make_state_dict, read_json, run_cli
 
 from vitedge.backbone import ViTConfig
-from vitedge.calibration import (
+from vitedge.data.calibration_sets import (
     DEFAULT_SET, SET_DIR, array_sha256, available_sets, calibration_array, load_calibration_set, raw_images,
 )
 from vitedge.data import InputSpec, load_dataset
@@ -184,7 +184,7 @@ def test_avit_quantile_export_runs_out_of_the_box_on_a_224px_rgb_model(rgb224_ch
     out = tmp_path / "avit"
     result = run_cli("export", rgb224_checkpoint, "-o", out, "--family", "avit", "--quantile", "0.99", "--limit", "24")
     assert result.exit_code == 0, result.stderr
-    assert "token budgets calibrated on the bundled sample photographs" in result.stderr
+    assert "calibrated on the bundled sample photographs" in result.stderr
     assert "in-domain images are needed" in result.stderr
     settings = read_json(out / "vitedge.json")["settings"]
     assert settings["budget_quantile"] == 0.99 and len(settings["token_budgets"]) == RGB224.depth

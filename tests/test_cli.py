@@ -33,9 +33,14 @@ def test_export_prints_a_json_summary_and_no_traceback(dynamicvit_export):
 
 def test_version_and_families():
     assert run_cli("--version").stdout.strip() == f"vitedge, version {vitedge.__version__}"
-    names = [line.split()[0] for line in run_cli("families").stdout.splitlines()]
+    lines = run_cli("families").stdout.splitlines()
+    names = [line.split()[0] for line in lines if not line.startswith(" ")]
     assert names == sorted(names) == vitedge.available_families()
     assert {"deit", "dynamicvit", "evit"} <= set(names)
+    # Each family's settings follow it, with type, range, default, help and flags (from its schema).
+    evit = lines[lines.index(next(line for line in lines if line.startswith("evit "))) + 1:]
+    keep = next(line for line in evit if line.split()[0] == "keep_rate")
+    assert "a number or a list of numbers in (0, 1], default 0.7" in keep and "--keep-rate" in keep
 
 
 def test_inspect_json(evit_artifact):
@@ -159,6 +164,18 @@ def _bad_cases():
         "mistyped recipe value": (["{evit}", "--recipe", "{root}/mistyped.yaml", *h], "'img_size' must be an integer"),
         "opset 16": (["{evit}", "--family", "evit", "--opset", "16", *h], "opset 16 is too old"),
         "batch size 0": (["{evit}", "--family", "evit", "--batch-size", "0", *h], "batch size must be >= 1"),
+        "--set unknown name": (["{evit}", "--family", "evit", "--set", "keep_ratio=0.7", *h],
+                               "Invalid value for '--set': unknown setting 'keep_ratio'; the families' settings are:"),
+        "--set wrong type": (["{evit}", "--family", "evit", "--set", "fuse_token=maybe", *h],
+                             "fuse_token must be true or false, got 'maybe'"),
+        "--set list item": (["{evit}", "--family", "evit", "--set", "prune_blocks=3,six", *h],
+                            "prune_blocks must be a list of whole numbers >= 0, got 'six'"),
+        "--set out of range": (["{evit}", "--family", "evit", "--set", "keep_rate=0", *h], r"keep rate must be in \(0, 1\]"),
+        "--set without a value": (["{evit}", "--family", "evit", "--set", "keep_rate", *h], "--set takes NAME=VALUE"),
+        "--set another family's": (["{evit}", "--family", "evit", "--set", "merge_count=4", *h],
+                                   "family 'evit' has no setting merge_count; its settings: fuse_token, keep_rate"),
+        "--set and its alias": (["{evit}", "--family", "evit", "--set", "keep_rate=0.5", "--keep-rate", "0.7", *h],
+                                "keep_rate is given twice"),
     }
 
 
@@ -179,6 +196,17 @@ def test_export_bad_input(case, bad_inputs, dynamicvit_ckpt, tmp_path):
     assert sorted(p.name for p in bad_inputs.iterdir()) == [
         "a-file", "bad-validation.yaml", "broken.yaml", "evit.pth", "mistyped.yaml", "random.pth", "random.safetensors",
         "unknown-key.yaml"]
+
+
+def test_set_gives_any_setting_typed_by_the_schema(evit_ckpt, tmp_path):
+    """--set for a setting without a flag of its own, a list among them; repeated --set add up."""
+    out = tmp_path / "set"
+    result = run_cli("export", evit_ckpt, "-o", out, "--family", "evit", "--num-heads", HEADS, "--set", "prune_blocks=2,5,8",
+                     "--set", "keep_rate=0.5,0.6,0.7", "--set", "fuse_token=false", "--validate-limit", "16")
+    assert result.exit_code == 0, result.output
+    meta = read_json(out / "vitedge.json")
+    assert meta["settings"] == {"keep_rate": [0.5, 0.6, 0.7], "prune_blocks": [2, 5, 8], "fuse_token": False}
+    assert [s["block"] for s in meta["token_budgets"]["selections"]] == [2, 5, 8]
 
 
 def test_failed_export_leaves_a_good_outdir_unchanged(evit_artifact, evit_ckpt, tmp_path):

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from support import assert_clean_failure, copy_artifact, folder_listing, quiet, read_json, run_cli
 
 import vitedge
-from vitedge.calibration import array_sha256, calibration_array, load_calibration_set
+from vitedge.data.calibration_sets import array_sha256, calibration_array, load_calibration_set
 from vitedge.errors import VitedgeError
 from vitedge.quantize import graph_precision, quantize, selection_nodes, validate_quantized
 from vitedge.runtime import ort_session

@@ -3,13 +3,13 @@
 Public API (each CLI command is a thin shell over one of these)::
 
     import vitedge
-    vitedge.export("models/fmnist-evit.safetensors", "out/evit")
-    vitedge.validate("out/evit", data="fashion-mnist", limit=1000)
-    vitedge.profile("out/evit", backend="ort", device="x86-cpu", latency_budget_ms=20)
-    vitedge.build("out/evit", precision="fp16", device="orin-nano-8gb")   # TensorRT
+    vitedge.export("models/fmnist-evit.safetensors", "out/fmnist-evit")
+    vitedge.validate("out/fmnist-evit", data="fashion-mnist", limit=1000)
+    vitedge.profile("out/fmnist-evit", backend="ort", device="x86-cpu", latency_budget_ms=20)
+    vitedge.build("out/fmnist-evit", precision="fp16", device="orin-nano-8gb")   # TensorRT
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .artifact import Artifact  # noqa: E402
 from .build import build  # noqa: E402

@@ -1,14 +1,15 @@
-"""Variant bundles: one static graph per (input size, keep rate) of a SuperViT, and a selector.
+"""Variant bundles: one static graph per combination of a family's bundle settings, and a selector.
 
-A SuperViT is trained once for a grid of input sizes x keep rates; each grid point exports
-to its own static graph (a constant-shape graph cannot switch between them). A bundle is one
-folder holding every variant as a normal artifact (``<size>px-keep<rate>/``, so check,
-validate, profile and inspect work on it) and a ``vitedge.json`` with ``"kind": "bundle"``
-listing each variant's FLOPs, measured latency (per device label) and validation accuracy.
-``select`` picks the most accurate variant whose latency meets a budget.
+Some models are trained once for a grid of settings (SuperViT: input sizes x keep rates, its
+``Family.bundle_axes``); each grid point exports to its own static graph (a constant-shape
+graph cannot switch between them). A bundle is one folder holding every variant as a normal
+artifact (named by the family's labels, e.g. ``28px-keep0.5/``, so check, validate, profile
+and inspect work on it) and a ``vitedge.json`` with ``"kind": "bundle"`` listing each variant's
+FLOPs, measured latency (per device label) and validation accuracy. ``select`` picks the most
+accurate variant whose latency meets a budget.
 
-Every variant takes the same input (the checkpoint's full size) and resizes inside its graph,
-as the official forward does; docs/supervit.md says why and what the other choice costs.
+Every variant takes the same input (the checkpoint's full size); what a variant does with it
+is the family's (``Family.describe_input``, ``bundle_input_note``; its docs/<family>.md says why).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from .artifact import METADATA, SCHEMA_VERSION, Artifact, staged_outdir, write_j
 from .backbone import dense_flops
 from .data import check_source
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
+from .families import available_families, candidate_grid, get_family
 from .load import load_model, read_checkpoint
 from .profile import ort_runner
 from .validate import Thresholds, validate
 
 BUNDLE_KIND = "bundle"
-BUNDLE_FAMILIES = ("supervit",)
 # The contract of a variant: it equals the reference at its setting, every logit within 1e-4.
 # Top-1 can then differ only where the reference's two best logits are within 2e-4 of each other
 # (a tie float rounding decides: 1 image in 10,000 of the Fashion-MNIST model, margin 2e-6), so
@@ -51,8 +52,14 @@ def local_device() -> str:
     return f"{arch}-cpu-ort"
 
 
-def variant_name(resolution: int, keep_rate: float) -> str:
-    return f"{resolution}px-keep{keep_rate:g}"
+def bundle_families() -> list[str]:
+    """The families whose models a bundle spans (they declare ``bundle_axes``)."""
+    return [name for name in available_families() if get_family(name).bundle_axes]
+
+
+def variant_name(family, settings: dict) -> str:
+    """A variant's folder name from its bundle settings, by the family's labels: ``28px-keep0.5``."""
+    return family.label({axis: settings[axis] for axis in family.bundle_axes}, compact=True)
 
 
 def _check_device(device: str | None) -> str:
@@ -63,22 +70,30 @@ def _check_device(device: str | None) -> str:
     return device.strip()
 
 
-def _grid(loaded, resolutions, keep_rates) -> list[dict]:
-    """Every requested (resolution, keep rate), each checked against what the checkpoint was trained for."""
-    trained = loaded.settings
-    sizes = list(trained["resolutions"]) if resolutions is None else list(resolutions)
-    rates = list(trained["keep_rates"]) if keep_rates is None else list(keep_rates)
-    if not sizes or not rates:
-        raise VitedgeError("a bundle needs at least one size and one keep rate")
-    variants = []
-    for size in sizes:
-        for rate in rates:
-            settings = loaded.family.resolve_settings(
-                loaded.cfg, {**trained, "resolution": size, "keep_rate": rate}
-            )
-            if any(v["resolution"] == settings["resolution"] and v["keep_rate"] == settings["keep_rate"] for v in variants):
-                raise VitedgeError(f"size {size} / keep rate {rate:g} is listed twice")
-            variants.append(settings)
+def _grid(loaded, values: dict | None) -> list[dict]:
+    """Every combination of the requested values of the bundle settings, each checked against the model.
+
+    A bundle setting without values spans the ones the model lists (its ``choices_from`` setting)."""
+    fam, trained = loaded.family, loaded.settings
+    values = dict(values or {})
+    extra = sorted(set(values) - set(fam.bundle_axes))
+    if extra:
+        raise VitedgeError(f"a {fam.name} bundle spans {', '.join(fam.bundle_axes)}, not {', '.join(extra)}")
+    schema = {s.name: s for s in fam.settings}
+    spans = {}
+    for axis in fam.bundle_axes:
+        listed = values.get(axis)
+        spans[axis] = list(trained[schema[axis].choices_from] if listed is None else listed)
+        if not spans[axis]:
+            raise VitedgeError(f"a bundle needs at least one value of {axis} ({', '.join(fam.bundle_axes)})")
+    variants, names = [], set()
+    for combination in candidate_grid(spans):
+        settings = fam.resolve_settings(loaded.cfg, {**trained, **combination})
+        name = variant_name(fam, settings)
+        if name in names:
+            raise VitedgeError(f"variant {name} is listed twice")
+        names.add(name)
+        variants.append(settings)
     return variants
 
 
@@ -106,8 +121,9 @@ def _time_interleaved(models: dict[str, Path], batch: int, threads: int, iterati
 def export_bundle(
     checkpoint,
     outdir,
-    resolutions: list[int] | None = None,
-    keep_rates: list[float] | None = None,
+    values: dict[str, list] | None = None,
+    family: str | None = None,
+    settings: dict | None = None,
     arch: str | None = None,
     num_heads: int | None = None,
     opset: int | None = None,
@@ -123,16 +139,18 @@ def export_bundle(
     validate_seed: int | None = None,
     skip_bad_images: bool = False,
 ) -> dict:
-    """checkpoint → OUTDIR/{vitedge.json, <size>px-keep<rate>/…}: export, check, validate and time every variant.
+    """checkpoint → OUTDIR/{vitedge.json, <variant>/…}: export, check, validate and time every variant.
 
-    ``resolutions`` / ``keep_rates`` default to the checkpoint's trained sets. Each variant must
+    ``values`` lists the values each bundle setting spans (``{"name": [v1, v2]}``; one not listed
+    spans all the model was trained for); ``settings`` hold for every variant; ``family``
+    defaults to the checkpoint's, or the only family with bundles. Each variant must
     equal the reference (top-1 agreement 1, max |logit diff| ≤ 1e-4) on ``validate_data``,
     whose labelled accuracy is recorded for the selector; latencies are recorded under
     ``device`` (default: this machine, e.g. ``x86-cpu-ort``). Nothing is written unless every
     variant passes. ``thresholds`` tightens or loosens the equality contract (names as in
     ``Thresholds``; unnamed ones keep the bundle's defaults).
     """
-    from .pipeline import export, tool_versions
+    from .artifact_export import export, tool_versions
 
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds.from_dict({**vars(BUNDLE_THRESHOLDS), **(thresholds or {})})
@@ -143,15 +161,19 @@ def export_bundle(
         raise VitedgeError("a bundle records each variant's validation accuracy; give validation data (e.g. fashion-mnist)")
     check_source(validate_data, validate_limit)
     ckpt = read_checkpoint(checkpoint)
-    stated = ckpt.metadata.get("family")
-    if stated and stated not in BUNDLE_FAMILIES:
+    having = bundle_families()
+    stated = family or ckpt.metadata.get("family")
+    if stated and stated not in having:
         raise VitedgeError(
-            f"{ckpt.path} is a '{stated}' checkpoint; variant bundles are for {', '.join(BUNDLE_FAMILIES)} "
-            "checkpoints (one position table per input size); use 'vitedge export' for it"
+            f"{ckpt.path} is a '{stated}' checkpoint; variant bundles are for {', '.join(having)} "
+            "checkpoints; use 'vitedge export' for it"
         )
-    loaded = load_model(ckpt, family="supervit", arch=arch, num_heads=num_heads)
-    grid = _grid(loaded, resolutions, keep_rates)
-    names = [variant_name(s["resolution"], s["keep_rate"]) for s in grid]
+    if not stated and len(having) != 1:
+        raise VitedgeError(f"{ckpt.path} does not say its family; pass --family (one of {', '.join(having)})")
+    name = stated or having[0]
+    loaded = load_model(ckpt, family=name, arch=arch, num_heads=num_heads, settings=settings)
+    grid = _grid(loaded, values)
+    names = [variant_name(loaded.family, s) for s in grid]
     taken = [n for n in names if (Path(outdir) / n).exists()]
     if taken:
         raise VitedgeError(f"{outdir} already holds {', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}; "
@@ -159,23 +181,23 @@ def export_bundle(
     log(f"bundle of {len(grid)} variants: {', '.join(names)}")
     variants = []
     with staged_outdir(Path(outdir)) as stage:
-        for index, (name, settings) in enumerate(zip(names, grid)):
-            log(f"== variant {index + 1}/{len(grid)}: {name}")
-            folder = stage / name
-            export(checkpoint, folder, family="supervit", arch=arch, num_heads=num_heads, settings=settings,
+        for index, (variant_folder, variant) in enumerate(zip(names, grid)):
+            log(f"== variant {index + 1}/{len(grid)}: {variant_folder}")
+            folder = stage / variant_folder
+            export(checkpoint, folder, family=name, arch=arch, num_heads=num_heads, settings=variant,
                    opset=opset, batch_size=batch_size, validate_data=None, log=lambda m: log("   " + m))
-            metadata = _describe_resize(Artifact(folder).metadata, loaded.cfg.img_size, settings["resolution"])
+            metadata = Artifact(folder).metadata
             metadata["validation"] = vars(thresholds)
             write_json_atomic(folder / METADATA, metadata)
             try:
                 result = validate(folder, validate_data, validate_limit, thresholds, threads=threads,
                                   shuffle_seed=validate_seed, skip_bad_images=skip_bad_images)
             except ValidationFailed as exc:
-                raise ValidationFailed(f"variant {name}: {exc}; bundle not written") from None
+                raise ValidationFailed(f"variant {variant_folder}: {exc}; bundle not written") from None
             log(f"   validated on {result['images']} images: top-1 agreement {result['top1_agreement']:.4f}"
                 + (f", max |logit diff| {result['max_abs_logit_diff']:.1e}" if result["max_abs_logit_diff"] is not None else "")
                 + (f", accuracy {result['exported_accuracy']:.4f}" if "exported_accuracy" in result else ""))
-            variants.append(_variant_entry(name, settings, metadata, result))
+            variants.append(_variant_entry(loaded.family, variant_folder, variant, metadata, result))
         log(f"timing {len(grid)} variants on {device} (ONNX Runtime CPU, batch {batch_size}, {threads} threads, "
             f"{iterations} interleaved rounds)")
         latencies = _time_interleaved({v["name"]: stage / v["path"] / "model.onnx" for v in variants}, batch_size,
@@ -183,18 +205,20 @@ def export_bundle(
         for variant in variants:
             variant["latency_ms"] = {device: latencies[variant["name"]]}
         first = Artifact(stage / names[0]).metadata
+        schema = {s.name: s for s in loaded.family.settings}
+        note = loaded.family.bundle_input_note
         bundle = {
             "schema_version": SCHEMA_VERSION,
             "kind": BUNDLE_KIND,
-            "family": "supervit",
+            "family": loaded.family.name,
             "arch": loaded.cfg.to_dict(),
-            "input": {**first["input"], "resize": {k: v for k, v in first["input"]["resize"].items() if k != "to"}},
+            "input": _common_input(first["input"], [Artifact(stage / n).metadata["input"] for n in names]),
             "preprocessing": (
                 f"feed every variant the same tensor: NCHW float32 {first['input']['shape']}, pixels / 255 then "
-                "(x - mean) / std; each variant resizes it inside its graph to its own resolution "
-                "(bilinear, align_corners=True, no antialiasing, as the official SuperViT forward)"
+                "(x - mean) / std" + (f"; {note}" if note else "")
             ),
-            "trained": {"resolutions": loaded.settings["resolutions"], "keep_rates": loaded.settings["keep_rates"]},
+            "trained": {schema[axis].choices_from: loaded.settings[schema[axis].choices_from]
+                        for axis in loaded.family.bundle_axes if schema[axis].choices_from},
             "flops_dense": dense_flops(loaded.cfg),
             "selection": {"rank": "accuracy (FLOPs where no accuracy was measured)", "latency": LATENCY_STAT},
             "devices": [device],
@@ -209,24 +233,24 @@ def export_bundle(
     return bundle
 
 
-def _describe_resize(metadata: dict, input_size: int, resolution: int) -> dict:
-    """Say in the variant's vitedge.json what the user feeds and what the graph does with it."""
-    metadata["input"]["resize"] = {
-        "in_graph": resolution != input_size,
-        "to": resolution,
-        "mode": "bilinear",
-        "align_corners": True,
-        "antialias": False,
-    }
-    return metadata
+def _common_input(first: dict, inputs: list[dict]) -> dict:
+    """The "input" fields every variant shares; in nested fields, the entries they share (a resize's mode, not its size)."""
+    common = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            shared = {k: v for k, v in value.items() if all(i.get(key, {}).get(k) == v for i in inputs)}
+            if shared:
+                common[key] = shared
+        elif all(i.get(key) == value for i in inputs):
+            common[key] = value
+    return common
 
 
-def _variant_entry(name: str, settings: dict, metadata: dict, result: dict) -> dict:
+def _variant_entry(family, name: str, settings: dict, metadata: dict, result: dict) -> dict:
     return {
         "name": name,
         "path": name,
-        "resolution": settings["resolution"],
-        "keep_rate": settings["keep_rate"],
+        **{axis: settings[axis] for axis in family.bundle_axes},
         "tokens_after_selections": [s["tokens_after"] for s in metadata["token_budgets"]["selections"]],
         "flops": {"static": metadata["flops"]["static"], "ratio": metadata["flops"]["ratio"]},
         "accuracy": result.get("exported_accuracy"),

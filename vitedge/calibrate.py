@@ -1,13 +1,12 @@
-"""Calibrate per-block token budgets of a halting model (A-ViT) on real images.
+"""Settings resolved from data: a family's ``calibrated_settings`` (A-ViT's budget quantile → token budgets).
 
-A-ViT decides per image how many tokens run in each block; a static graph needs a constant
-count. ``calibrate`` runs the reference model on calibration images (by default Fashion-MNIST's
-*train* split for grey models, never the test images that validation uses, and the bundled
-sample photographs for RGB ones; in-domain images give budgets that fit), records the live tokens per
-block, and picks budgets: a quantile of those counts (class token added, rounded up to a
-multiple of 8), or the largest quantile that meets a FLOPs target. The result is a small
-JSON file meant to be committed (``calibration/<model>-avit-budgets.json``) and passed to
-``vitedge export --budgets FILE``.
+Some settings only become a static graph on real images: a family declares them
+(``Family.calibrated_settings``) and resolves them in its hooks (``calibrate_candidates`` for
+export and tune, ``calibrate`` for the ``vitedge calibrate`` file). Calibration images are never
+the images accuracy is measured on: a calibration set (``calibration/*.yaml``) or, for the
+file, the *train* split. The file is small JSON meant to be committed
+(``calibration/<model>-<family>-….json``); its values are the settings whose CLI alias is
+``from_file`` (e.g. ``vitedge export --budgets FILE``), checked against the model they are for.
 """
 
 from __future__ import annotations
@@ -20,13 +19,21 @@ from pathlib import Path
 
 from .artifact import write_json_atomic
 from .backbone import dense_flops
+from .data.calibration_sets import (
+    DEFAULT_SET,
+    array_sha256,
+    calibration_array,
+    default_set,
+    load_calibration_set,
+    set_out_of_domain,
+)
 from .data import check_source, default_source, load_dataset, make_transform, out_of_domain
 from .errors import VitedgeError
-from .load import LoadedModel, load_model
+from .families import Family, available_families, get_family
+from .load import LoadedModel, load_model, read_checkpoint
 from .recipe import load_recipe, merge
 
-BUDGETS_KIND = "vitedge-token-budgets"
-DEFAULT_QUANTILE = 0.99
+CALIBRATION_KIND = "vitedge-token-budgets"  # the first calibrated settings were token budgets; files keep the kind
 DEFAULT_LIMIT = 2000
 
 
@@ -34,85 +41,79 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _require_avit(loaded: LoadedModel) -> None:
-    if loaded.family.name != "avit":
-        raise VitedgeError(f"token budgets are calibrated for halting models (family 'avit'); this checkpoint is '{loaded.family.name}'")
+def file_settings(family: Family) -> list[str]:
+    """The settings a calibration file provides: those whose CLI alias reads them from a file."""
+    return [s.name for s in family.settings if any(a.from_file for a in s.aliases)]
 
 
-def with_budgets(loaded: LoadedModel, budgets: list[int], quantile: float | None = None) -> LoadedModel:
-    """``loaded`` with constant token budgets in its settings and plan (the reference model is unchanged);
-    ``quantile``, when the budgets were calibrated just now, is recorded as ``budget_quantile``."""
-    _require_avit(loaded)
-    overrides = {**loaded.settings, "token_budgets": budgets}
-    if quantile is not None:
-        overrides["budget_quantile"] = quantile
-    settings = loaded.family.resolve_settings(loaded.cfg, overrides)
-    return dataclasses.replace(loaded, settings=settings, plan=loaded.family.token_plan(loaded.cfg, settings))
+def _require_calibrated(family: Family) -> None:
+    if not family.calibrated_settings:
+        having = [name for name in available_families() if get_family(name).calibrated_settings]
+        raise VitedgeError(f"family '{family.name}' has no settings calibrated on data; families that do: "
+                           f"{', '.join(having) or 'none'}")
 
 
-def measure_live_patches(loaded: LoadedModel, data: str | None = None, limit: int | None = DEFAULT_LIMIT,
-                         batch_size: int = 100, transform=None, shuffle_seed: int | None = None,
-                         skip_bad_images: bool = False, log=None):
-    """Live patch tokens per block and image [images, depth] of the reference model on calibration images.
+def with_settings(loaded: LoadedModel, overrides: dict) -> LoadedModel:
+    """``loaded`` with ``overrides`` on its settings: re-resolved, re-planned, the reference rebuilt on the same weights."""
+    fam, cfg = loaded.family, loaded.cfg
+    settings = fam.resolve_settings(cfg, {**loaded.settings, **overrides})
+    model = fam.reference(cfg, settings)
+    model.load_state_dict(loaded.model.state_dict())
+    model.eval()
+    model.set_fused_attention(True)
+    return dataclasses.replace(loaded, model=model, settings=settings, plan=fam.token_plan(cfg, settings))
 
-    ``data`` None: Fashion-MNIST (train split) for grey models, the bundled samples for RGB ones.
-    Returns (counts, data name, out-of-domain note or None).
-    """
-    import torch
 
-    from .families.avit import live_patch_counts
+def calibration_images(calib, loaded: LoadedModel, ranked_data: str | None = None) -> tuple:
+    """A calibration set's images for this model and their record; never ``ranked_data``, the images accuracy is ranked on.
 
-    _require_avit(loaded)
-    transform = transform or make_transform(loaded.cfg.img_size, loaded.cfg.in_chans, loaded.mean, loaded.std)
-    dataset = load_dataset(data, limit, split="train", shuffle_seed=shuffle_seed, skip_bad=skip_bad_images,
-                           in_chans=loaded.cfg.in_chans)
-    what = out_of_domain(dataset, loaded.cfg.in_chans, loaded.cfg.num_classes)
-    note = None
+    ``calib`` None: the model's default set (Fashion-MNIST train images for grey models, the bundled samples for RGB)."""
+    cset = load_calibration_set(calib or default_set(loaded.cfg.in_chans))
+    if ranked_data is not None:
+        same = (cset.source == "fashion-mnist" and ranked_data == "fashion-mnist" and cset.split == "test") or (
+            cset.source == "image-folder" and ranked_data != "fashion-mnist" and Path(ranked_data).resolve() == cset.path)
+        if same:
+            raise VitedgeError(f"calibration set '{cset.name}' holds the images accuracy is ranked on ({ranked_data}); "
+                               f"calibrate on other images, e.g. --calib {DEFAULT_SET}")
+    transform = make_transform(loaded.cfg.img_size, loaded.cfg.in_chans, loaded.mean, loaded.std)
+    images = calibration_array(cset, transform)
+    split = cset.split if cset.source == "fashion-mnist" else None
+    return images, {**cset.record(), "split": split, "images": int(len(images)), "sha256": array_sha256(images)}
+
+
+def load_calibrated(checkpoint, family: str | None = None, arch: str | None = None, settings: dict | None = None,
+                    img_size: int | None = None, num_heads: int | None = None, calibration=None,
+                    calib=None, log=_stderr) -> LoadedModel:
+    """``load_model`` with the family's data-dependent settings resolved: read from ``calibration``
+    (a ``vitedge calibrate`` file) or, when ``settings`` give one of them, calibrated now on the
+    calibration set ``calib``."""
+    ckpt = read_checkpoint(checkpoint)
+    settings = dict(settings or {})
+    name = family or ckpt.metadata.get("family")
+    pending = get_family(name).pending_calibration(settings) if name else {}
+    settings = {k: v for k, v in settings.items() if k not in pending}
+    loaded = load_model(ckpt, family=family, arch=arch, settings=settings, img_size=img_size, num_heads=num_heads)
+    if calibration is not None:
+        if pending:
+            raise VitedgeError(f"give a calibration file or {', '.join(pending)}, not both")
+        return with_settings(loaded, read_calibration(calibration, loaded))
+    if not pending:
+        return loaded
+    wanted = loaded.family.resolve_settings(loaded.cfg, {**loaded.settings, **pending})  # bad values fail before the images load
+    images, record = calibration_images(calib, loaded)
+    log(f"      calibrating {', '.join(pending)} on {record['name']} ({record['images']} images)")
+    what = set_out_of_domain(record["source"], loaded.cfg.in_chans, loaded.cfg.num_classes)
     if what:
-        note = (f"token budgets calibrated on {what}: the graph runs, but in-domain images are needed for budgets "
-                "that fit your data ('vitedge calibrate --data FOLDER', then 'export --budgets FILE')")
-        if log:
-            log(f"note: {note}")
-    with torch.inference_mode():
-        counts = live_patch_counts(loaded.model, (images for images, _ in dataset.batches(transform, batch_size)))
-    return counts, dataset.name, note
-
-
-def choose_budgets(loaded: LoadedModel, counts, quantile: float | None = None, flops_ratio: float | None = None):
-    """Budgets for a quantile, or for the largest quantile whose FLOPs ratio to dense is at most ``flops_ratio``.
-
-    Returns (budgets, quantile used).
-    """
-    from .families.avit import budgets_from_counts, check_quantile
-
-    tokens = loaded.cfg.num_patches + 1
-    if flops_ratio is None:
-        quantile = check_quantile(DEFAULT_QUANTILE if quantile is None else quantile)
-        return budgets_from_counts(counts, quantile, tokens), quantile
-    if quantile is not None:
-        raise VitedgeError("give a quantile or a FLOPs target, not both")
-    if not 0.0 < flops_ratio <= 1.0:
-        raise VitedgeError(f"FLOPs target must be a ratio to dense in (0, 1], got {flops_ratio:g}")
-
-    def ratio(q: float) -> float:
-        return with_budgets(loaded, budgets_from_counts(counts, q, tokens)).plan.flops(loaded.cfg) / dense_flops(loaded.cfg)
-
-    low, high = 1.0 / len(counts), 1.0
-    if ratio(low) > flops_ratio:
-        raise VitedgeError(f"FLOPs target {flops_ratio:g} is below what any quantile reaches ({ratio(low):.3f}); raise it")
-    if ratio(high) <= flops_ratio:
-        return budgets_from_counts(counts, high, tokens), high
-    for _ in range(30):  # budgets are a step function of q: bisect to the largest q that meets the target
-        middle = (low + high) / 2
-        low, high = (middle, high) if ratio(middle) <= flops_ratio else (low, middle)
-    return budgets_from_counts(counts, low, tokens), round(low, 6)
+        log(f"      note: {', '.join(pending)} calibrated on {what}: the graph runs, but in-domain images are needed "
+            "for values that fit your data (--calib FOLDER or a calibration YAML)")
+    [resolved] = loaded.family.calibrate_candidates(loaded.model, loaded.cfg, [wanted], images)
+    return with_settings(loaded, resolved)
 
 
 def calibrate(
     checkpoint,
     output_file,
     data: str | None = None,
-    quantile: float | None = None,
     flops_ratio: float | None = None,
     limit: int | None = DEFAULT_LIMIT,
     family: str | None = None,
@@ -122,88 +123,113 @@ def calibrate(
     log=_stderr,
     shuffle_seed: int | None = None,
     skip_bad_images: bool = False,
+    **named_settings,
 ) -> dict:
-    """checkpoint → budgets file (JSON): live tokens per block on ``data`` and the chosen budgets.
+    """checkpoint → calibration file (JSON): the family's data-dependent settings resolved on ``data`` (train split).
 
-    ``recipe`` is an export recipe (family, num_heads, settings such as the gates), so that
-    calibration sees the model the export will build. Raises VitedgeError on bad input before
-    anything is written; the file lands atomically.
+    ``settings`` (or keyword arguments, ``NAME=value``) and ``recipe`` (family,
+    num_heads, settings such as A-ViT's gates) describe the model the export will build;
+    ``data`` None: Fashion-MNIST for grey models, the bundled samples for RGB ones (a note says
+    when the images are not the model's domain). ``flops_ratio`` asks for the largest setting within that FLOPs ratio to dense instead.
+    Raises VitedgeError on bad input before anything is written; the file lands atomically.
+    Returns the file's content plus a short ``summary``.
     """
-    from .families.avit import check_quantile, halting_summary
-
-    if quantile is not None:
-        check_quantile(quantile)
     check_source(data, limit)
     output_file = Path(output_file)
     if not output_file.parent.is_dir():
         raise VitedgeError(f"output folder {output_file.parent} does not exist")
-    options = merge(load_recipe(recipe), {"family": family, "num_heads": num_heads, "settings": settings})
-    loaded = load_model(checkpoint, family=options.get("family"), arch=options.get("arch"), settings=options["settings"],
+    if flops_ratio is not None and not 0.0 < flops_ratio <= 1.0:
+        raise VitedgeError(f"FLOPs target must be a ratio to dense in (0, 1], got {flops_ratio:g}")
+    options = merge(load_recipe(recipe), {"family": family, "num_heads": num_heads,
+                                          "settings": {**(settings or {}), **named_settings}})
+    ckpt = read_checkpoint(checkpoint)
+    name = options.get("family") or ckpt.metadata.get("family")
+    requested = dict(options["settings"])
+    pending = {k: requested.pop(k) for k in (get_family(name).calibrated_settings if name else ()) if k in requested}
+    loaded = load_model(ckpt, family=options.get("family"), arch=options.get("arch"), settings=requested,
                         img_size=options.get("img_size"), num_heads=options.get("num_heads"))
-    _require_avit(loaded)
-    data = default_source(loaded.cfg.in_chans) if data in (None, "default") else data
-    log(f"measuring live tokens per block on {data} (train split{f', {limit} images' if limit else ''})")
-    transform = make_transform(loaded.cfg.img_size, loaded.cfg.in_chans, loaded.mean, loaded.std,
-                               options.get("transform"))
-    counts, source, note = measure_live_patches(loaded, data, limit, transform=transform, shuffle_seed=shuffle_seed,
-                                                skip_bad_images=skip_bad_images, log=log)
-    budgets, used = choose_budgets(loaded, counts, quantile, flops_ratio)
-    budgeted = with_budgets(loaded, budgets)
-    cfg = loaded.cfg
-    result = {
-        "kind": BUDGETS_KIND,
-        "family": "avit",
+    fam, cfg = loaded.family, loaded.cfg
+    _require_calibrated(fam)
+    wanted = fam.check_settings(pending)
+    if flops_ratio is not None and wanted:
+        raise VitedgeError(f"give {', '.join(wanted)} or a FLOPs target, not both")
+    data = default_source(cfg.in_chans) if data in (None, "default") else data
+    log(f"calibrating {fam.name} on {data} (train split{f', {limit} images' if limit else ''})")
+    dataset = load_dataset(data, limit, split="train", shuffle_seed=shuffle_seed, skip_bad=skip_bad_images,
+                           in_chans=cfg.in_chans)
+    transform = make_transform(cfg.img_size, cfg.in_chans, loaded.mean, loaded.std, options.get("transform"))
+    what = out_of_domain(dataset, cfg.in_chans, cfg.num_classes)
+    note = None
+    if what:
+        note = (f"settings calibrated on {what}: the graph runs, but in-domain images are needed for values "
+                "that fit your data (calibrate with --data FOLDER)")
+        log(f"note: {note}")
+    resolved, record, summary = fam.calibrate(loaded.model, cfg, {**loaded.settings, **wanted},
+                                              lambda: (images for images, _ in dataset.batches(transform, 100)), flops_ratio)
+    inputs = {k: v for k, v in loaded.settings.items() if k not in file_settings(fam) and k not in fam.calibrated_settings}
+    plan = fam.token_plan(cfg, resolved)
+    content = {
+        "kind": CALIBRATION_KIND,
+        "family": fam.name,
         "checkpoint": {"path": str(loaded.checkpoint.path), "sha256": loaded.checkpoint.sha256},
         "arch": cfg.to_dict(),
-        "settings": {k: v for k, v in loaded.settings.items() if k != "token_budgets"},
-        "data": {"source": source, "split": "train", "images": int(len(counts))},
+        "settings": inputs,
+        "data": {"source": dataset.name, "split": "train", "images": int(record.pop("images"))},
         "data_in_domain": note is None,
         **({"domain_note": note} if note else {}),
         "transform": transform.to_dict(),
-        "quantile": used,
-        "flops_ratio_target": flops_ratio,
-        "token_budgets": budgets,
-        "flops": {"dense": dense_flops(cfg), "static": budgeted.plan.flops(cfg),
-                  "ratio": round(budgeted.plan.flops(cfg) / dense_flops(cfg), 4)},
-        "halting": halting_summary(counts, cfg.num_patches),
+        **record,
+        **{k: resolved[k] for k in file_settings(fam)},
+        "flops": {"dense": dense_flops(cfg), "static": plan.flops(cfg), "ratio": round(plan.flops(cfg) / dense_flops(cfg), 4)},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(output_file, result)
-    log(f"budgets {budgets} (quantile {used:g}, FLOPs {result['flops']['ratio']:.3f} of dense), "
-        f"mean depth {result['halting']['mean_depth']:.2f} of {cfg.depth} blocks -> {output_file}")
-    return result
+    write_json_atomic(output_file, content)
+    summary = {**{k: resolved[k] for k in file_settings(fam)}, **summary, "flops": content["flops"]}
+    log(f"{', '.join(f'{k} {v}' for k, v in summary.items() if k != 'flops')}, FLOPs {content['flops']['ratio']:.3f} "
+        f"of dense -> {output_file}")
+    return {**content, "summary": summary}
 
 
-def read_budgets(path, loaded: LoadedModel) -> list[int]:
-    """The budgets in a calibration file, checked against the model they are for."""
+def read_calibration(path, loaded: LoadedModel) -> dict:
+    """The settings a calibration file provides, checked against the model they are for."""
     path = Path(path)
     if not path.is_file():
-        raise VitedgeError(f"budgets file not found: {path}")
+        raise VitedgeError(f"calibration file not found: {path}")
     try:
         content = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VitedgeError(f"cannot read budgets file {path}: {exc}") from None
-    if not isinstance(content, dict) or content.get("kind") != BUDGETS_KIND or "token_budgets" not in content:
-        raise VitedgeError(f"{path} is not a vitedge budgets file; write one with 'vitedge calibrate'")
-    _require_avit(loaded)
-    cfg = loaded.cfg
+        raise VitedgeError(f"cannot read calibration file {path}: {exc}") from None
+    if not isinstance(content, dict) or content.get("kind") != CALIBRATION_KIND:
+        raise VitedgeError(f"{path} is not a vitedge calibration file; write one with 'vitedge calibrate'")
+    fam, cfg = loaded.family, loaded.cfg
+    if content.get("family") != fam.name:
+        raise VitedgeError(f"{path} was calibrated for family '{content.get('family')}', this export is "
+                           f"'{fam.name}'; calibrate this model")
+    provided = file_settings(fam)
+    if any(name not in content for name in provided):
+        raise VitedgeError(f"{path} holds no {', '.join(provided)}; write it with 'vitedge calibrate'")
     arch = content.get("arch") or {}
     tokens = cfg.num_patches + 1
     theirs = (arch.get("depth"), (arch.get("img_size", 0) // max(1, arch.get("patch_size", 1))) ** 2 + 1, arch.get("embed_dim"))
     if theirs != (cfg.depth, tokens, cfg.embed_dim):
         raise VitedgeError(
-            f"{path} holds budgets for a model with {theirs[0]} blocks, {theirs[1]} tokens, {theirs[2]} channels; "
+            f"{path} was calibrated for a model with {theirs[0]} blocks, {theirs[1]} tokens, {theirs[2]} channels; "
             f"this one has {cfg.depth}, {tokens}, {cfg.embed_dim}: calibrate this model"
         )
-    sha = (content.get("checkpoint") or {}).get("sha256")
-    if sha != loaded.checkpoint.sha256:
+    if (content.get("checkpoint") or {}).get("sha256") != loaded.checkpoint.sha256:
         raise VitedgeError(f"{path} was calibrated for another checkpoint (sha256 differs from {loaded.checkpoint.path}); "
                            "re-run 'vitedge calibrate' on this one")
-    gates = {k: (content.get("settings") or {}).get(k) for k in ("gate_scale", "gate_center")}
-    if gates != {k: loaded.settings[k] for k in gates}:
-        raise VitedgeError(f"{path} was calibrated with gates {gates}, this export uses "
-                           f"gate_scale {loaded.settings['gate_scale']:g}, gate_center {loaded.settings['gate_center']:g}; re-calibrate")
-    return list(content["token_budgets"])
+    recorded = content.get("settings") or {}
+    differ = {k: v for k, v in recorded.items() if k in loaded.settings and loaded.settings[k] != v}
+    if differ:
+        raise VitedgeError(f"{path} was calibrated with {_listing(recorded, differ)}, this export uses "
+                           f"{_listing(loaded.settings, differ)}; re-calibrate with the export's settings")
+    return {name: content[name] for name in provided}
 
 
-__all__ = ["calibrate", "choose_budgets", "measure_live_patches", "read_budgets", "with_budgets"]
+def _listing(settings: dict, names) -> str:
+    return ", ".join(f"{name} {settings[name]:g}" if isinstance(settings[name], float) else f"{name} {settings[name]}"
+                     for name in names)
+
+
+__all__ = ["calibrate", "calibration_images", "load_calibrated", "read_calibration", "with_settings"]

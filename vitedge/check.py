@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .families import get_family
+
 FORBIDDEN_OPS = {
     "NonZero": "data-dependent output shape",
     "Loop": "control flow",
@@ -174,3 +176,49 @@ def check_model(model: onnx.ModelProto, quadratic_tokens: int | None = None, inp
             "TensorRT runs them but they are slower than INT32"
         )
     return result
+
+
+def profile_sizes(metadata: dict) -> list[int]:
+    """The input sizes a graph is built and checked for: min, opt, max of a dynamic resolution, else one."""
+    resolution = metadata["input"].get("resolution")
+    if not resolution:
+        return [metadata["arch"]["img_size"]]
+    return sorted({resolution["min"], resolution["opt"], resolution["max"]})
+
+
+def check_sizes(proto, metadata: dict) -> dict:
+    """``check_model`` at every size of the artifact's resolution profile, merged into one section."""
+    dynamic = bool(metadata["input"].get("resolution"))
+    sizes = profile_sizes(metadata)
+    merged = None
+    for size in sizes:
+        tokens = quadratic_tokens(metadata["family"], {**metadata["arch"], "img_size": size})
+        section = _check_section(check_model(proto, quadratic_tokens=tokens, input_size=size if dynamic else None), tokens)
+        if merged is None:
+            merged = section
+            continue
+        prefix = f"at {size} px: "
+        merged["errors"] += [prefix + e for e in section["errors"]]
+        merged["warnings"] += [prefix + w for w in section["warnings"] if w not in merged["warnings"]]
+        merged["passed"] = merged["passed"] and section["passed"]
+    if dynamic:
+        merged["sizes"] = sizes
+    return merged
+
+
+def quadratic_tokens(family_name: str, arch: dict) -> int | None:
+    """The token count N whose N x N tensors the lint forbids, for linear-only families.
+
+    A family declares itself linear-only with ``linear_attention = True``; for the
+    others there is no such rule (None).
+    """
+    if not get_family(family_name).linear_attention:
+        return None
+    return (arch["img_size"] // arch["patch_size"]) ** 2 + 1
+
+
+def _check_section(result, tokens: int | None) -> dict:
+    section = result.to_dict()
+    if tokens is not None:
+        section["quadratic_tokens"] = tokens
+    return section

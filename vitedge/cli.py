@@ -15,6 +15,8 @@ import click
 
 import vitedge
 from vitedge.errors import VitedgeError
+from vitedge.families import candidate_grid, get_family
+from vitedge.setting_options import setting_options
 
 
 def friendly(command):
@@ -94,35 +96,33 @@ def main():
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
 @click.option("--family", help=f"Model family ({', '.join(vitedge.available_families())}); read from vitedge checkpoints.")
 @click.option("--arch", help="Named architecture (deit_tiny, deit_small, deit_base, vit_fmnist); default: inferred from the weights.")
-@click.option("--keep-rate", type=float, help="Token keep rate in (0, 1] (EViT: per pruning block; DynamicViT: base rho).")
 @click.option("--img-size", type=int, help="Input size in pixels (position embeddings are resampled).")
-@click.option("--merge-count", type=int, help="ToMe: tokens merged per block (r).")
 @click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Export recipe YAML; flags override its values.")
 @click.option("--opset", type=int, help="ONNX opset (>= 17, default 18).")
 @click.option("--batch-size", type=int, help="Static batch size of the graph (default 1).")
 @click.option("--dynamic-batch/--static-batch", default=None, help="Symbolic batch dimension (token counts stay static).")
-@click.option("--dynamic-resolution", metavar="MIN:MAX", help="Symbolic input size in this range (deit, castling); optimum at --img-size.")
+@click.option("--dynamic-resolution", metavar="MIN:MAX",
+              help="Symbolic input size in this range (resolution-agnostic families, see 'vitedge families'); optimum at --img-size.")
 @data_options(256, ("--limit", "--validate-limit"), "the quick validation")
 @click.option("--no-validate", is_flag=True, help="Skip the quick validation.")
 @click.option("--transform", metavar="PRESET|KEY=VALUE,...",
               help="Evaluation transform recorded in vitedge.json: a preset (deit, deit-384, lvvit, lvvit-384, levit, mae, "
                    "vit, fashion-mnist) and/or crop_pct=, interpolation=, crop=, mean=a/b/c, std=a/b/c, channels=.")
-@click.option("--budgets", "budgets_file", type=click.Path(dir_okay=False),
-              help="A-ViT: token budgets per block from 'vitedge calibrate' (fixed-budget graph).")
-@click.option("--quantile", type=float, help="A-ViT: calibrate budgets now, covering this quantile of images per block.")
+@click.option("--calib", help="Calibration images for data-dependent settings given here: any --data source or a name "
+                              "in calibration/ (default: fmnist-train-512 for grey models, samples for RGB ones).")
+@setting_options(from_file=True)
 @friendly
-def export(checkpoint, outdir, family, arch, keep_rate, img_size, merge_count, num_heads, recipe, opset, batch_size,
-           dynamic_batch, dynamic_resolution, data, limit, shuffle_seed, skip_bad_images, no_validate, transform,
-           budgets_file, quantile):
+def export(checkpoint, outdir, family, arch, img_size, num_heads, recipe, opset, batch_size, dynamic_batch,
+           dynamic_resolution, data, limit, shuffle_seed, skip_bad_images, no_validate, transform, calib, settings,
+           calibration):
     """Load CHECKPOINT, rewrite it to a static graph, export, check and validate it."""
     report = vitedge.export(
-        checkpoint, outdir, family=family, arch=arch, keep_rate=keep_rate, img_size=img_size, recipe=recipe,
+        checkpoint, outdir, family=family, arch=arch, img_size=img_size, recipe=recipe,
         opset=opset, batch_size=batch_size, dynamic_batch=dynamic_batch, num_heads=num_heads,
         dynamic_resolution=dynamic_resolution,
         validate_data=None if no_validate else data, validate_limit=limit, log=log,
-        settings={"merge_count": merge_count} if merge_count is not None else None,
-        budgets=budgets_file, quantile=quantile, transform=transform, validate_seed=shuffle_seed,
+        settings=settings, calibration=calibration, calib=calib, transform=transform, validate_seed=shuffle_seed,
         skip_bad_images=skip_bad_images,
     )
     summary = {"outdir": outdir, "check": report["check"]["passed"]}
@@ -363,35 +363,14 @@ def predict(outdir, inputs, output_npy, save_input, top, as_json):
             click.echo(f"  {rank}. class {entry['class']:4d}{label}  p={entry['probability']:.3f}  logit {entry['logit']:.3f}")
 
 
-def settings_list(setting: str, example: str):
-    """A click callback turning "0.5,0.7" into candidate settings [{setting: 0.5}, {setting: 0.7}]."""
-
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            return [{setting: float(part)} for part in value.split(",") if part.strip()]
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated numbers such as {example}, got {value!r}") from None
-
-    return parse
-
-
-parse_keep_rates = settings_list("keep_rate", "0.5,0.7,0.9")
-parse_quantiles = settings_list("budget_quantile", "0.99,0.9,0.8")
-
-
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Folder for the winning artifact + tune.md/.json/.png.")
 @click.option("--latency-budget-ms", type=float, required=True, help="Latency budget per batch, in ms.")
 @click.option("--family", help="Model family; read from vitedge checkpoints.")
 @click.option("--arch", help="Named architecture; default: inferred from the weights.")
-@click.option("--keep-rates", callback=parse_keep_rates, help="Keep rates to try, comma-separated (default: the family's grid).")
-@click.option("--quantiles", callback=parse_quantiles,
-              help="A-ViT: budget quantiles to try, comma-separated, each calibrated on --calib (default: masked + the family's grid).")
-@click.option("--calib", help="Calibration images for data-dependent settings (A-ViT budgets): any --data source or a name "
-                                "in calibration/ (default: fmnist-train-512 for grey models, samples for RGB ones).")
+@click.option("--calib", help="Calibration images for data-dependent settings: any --data source or a name "
+                              "in calibration/ (default: fmnist-train-512 for grey models, samples for RGB ones).")
 @click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
 @data_options(2000, what="ranking by accuracy (labelled: fashion-mnist or one sub-folder per class)")
 @click.option("--batch", type=int, default=1, show_default=True)
@@ -399,39 +378,27 @@ parse_quantiles = settings_list("budget_quantile", "0.99,0.9,0.8")
 @click.option("--iterations", type=int, default=50, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
+@setting_options(many=True)
 @friendly
-def tune(checkpoint, outdir, latency_budget_ms, family, arch, keep_rates, quantiles, calib, backend, data, limit,
-         shuffle_seed, skip_bad_images, batch, statistic, iterations, warmup, threads):
-    """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does)."""
-    if keep_rates is not None and quantiles is not None:
-        raise VitedgeError("give --keep-rates or --quantiles, not both (a family has one of the two knobs)")
+def tune(checkpoint, outdir, latency_budget_ms, family, arch, calib, backend, data, limit, shuffle_seed, skip_bad_images,
+         batch, statistic, iterations, warmup, threads, settings, grid):
+    """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does).
+
+    Candidates: the family's grid, or every combination of the values its list flags give (see 'vitedge families')."""
     summary = vitedge.tune(checkpoint, outdir, latency_budget_ms, family=family, arch=arch,
-                           candidates=keep_rates if quantiles is None else quantiles,
+                           candidates=candidate_grid(grid) if grid else None, settings=settings,
                            backend=backend, data=None if data == "default" else data, limit=limit, batch=batch,
                            statistic=statistic, iterations=iterations, warmup=warmup, threads=threads, log=log, calib=calib,
                            shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images)
     chosen = summary["chosen"]
     click.echo(json.dumps({"outdir": outdir, "chosen": chosen["settings"], "accuracy": chosen["accuracy"],
                            f"{statistic}_ms": chosen["latency_ms"], "budget_ms": latency_budget_ms}))
-def _number_list(kind):
-    """click callback: ``"16,20,24"`` → [16, 20, 24] (None stays None: the checkpoint's trained set)."""
-
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            return [kind(item) for item in value.split(",") if item.strip()]
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-
-    return parse
 
 
 @main.command("export-bundle")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-@click.option("--sizes", callback=_number_list(int), help="Input sizes in px, e.g. 128,160,192,224 (default: all trained).")
-@click.option("--keep-rates", callback=_number_list(float), help="Keep rates, e.g. 0.5,0.7,1 (default: all trained).")
+@click.option("--family", help="Model family with variant bundles (see 'vitedge families'); read from vitedge checkpoints.")
 @click.option("--arch", help="Named architecture; default: inferred from the weights.")
 @click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
 @click.option("--opset", type=int, help="ONNX opset (>= 17, default 18).")
@@ -440,12 +407,15 @@ def _number_list(kind):
 @click.option("--device", help="Label for the latencies measured here (default: this machine, e.g. x86-cpu-ort).")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--iterations", type=int, default=30, show_default=True, help="Interleaved timing rounds.")
+@setting_options(many=True)
 @friendly
-def export_bundle(checkpoint, outdir, sizes, keep_rates, arch, num_heads, opset, batch_size, data, limit, shuffle_seed,
-                  skip_bad_images, device, threads, iterations):
-    """Export every (size, keep rate) variant of a SuperViT CHECKPOINT into one bundle folder."""
+def export_bundle(checkpoint, outdir, family, arch, num_heads, opset, batch_size, data, limit, shuffle_seed,
+                  skip_bad_images, device, threads, iterations, settings, grid):
+    """Export every variant of CHECKPOINT (its family's bundle settings, e.g. size x keep rate) into one bundle folder.
+
+    Each bundle setting spans the values its list flag gives, by default all the model was trained for."""
     bundle = vitedge.export_bundle(
-        checkpoint, outdir, resolutions=sizes, keep_rates=keep_rates, arch=arch, num_heads=num_heads, opset=opset,
+        checkpoint, outdir, values=grid, family=family, settings=settings, arch=arch, num_heads=num_heads, opset=opset,
         batch_size=batch_size, validate_data=data, validate_limit=limit, device=device,
         threads=threads, iterations=iterations, log=log, validate_seed=shuffle_seed, skip_bad_images=skip_bad_images,
     )
@@ -491,28 +461,38 @@ def select(bundle, latency_ms, device, as_json):
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output_file", required=True, type=click.Path(dir_okay=False),
               help="Budgets file to write (JSON), e.g. calibration/fmnist-avit-budgets.json.")
-@click.option("--quantile", type=float, help="Cover this quantile of calibration images per block (default 0.99).")
-@click.option("--flops-ratio", type=float, help="Instead: the largest quantile whose FLOPs are at most this ratio to dense.")
+@click.option("--flops-ratio", type=float, help="Instead of a setting: the largest one whose FLOPs are at most this ratio to dense.")
 @data_options(2000, what="calibration (fashion-mnist: the train split)")
-@click.option("--family", help="Model family (read from vitedge checkpoints; only avit has budgets).")
+@click.option("--family", help="Model family (read from vitedge checkpoints; see 'vitedge families' for which calibrate).")
 @click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
-@click.option("--recipe", type=click.Path(dir_okay=False), help="The export recipe YAML (family, gates in settings).")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="The export recipe YAML (family, settings).")
+@setting_options()
 @friendly
-def calibrate(checkpoint, output_file, quantile, flops_ratio, data, limit, shuffle_seed, skip_bad_images, family, num_heads,
-              recipe):
-    """Measure live tokens per block of a halting model (A-ViT) and write per-block token budgets."""
-    result = vitedge.calibrate(checkpoint, output_file, data=data, quantile=quantile, flops_ratio=flops_ratio,
-                               limit=limit, family=family, num_heads=num_heads, recipe=recipe, log=log,
+def calibrate(checkpoint, output_file, flops_ratio, data, limit, shuffle_seed, skip_bad_images, family, num_heads, recipe,
+              settings):
+    """Resolve a model's data-dependent settings (e.g. a halting model's token budgets) on calibration images."""
+    result = vitedge.calibrate(checkpoint, output_file, data=data, flops_ratio=flops_ratio, limit=limit, family=family,
+                               num_heads=num_heads, recipe=recipe, settings=settings, log=log,
                                shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images)
-    click.echo(json.dumps({k: result[k] for k in ("token_budgets", "quantile", "flops")} |
-                          {"mean_depth": result["halting"]["mean_depth"]}))
+    click.echo(json.dumps(result["summary"]))
 
 
 @main.command()
 def families():
-    """List the registered families."""
+    """List the registered families and each one's settings (for --set NAME=VALUE and recipes)."""
     for name in vitedge.available_families():
-        click.echo(f"{name:12s} {vitedge.get_family(name).summary}")
+        fam = get_family(name)
+        traits = [label for flag, label in ((fam.resolution_agnostic, "resolution-agnostic (--dynamic-resolution)"),
+                                            (fam.linear_attention, "linear attention only"),
+                                            (bool(fam.bundle_axes), f"bundles over {', '.join(fam.bundle_axes)}"),
+                                            (bool(fam.calibrated_settings),
+                                             f"calibrates {', '.join(fam.calibrated_settings)} on data")) if flag]
+        click.echo(f"{name:12s} {fam.summary}" + (f" [{'; '.join(traits)}]" if traits else ""))
+        for setting in fam.settings:
+            default = "" if setting.default is None else f", default {setting.format(setting.default)}"
+            flags = ", ".join(a.flag for a in setting.aliases)
+            click.echo(f"  {setting.name:16s} {setting.describe()}{default}: {setting.help}"
+                       + (f" (flags: {flags})" if flags else ""))
 
 
 if __name__ == "__main__":

@@ -171,3 +171,22 @@ def _load_weights(model: nn.Module, state: dict, path: Path, fam: Family, cfg: V
                 f"{key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}"
             )
     model.load_state_dict(state, strict=True)
+
+
+def reference_from_metadata(metadata: dict, checkpoint=None, img_size: int | None = None) -> LoadedModel:
+    """Rebuild the reference model an artifact was exported from (checks the checkpoint's hash).
+
+    ``img_size`` builds it for another input size of a dynamic-resolution artifact.
+    """
+    source = metadata["checkpoint"]
+    path = Path(checkpoint or source["path"])
+    loaded = load_model(
+        path,
+        family=metadata["family"],
+        settings=metadata["settings"],
+        img_size=img_size or metadata["arch"]["img_size"],
+        num_heads=metadata["arch"]["num_heads"],
+    )
+    if loaded.checkpoint.sha256 != source["sha256"]:
+        raise VitedgeError(f"{path} is not the checkpoint this artifact was exported from (sha256 differs); re-export")
+    return loaded

@@ -118,7 +118,7 @@ def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: 
     if backend == "ort":
         run = ort_runner(artifact.model_for(precision), batch, threads, meta["input"]["shape"][2])
     else:
-        from .pipeline import reference_from_metadata
+        from .load import reference_from_metadata
 
         model = reference_from_metadata(meta).model
         run = torch_runner(model, [batch, *meta["input"]["shape"][1:]], threads)

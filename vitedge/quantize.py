@@ -38,7 +38,7 @@ import onnx
 from onnx import numpy_helper
 
 from .artifact import METADATA, Artifact, write_json_atomic, write_text_atomic
-from .calibration import array_sha256, calibration_array, default_set, load_calibration_set
+from .data.calibration_sets import array_sha256, calibration_array, default_set, load_calibration_set, set_out_of_domain
 from .errors import VitedgeError
 from .families import get_family
 from .runtime import graph_batch, ort_session
@@ -508,7 +508,7 @@ def quantize(
                 "quantized_tensors": sum(1 for s in scales.values() if s["kind"] == "activation"),
                 "quantized_weights": sum(1 for s in scales.values() if s["kind"] == "weight"),
             })
-        from .pipeline import check_sizes
+        from .check import check_sizes
 
         try:
             onnx.checker.check_model(quantized, full_check=True)
@@ -595,14 +595,11 @@ def compare_precisions(fp32_outputs: list[np.ndarray], outputs: list[np.ndarray]
 def _calibration_note(cset, meta: dict) -> str | None:
     """A line when INT8 scales come from data that is not the model's domain (the bundled samples, or
     Fashion-MNIST for another model)."""
-    from .data import model_domain
-
-    domain = model_domain(meta["input"]["shape"][1], meta["arch"]["num_classes"])
-    if cset.source in ("samples", "skimage") or (cset.source == "fashion-mnist" and domain != "fashion-mnist"):
-        return (f"INT8 scales calibrated on '{cset.name}', not this model's domain{f' ({domain})' if domain else ''}: "
-                "the graph runs, but in-domain calibration images (--calib FOLDER or a calibration YAML) are needed "
-                "for accurate scales")
-    return None
+    what = set_out_of_domain(cset.source, meta["input"]["shape"][1], meta["arch"]["num_classes"])
+    if what is None:
+        return None
+    return (f"INT8 scales calibrated on '{cset.name}', {what}: the graph runs, but in-domain calibration images "
+            "(--calib FOLDER or a calibration YAML) are needed for accurate scales")
 
 
 def validate_quantized(outdir, precision: str, data: str | None = "default", limit: int | None = None,
@@ -665,7 +662,7 @@ def validate_quantized(outdir, precision: str, data: str | None = "default", lim
 
 def check_quantized(outdir, precision: str) -> dict:
     """The static/TensorRT lint on one quantized model; writes report.json["quantized"][precision]["check"]."""
-    from .pipeline import check_sizes
+    from .check import check_sizes
 
     artifact = Artifact(outdir)
     path = artifact.model_for(precision)

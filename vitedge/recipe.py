@@ -1,4 +1,8 @@
-"""Export recipes: YAML files that hold an export's settings; CLI flags override them."""
+"""Export recipes: YAML files that hold an export's settings; CLI flags override them.
+
+Family settings are typed by the families' schema (``Setting``), under ``settings:`` or, as a
+shorthand, at the top level (``NAME: value``); the other keys are typed here.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ from pathlib import Path
 import yaml
 
 from .errors import VitedgeError
+from .families import settings_by_name
 
 RECIPE_KEYS = {
     "family", "arch", "num_heads", "img_size", "opset", "batch_size", "dynamic_batch",
-    "settings", "keep_rate", "validation", "dynamic_resolution", "transform",
+    "settings", "validation", "dynamic_resolution", "transform",
 }
 
 
@@ -26,13 +31,21 @@ def load_recipe(path: str | Path | None) -> dict:
         raise VitedgeError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(recipe, dict):
         raise VitedgeError(f"recipe {path} must be a mapping of settings")
-    unknown = set(recipe) - RECIPE_KEYS
+    schema = settings_by_name()
+    unknown = set(recipe) - RECIPE_KEYS - set(schema)
     if unknown:
-        raise VitedgeError(f"recipe {path} has unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(RECIPE_KEYS))}")
-    for key, value in [*recipe.items(), *_nested(recipe, "settings"), *_nested(recipe, "validation")]:
+        raise VitedgeError(f"recipe {path} has unknown key(s) {', '.join(sorted(unknown))}; known: "
+                           f"{', '.join(sorted(RECIPE_KEYS))} and the families' settings (see 'vitedge families')")
+    for key, value in [*recipe.items(), *_nested(recipe, "validation")]:
         expected = _TYPES.get(key)
         if expected is not None and value is not None and not expected[1](value):
             raise VitedgeError(f"recipe {path}: '{key}' must be {expected[0]}, got {value!r}")
+    for key, value in [*((k, v) for k, v in recipe.items() if k in schema), *_nested(recipe, "settings")]:
+        if key in schema and value is not None:
+            try:
+                schema[key].check(value)
+            except VitedgeError:
+                raise VitedgeError(f"recipe {path}: '{key}' must be {schema[key].describe()}, got {value!r}") from None
     return recipe
 
 
@@ -57,24 +70,20 @@ _MAPPING = ("a mapping", lambda v: isinstance(v, dict))
 _TYPES = {
     "family": _STRING, "arch": _STRING, "dynamic_resolution": ("a 'MIN:MAX' string such as '224:1024'", lambda v: isinstance(v, str)),
     "num_heads": _INTEGER, "img_size": _INTEGER, "opset": _INTEGER, "batch_size": _INTEGER,
-    "dynamic_batch": _BOOLEAN, "fuse_token": _BOOLEAN,
+    "dynamic_batch": _BOOLEAN,
     "settings": _MAPPING, "validation": _MAPPING,
     "transform": ("a preset name, 'key=value,...' text or a mapping", lambda v: isinstance(v, (str, dict))),
     "thresholds": ("a mapping of numbers", lambda v: isinstance(v, dict) and all(x is None or _number(x) for x in v.values())),
-    "keep_rate": ("a number or a list of numbers", lambda v: _number(v) or (isinstance(v, list) and all(map(_number, v)))),
-    "prune_blocks": ("a list of integers", lambda v: isinstance(v, list) and all(map(_integer, v))),
-    "merge_count": ("an integer or a list of integers", lambda v: _integer(v) or (isinstance(v, list) and all(map(_integer, v)))),
-    "inflection": ("a number", _number),
-    "prop_attn": _BOOLEAN,
-    "gate_scale": ("a number", _number), "gate_center": ("a number", _number),
 }
 
 
 def merge(recipe: dict, overrides: dict) -> dict:
-    """Recipe values with every non-None override on top; ``keep_rate`` goes into settings."""
-    merged = {**recipe, **{k: v for k, v in overrides.items() if v is not None and k != "settings"}}
-    settings = {**recipe.get("settings", {}), **(overrides.get("settings") or {})}
-    if "keep_rate" in merged:
-        settings["keep_rate"] = merged.pop("keep_rate")
+    """Recipe values with every non-None override on top; family settings given at the top level
+    (recipe shorthand, ``NAME: value``) go into ``settings`` and win over the recipe's."""
+    schema = settings_by_name()
+    given = {k: v for k, v in overrides.items() if v is not None and k != "settings"}
+    settings = {**recipe.get("settings", {}), **{k: v for k, v in recipe.items() if k in schema},
+                **{k: v for k, v in given.items() if k in schema}, **(overrides.get("settings") or {})}
+    merged = {k: v for k, v in {**recipe, **given}.items() if k not in schema}
     merged["settings"] = settings
     return merged

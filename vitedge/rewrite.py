@@ -8,11 +8,12 @@ walks a copy of the model and swaps every registered module.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
-from .families import TokenPlan
+if TYPE_CHECKING:  # families register their rewrites here, so this module must not import them
+    from .families import TokenPlan
 
 _REWRITES: dict[type, Callable[[nn.Module, TokenPlan], nn.Module]] = {}
 

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from .artifact import Artifact, staged_outdir, write_json_atomic, write_text_atomic
-from .calibration import DEFAULT_SET, array_sha256, calibration_array, default_set, load_calibration_set
-from .data import load_dataset, make_transform
+from .calibrate import calibration_images, load_calibrated
+from .data import load_dataset
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
-from .load import load_model
-from .pipeline import export
+from .artifact_export import export
 from .profile import profile
 
 STATISTICS = ("p50", "p90", "p99", "mean")
@@ -50,7 +49,7 @@ class Candidate:
     meets_budget: bool = False
     pareto: bool = False
     error: str | None = None
-    calibrated: dict = field(default_factory=dict)  # settings the calibration images decided (A-ViT: token_budgets)
+    calibrated: dict = field(default_factory=dict)  # settings the calibration images decided (Family.calibrated_settings)
 
 
 def _stderr(message: str) -> None:
@@ -110,42 +109,47 @@ def tune(
     threads: int = 2,
     log=_stderr,
     calib: str | None = None,
+    settings: dict | None = None,
     shuffle_seed: int | None = None,
     skip_bad_images: bool = False,
 ) -> dict:
     """Search the family's token budgets; OUTDIR gets the winning artifact plus tune.json/.md/.png.
 
-    ``candidates`` overrides the family's grid (a list of settings dicts, e.g.
-    ``[{"keep_rate": 0.5}, {"keep_rate": 0.7}]``, or A-ViT's ``[{"budget_quantile": 0.95}]``).
-    Raises BudgetMissed (exit 4, OUTDIR untouched) when no candidate meets the budget, naming
-    the fastest one. ``calib`` is the
-    calibration set (a name in calibration/ or a YAML file) that data-dependent settings such
-    as A-ViT's ``budget_quantile`` are resolved on (None: ``fmnist-train-512`` for grey models,
-    the bundled samples for RGB ones); it must not hold the ``data`` images.
+    ``candidates`` overrides the family's grid (a list of settings dicts, one per candidate, as
+    ``vitedge families`` names them); ``settings`` hold for every candidate.
+    Candidates are labelled by the family's schema ("keep 0.5"). Raises BudgetMissed (exit 4,
+    OUTDIR untouched) when no candidate meets the budget, naming the fastest one. ``data`` None:
+    Fashion-MNIST for grey models, the bundled samples for RGB ones (which hold no labels of
+    the model's classes). ``calib`` is the calibration set (a name in calibration/ or a YAML file)
+    that data-dependent settings (``Family.calibrated_settings``) are resolved on (None: the
+    model's default set); it must not hold the ``data`` images.
     """
     _check_arguments(latency_budget_ms, backend, statistic, batch, limit)
     load_dataset(data, limit, shuffle_seed=shuffle_seed, skip_bad=skip_bad_images)  # checks the source and limit first
-    loaded = load_model(checkpoint, family=family, arch=arch, img_size=img_size, num_heads=num_heads)
+    loaded = load_calibrated(checkpoint, family=family, arch=arch, img_size=img_size, num_heads=num_heads,
+                             settings=settings, calib=calib, log=log)
     data = data or ("fashion-mnist" if loaded.cfg.in_chans == 1 else "samples")
     dataset = load_dataset(data, limit, shuffle_seed=shuffle_seed, skip_bad=skip_bad_images,
                            in_chans=loaded.cfg.in_chans).for_model(loaded.cfg.num_classes)
     if dataset.labels is None:
         raise VitedgeError(f"tune ranks by accuracy and needs labelled images of this model's classes; {data} has none "
                            "(use fashion-mnist for the Fashion-MNIST models, or a folder with one sub-folder per class)")
-    grid = candidates if candidates is not None else loaded.family.tuning_candidates(loaded.cfg, loaded.settings)
-    if not grid:
+    overrides = candidates if candidates is not None else loaded.family.tuning_candidates(loaded.cfg, loaded.settings)
+    if not overrides:
         raise VitedgeError("no candidates to try; give at least one settings dict")
-    grid = [{**loaded.settings, **settings} for settings in grid]
+    labels = [loaded.family.label(o) for o in overrides]
+    grid = [{**loaded.settings, **o} for o in overrides]
     resolved = [loaded.family.resolve_settings(loaded.cfg, settings) for settings in grid]  # all valid before any export
     calibrated = [{} for _ in grid]
     calibration = None
-    if any(s.get(key) is not None for s in resolved for key in loaded.family.calibrated_settings):
-        images, calibration = _calibration_images(calib, data, loaded)
+    if any(loaded.family.pending_calibration(s) for s in resolved):
+        images, calibration = calibration_images(calib, loaded, ranked_data=data)
         log(f"calibrating {loaded.family.name} candidates on {calibration['name']} ({len(images)} images)")
         grid = loaded.family.calibrate_candidates(loaded.model, loaded.cfg, resolved, images)
         calibrated = [{k: v for k, v in after.items() if before.get(k) != v} for before, after in zip(resolved, grid)]
     graphs = grid if calibration is not None else resolved  # what each candidate exports, defaults filled in
-    grid, calibrated, same_graph = _drop_repeats(grid, graphs, calibrated, loaded.family.calibrated_settings)
+    grid, labels, calibrated, same_graph = _drop_repeats(grid, labels, graphs, calibrated,
+                                                         loaded.family.calibrated_settings)
     for label, first in same_graph.items():
         log(f"{label} gives the same graph as {first}: measured once")
     log(f"tuning {loaded.family.name} for {statistic} <= {latency_budget_ms:g} ms on {backend}, batch {batch}: "
@@ -160,7 +164,7 @@ def tune(
     with staged_outdir(Path(outdir)) as stage:
         for index, settings in enumerate(grid):
             folder = stage / "candidates" / str(index)
-            candidate = _measure(checkpoint, folder, settings, export_options, timing,
+            candidate = _measure(checkpoint, folder, settings, labels[index], export_options, timing,
                                  statistic, latency_budget_ms, f"[{index + 1}/{len(grid)}]", log)
             candidate.calibrated = calibrated[index]
             results.append(candidate)
@@ -189,45 +193,34 @@ def tune(
     return summary
 
 
-def _drop_repeats(grid: list[dict], graphs: list[dict], calibrated: list[dict], recorded_only: tuple[str, ...]) -> tuple:
-    """The candidates without repeats of an earlier one's graph, and {repeat label: first label}.
+def _drop_repeats(grid: list[dict], labels: list[str], graphs: list[dict], calibrated: list[dict],
+                  recorded_only: tuple[str, ...]) -> tuple:
+    """The candidates (and their labels) without repeats of an earlier one's graph, and {repeat label: first label}.
 
-    ``graphs`` are the candidates' resolved settings. Two A-ViT quantiles often round to the same
-    budgets, and keep 0.7 is keep [0.7, 0.7, 0.7]; settings that are only a record
-    (``recorded_only``, e.g. ``budget_quantile`` once resolved) do not make a graph different.
+    ``graphs`` are the candidates' resolved settings. Two calibrated candidates often resolve to
+    the same graph, and keep 0.7 is keep [0.7, 0.7, 0.7]; settings that are only a record
+    (``recorded_only``: the calibrated settings, once resolved) do not make a graph different.
     """
-    kept, kept_calibrated, firsts, same_graph = [], [], {}, {}
-    for settings, graph, record in zip(grid, graphs, calibrated):
+    kept, kept_labels, kept_calibrated, firsts, same_graph = [], [], [], {}, {}
+    for settings, label, graph, record in zip(grid, labels, graphs, calibrated):
         key = json.dumps({k: v for k, v in graph.items() if k not in recorded_only}, sort_keys=True, default=str)
         if key in firsts:
-            same_graph[_label(settings)] = firsts[key]
+            same_graph[label] = firsts[key]
             continue
-        firsts[key] = _label(settings)
+        firsts[key] = label
         kept.append(settings)
+        kept_labels.append(label)
         kept_calibrated.append(record)
-    return kept, kept_calibrated, same_graph
-
-
-def _calibration_images(calib, data, loaded) -> tuple:
-    """The calibration set's images for this model, and their record; never the tuning images."""
-    cset = load_calibration_set(calib or default_set(loaded.cfg.in_chans))
-    same = (cset.source == "fashion-mnist" and data == "fashion-mnist" and cset.split == "test") or (
-        cset.source == "image-folder" and data != "fashion-mnist" and Path(data).resolve() == cset.path)
-    if same:
-        raise VitedgeError(f"calibration set '{cset.name}' holds the images accuracy is ranked on ({data}); "
-                           f"calibrate on other images, e.g. --calib {DEFAULT_SET}")
-    images = calibration_array(cset, make_transform(loaded.cfg.img_size, loaded.cfg.in_chans, loaded.mean, loaded.std))
-    split = cset.split if cset.source == "fashion-mnist" else None
-    return images, {**cset.record(), "split": split, "images": int(len(images)), "sha256": array_sha256(images)}
+    return kept, kept_labels, kept_calibrated, same_graph
 
 
 def _quiet(message: str) -> None:
     """The per-candidate export logs are noise inside a search."""
 
 
-def _measure(checkpoint, folder, settings, export_options, timing, statistic, budget, step, log) -> Candidate:
+def _measure(checkpoint, folder, settings, label, export_options, timing, statistic, budget, step, log) -> Candidate:
     """Export one candidate (validated on the tuning images against its reference) and time it."""
-    candidate = Candidate(settings=dict(settings), label=_label(settings))
+    candidate = Candidate(settings=dict(settings), label=label)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # an idle multi-thread torch pool spin-waits and slows the timing that follows
     try:
@@ -345,19 +338,3 @@ def plot_pareto(summary: dict, path: Path) -> bool:
     plt.close(fig)
     tmp.replace(path)
     return True
-
-
-def _label(settings: dict) -> str:
-    if "resolution" in settings and "keep_rate" in settings:
-        return f"{settings['resolution']} px keep {settings['keep_rate']:g}"
-    if "keep_rate" in settings:
-        rate = settings["keep_rate"]
-        return "keep " + (",".join(f"{r:g}" for r in rate) if isinstance(rate, list) else f"{rate:g}")
-    if "merge_count" in settings:
-        return f"r {settings['merge_count']}"
-    if settings.get("budget_quantile") is not None:
-        return f"q {settings['budget_quantile']:g}"
-    if "token_budgets" in settings:
-        budgets = settings["token_budgets"]
-        return "masked" if budgets is None else "budgets " + ",".join(map(str, budgets))
-    return ", ".join(f"{k}={v}" for k, v in settings.items())[:30]

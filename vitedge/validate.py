@@ -235,7 +235,7 @@ def validate(
     the reference built for that size (report section ``validate_<size>px``). Raises
     ValidationFailed (after writing the report) when a threshold is missed.
     """
-    from .pipeline import reference_from_metadata
+    from .load import reference_from_metadata
 
     if batch_size < 1 or threads < 1:
         raise VitedgeError(f"batch size and threads must be >= 1, got {batch_size} and {threads}")

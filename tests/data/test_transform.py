@@ -183,7 +183,7 @@ def test_export_records_the_transform_flag_and_refuses_a_bad_one(tmp_path):
 
 
 def test_a_calibration_set_yaml_is_a_data_source():
-    from vitedge.calibration import SET_DIR
+    from vitedge.data.calibration_sets import SET_DIR
     from vitedge.data import load_dataset
 
     dataset = load_dataset("fmnist-train-512")

@@ -16,11 +16,11 @@ from support import (
 
 import vitedge
 from vitedge.backbone import ARCHS, dense_flops
-from vitedge.calibrate import choose_budgets, measure_live_patches, read_budgets, with_budgets
+from vitedge.calibrate import read_calibration, with_settings
 from vitedge.check import check_model
 from vitedge.errors import VitedgeError
 from vitedge.families import get_family
-from vitedge.families.avit import HALTED_POSITION, budgets_from_counts, check_budgets, round_budget
+from vitedge.families.avit import HALTED_POSITION, budgets_from_counts, check_budgets, live_patch_counts, round_budget
 from vitedge.load import load_model
 from vitedge.rewrite import to_static
 from vitedge.runtime import ort_session, run_batched
@@ -100,13 +100,16 @@ def loaded(avit_ckpt):
 @pytest.fixture(scope="module")
 def live_counts(loaded):
     """Live patch tokens per block on 256 calibration (train) images."""
-    return measure_live_patches(loaded, limit=256)[0]
+    from vitedge.data import InputSpec, load_dataset
+
+    spec = InputSpec(FMNIST.img_size, FMNIST.in_chans, tuple(loaded.mean), tuple(loaded.std))
+    return live_patch_counts(loaded.model, (b for b, _ in load_dataset("fashion-mnist", 256, split="train").batches(spec, 100)))
 
 
 @pytest.fixture(scope="module")
 def budgets_file(tmp_path_factory, avit_ckpt):
     path = tmp_path_factory.mktemp("budgets") / "avit-budgets.json"
-    vitedge.calibrate(avit_ckpt, path, family="avit", num_heads=HEADS, settings=GATES, quantile=0.9, limit=256, log=quiet)
+    vitedge.calibrate(avit_ckpt, path, family="avit", num_heads=HEADS, settings=GATES, budget_quantile=0.9, limit=256, log=quiet)
     return path
 
 
@@ -163,7 +166,7 @@ def test_fixed_budget_is_exact_when_every_live_count_fits(loaded, live_counts, f
     live = torch.stack([r[:, 1:].sum(1) for r in running], dim=1).max(0).values.tolist()
     budgets = [min(TOKENS, 1 + n) for n in live]  # exactly the largest live count of this batch
     assert sum(budgets) < 0.8 * TOKENS * len(budgets)  # a real budget, not the masked form
-    budgeted = with_budgets(loaded, budgets)
+    budgeted = with_settings(loaded, {"token_budgets": budgets})
     static = to_static(budgeted.model, budgeted.plan)
     with torch.no_grad():
         st_logits, st_kept = static.forward_tokens(images)
@@ -187,13 +190,13 @@ def test_budgets_round_up_to_multiples_of_8_and_never_grow(live_counts):
 
 
 def test_flops_target_picks_the_largest_quantile_within_it(loaded, live_counts):
-    budgets, quantile = choose_budgets(loaded, live_counts, flops_ratio=0.7)
-    ratio = with_budgets(loaded, budgets).plan.flops(loaded.cfg) / dense_flops(loaded.cfg)
+    budgets, quantile = AVIT.choose_budgets(FMNIST, loaded.settings, live_counts, flops_ratio=0.7)
+    ratio = with_settings(loaded, {"token_budgets": budgets}).plan.flops(loaded.cfg) / dense_flops(loaded.cfg)
     assert ratio <= 0.7 and 0 < quantile < 1
     higher = budgets_from_counts(live_counts, min(1.0, quantile + 0.02), TOKENS)
-    assert with_budgets(loaded, higher).plan.flops(loaded.cfg) / dense_flops(loaded.cfg) > 0.7 or higher == budgets
+    assert with_settings(loaded, {"token_budgets": higher}).plan.flops(loaded.cfg) / dense_flops(loaded.cfg) > 0.7 or higher == budgets
     with pytest.raises(VitedgeError, match="below what any quantile reaches"):
-        choose_budgets(loaded, live_counts, flops_ratio=0.01)
+        AVIT.choose_budgets(FMNIST, loaded.settings, live_counts, flops_ratio=0.01)
 
 
 def test_calibration_file(budgets_file, avit_ckpt, loaded):
@@ -203,7 +206,7 @@ def test_calibration_file(budgets_file, avit_ckpt, loaded):
     assert content["settings"] == GATES and content["arch"]["depth"] == 12
     halting = content["halting"]
     assert 1 < halting["mean_depth"] < 12 and len(halting["active_patches_mean"]) == 12
-    assert read_budgets(budgets_file, loaded) == content["token_budgets"]
+    assert read_calibration(budgets_file, loaded)["token_budgets"] == content["token_budgets"]
     assert content["flops"]["ratio"] < 1
 
 
@@ -217,7 +220,7 @@ def masked_artifact(tmp_path_factory, avit_ckpt):
 @pytest.fixture(scope="module")
 def budget_artifact(tmp_path_factory, avit_ckpt, budgets_file):
     out = tmp_path_factory.mktemp("avit-art") / "budget"
-    vitedge.export(avit_ckpt, out, family="avit", num_heads=HEADS, settings=GATES, budgets=budgets_file,
+    vitedge.export(avit_ckpt, out, family="avit", num_heads=HEADS, settings=GATES, calibration=budgets_file,
                    validate_limit=256, log=quiet)
     return out
 
@@ -257,7 +260,7 @@ def test_budget_export_uses_constant_topk_and_reports_overflow(budget_artifact, 
 
 def test_onnx_runtime_matches_the_static_budget_model(budget_artifact, avit_ckpt, budgets_file, fmnist_batch):
     loaded = load_model(avit_ckpt, family="avit", num_heads=HEADS, settings=GATES)
-    budgeted = with_budgets(loaded, read_budgets(budgets_file, loaded))
+    budgeted = with_settings(loaded, {"token_budgets": read_calibration(budgets_file, loaded)["token_budgets"]})
     images = fmnist_batch[0][:16]
     outputs = run_batched(ort_session(budget_artifact / "model.onnx"), images)
     with torch.no_grad():
@@ -289,12 +292,12 @@ def test_cli_calibrate_then_export_with_budgets(tmp_path, avit_ckpt):
     # Without the recipe the export uses other gates (the DeiT-Tiny defaults): the budgets do not apply.
     result = run_cli("export", avit_ckpt, "-o", tmp_path / "nogates", "--family", "avit", "--num-heads", HEADS,
                      "--budgets", budgets)
-    assert "calibrated with gates" in assert_clean_failure(result, tmp_path / "nogates")
+    assert "was calibrated with gate_scale 4, gate_center 2" in assert_clean_failure(result, tmp_path / "nogates")
 
 
 def test_export_quantile_calibrates_in_place(tmp_path, avit_ckpt):
     out = tmp_path / "q"
-    report = vitedge.export(avit_ckpt, out, family="avit", num_heads=HEADS, settings=GATES, quantile=1.0,
+    report = vitedge.export(avit_ckpt, out, family="avit", num_heads=HEADS, settings=GATES, budget_quantile=1.0,
                             validate_limit=64, log=quiet)
     assert report["validate"]["passed"]
     settings = read_json(out / "vitedge.json")["settings"]
@@ -328,7 +331,7 @@ def test_budgets_for_another_depth_or_model_fail_cleanly(tmp_path, avit_ckpt, bu
         out = tmp_path / f"out-{budgets.stem}-{ckpt.stem}"
         loaded = load_model(ckpt, family="avit", num_heads=HEADS, settings=GATES)
         with pytest.raises(VitedgeError, match=expected):
-            read_budgets(budgets, loaded)
+            read_calibration(budgets, loaded)["token_budgets"]
         before = folder_listing(tmp_path)
         result = run_cli("export", ckpt, "-o", out, "--family", "avit", "--num-heads", HEADS, "--budgets", budgets)
         assert_clean_failure(result, out)
@@ -398,9 +401,9 @@ def test_tune_hook_calibrates_each_candidate_with_its_own_gates(loaded):
     masked, same_gates, later_gates = AVIT.calibrate_candidates(loaded.model, FMNIST, grid, images)
     assert masked == grid[0]
     assert same_gates["budget_quantile"] == 0.9 and same_gates["gate_center"] == GATES["gate_center"]
-    assert same_gates["token_budgets"] == choose_budgets(loaded, live_counts_of(loaded, images), 0.9)[0]
+    assert same_gates["token_budgets"] == AVIT.choose_budgets(FMNIST, loaded.settings, live_counts_of(loaded, images), 0.9)[0]
     other = load_model(loaded.checkpoint.path, family="avit", num_heads=HEADS, settings=later)
-    assert later_gates["token_budgets"] == choose_budgets(other, live_counts_of(other, images), 0.9)[0]
+    assert later_gates["token_budgets"] == AVIT.choose_budgets(FMNIST, other.settings, live_counts_of(other, images), 0.9)[0]
     assert sum(later_gates["token_budgets"]) > sum(same_gates["token_budgets"])
     assert (loaded.model.gate_scale, loaded.model.gate_center) == tuple(GATES.values())  # the loaded model is untouched
 

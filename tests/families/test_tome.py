@@ -180,12 +180,12 @@ def test_decreasing_schedule_plan():
     ({"merge_count": 25}, r"merge at most 24 of the 49 patch tokens \(half\); use merge_count <= 24"),
     ({"merge_count": [0, 30]}, "use merge_count <= 24"),
     ({"merge_count": 13, "inflection": -1}, "asks to merge 26 tokens in one block"),
-    ({"merge_count": -1}, "must be a whole number of tokens >= 0"),
+    ({"merge_count": -1}, "merge_count must be >= 0, got -1"),
     ({"merge_count": 2.5}, "must be a whole number"),
     ({"merge_count": "many"}, "must be a whole number"),
     ({"merge_count": True}, "must be a whole number"),
     ({"merge_count": [1] * 13}, "merge_count lists 13 blocks; this model has 12"),
-    ({"inflection": 2}, r"inflection must be a number in \[-1, 1\]"),
+    ({"inflection": 2}, r"inflection must be in \[-1, 1\], got 2"),
     ({"merge_count": [1, 2], "inflection": -1}, "not to a list"),
     ({"prop_attn": "yes"}, "prop_attn must be true or false"),
     ({"keep_rate": 0.7}, "family 'tome' has no setting keep_rate"),
@@ -375,7 +375,7 @@ def test_cli_export_with_merge_count(tome_export):
 
 @pytest.mark.parametrize("args, message", [
     (["--merge-count", "25"], "use merge_count <= 24"),
-    (["--merge-count", "-2"], "must be a whole number of tokens >= 0"),
+    (["--merge-count", "-2"], "merge_count must be >= 0, got -2"),
     (["--keep-rate", "0.7"], "family 'tome' has no setting keep_rate"),
 ])
 def test_cli_bad_settings_one_line_nothing_written(tome_ckpt, tmp_path, args, message):
@@ -404,4 +404,4 @@ def test_recipe_settings(tome_ckpt, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("family: tome\nsettings:\n  merge_count: lots\n")
     line = assert_clean_failure(run_cli("export", tome_ckpt, "-o", tmp_path / "o2", "--recipe", bad), tmp_path / "o2")
-    assert "'merge_count' must be an integer or a list of integers" in line
+    assert "'merge_count' must be a whole number or a list of whole numbers >= 0, got 'lots'" in line

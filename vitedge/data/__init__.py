@@ -28,7 +28,7 @@ def default_source(in_chans: int) -> str:
 
 
 def _is_set(source: str) -> bool:
-    from ..calibration import available_sets
+    from .calibration_sets import available_sets
 
     return Path(source).suffix in (".yaml", ".yml") or source in available_sets()
 
@@ -42,7 +42,7 @@ def check_source(source: str | None, limit: int | None = None) -> None:
     if source in FASHION_MNIST_NAMES:
         fashion_mnist_files("test")
     elif _is_set(source):
-        from ..calibration import load_calibration_set
+        from .calibration_sets import load_calibration_set
 
         load_calibration_set(source)
     elif not Path(source).is_dir():
@@ -66,7 +66,7 @@ def load_dataset(source: str | None, limit: int | None = None, split: str = "tes
     elif Path(source).is_dir():
         dataset = load_image_folder(Path(source), skip_bad=skip_bad)
     else:
-        from ..calibration import dataset_from_set, load_calibration_set
+        from .calibration_sets import dataset_from_set, load_calibration_set
 
         dataset = dataset_from_set(load_calibration_set(source), skip_bad=skip_bad)
     return dataset.sample(limit, shuffle_seed)

@@ -45,10 +45,13 @@ from . import (
     Family,
     TokenPlan,
     check_keep_rate,
+    ONE_OR_LIST,
+    Setting,
+    block_list_setting,
     check_prune_blocks,
-    check_setting_names,
     family,
     keep_rate_candidates,
+    keep_rate_setting,
 )
 
 SOFTMAX_EPS = 1e-6  # softmax_with_policy's eps
@@ -379,8 +382,14 @@ class ATSFamily(Family):
         keeps another token in every later block. Top-1 agreement stays the gate."""
         return {"min_top1_agreement": 0.995, "min_kept_agreement": 0.99}
 
-    def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
-        check_setting_names(self.name, overrides, {"prune_blocks", "num_tokens", "keep_rate"})
+    settings = (
+        block_list_setting("prune_blocks", "blocks that sample tokens (default: from a quarter of the depth on)"),
+        Setting("num_tokens", int, "token slots K sampled per block, class token included: one, or one per block "
+                "(default: every token)", shape=ONE_OR_LIST),
+        keep_rate_setting(None, ONE_OR_LIST, "instead of num_tokens: K as this share of all tokens (at least 8)"),
+    )
+
+    def combine_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         blocks = check_prune_blocks(overrides.get("prune_blocks") or default_ats_blocks(cfg.depth), cfg.depth)
         tokens = cfg.num_patches + 1
         if overrides.get("keep_rate") is not None:  # a share of all tokens, rounded, at least 8 (official)

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbone import Block, ViTConfig, VisionTransformer
+from ..backbone import Block, ViTConfig, VisionTransformer, dense_flops
 from ..errors import VitedgeError
 from ..rewrite import rewrites
 from ..tokens import gather_tokens, margins_recorded, patch_positions, record_margin, threshold_margin, top_tokens
-from . import BlockTokens, Family, TokenPlan, check_setting_names, family
+from . import LIST, Alias, BlockTokens, Family, Setting, TokenPlan, family
 
 HALT_EPS = 0.01  # the official ``self.eps``: a token halts once its cumulative score exceeds 1 - eps
 MASK_BIAS = -1000.0  # the official ``masked_softmax_bias`` added to the logits of halted keys
@@ -47,6 +47,7 @@ BUDGET_MULTIPLE = 8  # budgets are rounded up to hardware-friendly token counts
 # ``vitedge tune``'s grid after the masked graph. Below about 0.92 a block overflows on more than the
 # 10 % of images that a budgeted export's kept-set agreement (>= 0.9) allows, so lower ones fail validation.
 TUNING_QUANTILES = (1.0, 0.99, 0.98, 0.95, 0.93)
+DEFAULT_QUANTILE = 0.99  # 'vitedge calibrate' without a quantile or FLOPs target
 # (gate_scale, gate_center) of the released checkpoints: tiny-10-30.pth, small-10-75.pth
 OFFICIAL_GATES = {192: (10.0, 30.0), 384: (10.0, 75.0)}
 
@@ -279,27 +280,75 @@ class AViTFamily(Family):
     # The halting gate (channel 0 → scale, shift → Sigmoid) is the scoring path; no TopK marks it.
     selection_hint = ("Sigmoid",)
 
-    def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
-        check_setting_names(self.name, overrides, {"gate_scale", "gate_center", "token_budgets", "budget_quantile"})
+    settings = (
+        Setting("gate_scale", float, "halting gate: sigmoid(channel 0 x gate_scale - gate_center) (default: the released "
+                "model's for this width)"),
+        Setting("gate_center", float, "halting gate shift (default: the released model's for this width)"),
+        Setting("token_budgets", int, "constant tokens per block, class token included (from 'vitedge calibrate')",
+                shape=LIST, minimum=1, none_means="masked (every token runs, halted ones are masked out)",
+                label="budgets {}", aliases=(Alias("--budgets", from_file=True,
+                                                   help="Token budgets per block from a 'vitedge calibrate' file."),)),
+        Setting("budget_quantile", float, "calibrate token budgets covering this quantile of images per block",
+                minimum=0.0, maximum=1.0, exclusive_minimum=True, label="q {}",
+                aliases=(Alias("--quantile", help="Calibrate token budgets now, covering this quantile of images per block."),
+                         Alias("--quantiles", many=True, help="Budget quantiles to try, comma-separated, each calibrated."))),
+    )
+
+    def combine_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
+        """Gates default to the released model's for this width; budgets must fit this depth and token count."""
         scale, center = default_gates(cfg)
-        try:
-            scale = float(overrides.get("gate_scale", scale))
-            center = float(overrides.get("gate_center", center))
-        except (TypeError, ValueError):
-            raise VitedgeError("gate_scale and gate_center must be numbers") from None
-        if not (math.isfinite(scale) and math.isfinite(center)):
-            raise VitedgeError(f"gate_scale and gate_center must be finite, got {scale:g} and {center:g}")
         budgets = overrides.get("token_budgets")
         settings = {
-            "gate_scale": scale,
-            "gate_center": center,
+            "gate_scale": overrides.get("gate_scale", scale),
+            "gate_center": overrides.get("gate_center", center),
             "token_budgets": None if budgets is None else check_budgets(budgets, cfg),
         }
         if overrides.get("budget_quantile") is not None:  # the record of where calibrated budgets came from
-            settings["budget_quantile"] = check_quantile(overrides["budget_quantile"])
+            settings["budget_quantile"] = overrides["budget_quantile"]
         return settings
 
     calibrated_settings = ("budget_quantile",)
+
+    def pending_calibration(self, settings: dict) -> dict:
+        """A quantile is resolved once its budgets are there (a candidate from ``vitedge tune``)."""
+        return {} if settings.get("token_budgets") else super().pending_calibration(settings)
+
+    @torch.no_grad()
+    def calibrate(self, model, cfg, settings, batches, flops_ratio=None):
+        """Budgets from the live patch tokens per block of the reference on calibration images: at
+        ``budget_quantile`` (default 0.99) or, with ``flops_ratio``, the largest quantile within it."""
+        counts = live_patch_counts(model, batches())
+        budgets, quantile = self.choose_budgets(cfg, settings, counts, settings.get("budget_quantile"), flops_ratio)
+        resolved = self.resolve_settings(cfg, {**settings, "token_budgets": budgets, "budget_quantile": quantile})
+        halting = halting_summary(counts, cfg.num_patches)
+        record = {"images": int(len(counts)), "quantile": quantile, "flops_ratio_target": flops_ratio, "halting": halting}
+        return resolved, record, {"quantile": quantile, "mean_depth": halting["mean_depth"]}
+
+    def choose_budgets(self, cfg, settings, counts, quantile=None, flops_ratio=None) -> tuple[list[int], float]:
+        """Budgets for a quantile of ``counts`` [images, depth], or for the largest quantile whose FLOPs
+        ratio to dense is at most ``flops_ratio``. Returns (budgets, quantile used)."""
+        tokens = cfg.num_patches + 1
+        if flops_ratio is None:
+            quantile = check_quantile(DEFAULT_QUANTILE if quantile is None else quantile)
+            return budgets_from_counts(counts, quantile, tokens), quantile
+        if quantile is not None:
+            raise VitedgeError("give a quantile or a FLOPs target, not both")
+        if not 0.0 < flops_ratio <= 1.0:
+            raise VitedgeError(f"FLOPs target must be a ratio to dense in (0, 1], got {flops_ratio:g}")
+
+        def ratio(q: float) -> float:
+            budgeted = self.resolve_settings(cfg, {**settings, "token_budgets": budgets_from_counts(counts, q, tokens)})
+            return self.token_plan(cfg, budgeted).flops(cfg) / dense_flops(cfg)
+
+        low, high = 1.0 / len(counts), 1.0
+        if ratio(low) > flops_ratio:
+            raise VitedgeError(f"FLOPs target {flops_ratio:g} is below what any quantile reaches ({ratio(low):.3f}); raise it")
+        if ratio(high) <= flops_ratio:
+            return budgets_from_counts(counts, high, tokens), high
+        for _ in range(30):  # budgets are a step function of q: bisect to the largest q that meets the target
+            middle = (low + high) / 2
+            low, high = (middle, high) if ratio(middle) <= flops_ratio else (low, middle)
+        return budgets_from_counts(counts, low, tokens), round(low, 6)
 
     def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
         """The masked graph (exact, dense cost), then budgets at falling quantiles of live tokens."""

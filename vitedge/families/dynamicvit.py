@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import ViTConfig, VisionTransformer
-from ..errors import VitedgeError
 from ..rewrite import rewrites
 from ..tokens import gather_tokens, patch_positions, record_topk_margin, top_tokens
 from . import (
@@ -26,11 +25,13 @@ from . import (
     Family,
     TokenPlan,
     check_keep_rate,
+    block_list_setting,
     check_prune_blocks,
-    check_setting_names,
     default_prune_blocks,
     family,
     keep_rate_candidates,
+    keep_rate_setting,
+    ONE,
 )
 
 
@@ -147,13 +148,13 @@ class DynamicViTFamily(Family):
     paper = "Rao et al., DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification, NeurIPS 2021"
     signature_keys = ("score_predictor.",)
 
-    def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
-        check_setting_names(self.name, overrides, {"keep_rate", "prune_blocks"})
+    settings = (
+        keep_rate_setting(0.7, ONE, "one base keep rate rho; the predictor keeps rho, rho^2, rho^3 of the patch tokens"),
+        block_list_setting("prune_blocks", "blocks whose input the predictor prunes (default: depth/4, /2, 3/4)"),
+    )
+
+    def combine_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         rate = overrides.get("keep_rate", 0.7)
-        if isinstance(rate, (list, tuple)):
-            raise VitedgeError(
-                "DynamicViT takes one base keep rate rho (it keeps rho, rho^2, rho^3 at its pruning blocks), not a list"
-            )
         return {
             "keep_rate": check_keep_rate(rate),
             "prune_blocks": check_prune_blocks(overrides.get("prune_blocks") or default_prune_blocks(cfg.depth), cfg.depth),

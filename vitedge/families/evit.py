@@ -27,10 +27,13 @@ from . import (
     Family,
     TokenPlan,
     blocks_and_keep_rates,
-    check_setting_names,
+    block_list_setting,
     default_prune_blocks,
     family,
     keep_rate_candidates,
+    keep_rate_setting,
+    ONE_OR_LIST,
+    Setting,
 )
 
 FUSED_POSITION = -1
@@ -134,8 +137,13 @@ class EViTFamily(Family):
     summary = "keep top class-attention tokens, fuse the rest into one (constant k per block)"
     paper = "Liang et al., Not All Patches are What You Need (EViT), ICLR 2022"
 
-    def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
-        check_setting_names(self.name, overrides, {"keep_rate", "prune_blocks", "fuse_token"})
+    settings = (
+        keep_rate_setting(0.7, ONE_OR_LIST, "share of the tokens kept at each pruning block: one rate, or one per block"),
+        block_list_setting("prune_blocks", "blocks that drop tokens before their MLP (default: depth/4, /2, 3/4)"),
+        Setting("fuse_token", bool, "fuse the dropped tokens into one, weighted by class attention", True),
+    )
+
+    def combine_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         blocks, rates = blocks_and_keep_rates(
             overrides.get("prune_blocks") or default_prune_blocks(cfg.depth), overrides.get("keep_rate", 0.7), cfg.depth
         )

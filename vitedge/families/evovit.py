@@ -35,7 +35,18 @@ from ..backbone import Mlp, ViTConfig, VisionTransformer, _init_weights
 from ..errors import VitedgeError
 from ..rewrite import rewrites
 from ..tokens import gather_tokens, patch_positions, record_topk_margin, top_tokens
-from . import BlockTokens, Family, TokenPlan, blocks_and_keep_rates, check_setting_names, family, keep_rate_candidates
+from . import (
+    ONE_OR_LIST,
+    BlockTokens,
+    Family,
+    Setting,
+    TokenPlan,
+    block_list_setting,
+    blocks_and_keep_rates,
+    family,
+    keep_rate_candidates,
+    keep_rate_setting,
+)
 
 TRAINING_ONLY_PREFIXES = ("head_cls.", "norm_cls.")
 OFFICIAL_TRADEOFF = 0.5  # the EMA coefficient of the official models from block 4 on
@@ -230,8 +241,14 @@ class EvoViTFamily(Family):
     paper = "Xu et al., Evo-ViT: Slow-Fast Token Evolution for Dynamic Vision Transformer, AAAI 2022"
     signature_keys = ("qks.", "vs.0.v.")
 
-    def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
-        check_setting_names(self.name, overrides, {"keep_rate", "split_blocks", "tradeoff"})
+    settings = (
+        keep_rate_setting(0.5, ONE_OR_LIST, "slow (updated) share of the patch tokens from each split block on"),
+        block_list_setting("split_blocks", "blocks where tokens are re-sorted into slow and fast (default: depth/3, 2/3)"),
+        Setting("tradeoff", float, "EMA coefficient of the class-attention score: one for the blocks from the first "
+                "split on, or one per block", OFFICIAL_TRADEOFF, ONE_OR_LIST, minimum=0.0, maximum=1.0),
+    )
+
+    def combine_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         blocks, rates = blocks_and_keep_rates(
             overrides.get("split_blocks") or default_split_blocks(cfg.depth), overrides.get("keep_rate", 0.5), cfg.depth
         )

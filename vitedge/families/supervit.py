@@ -41,10 +41,15 @@ from . import (
     Family,
     TokenPlan,
     check_keep_rate,
+    LIST,
+    ONE_OR_LIST,
+    Alias,
+    Setting,
+    block_list_setting,
     check_prune_blocks,
-    check_setting_names,
     default_prune_blocks,
     family,
+    keep_rate_setting,
 )
 
 TRAINED_KEEP_RATES = (0.5, 0.7, 1.0)
@@ -220,8 +225,27 @@ class SuperViTFamily(Family):
     paper = "Lin et al., Super Vision Transformer, IJCV 2023"
     signature_keys = ("pos_embed_list.",)
 
-    def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
-        check_setting_names(self.name, overrides, {"resolution", "resolutions", "keep_rate", "keep_rates", "prune_blocks"})
+    settings = (
+        Setting("resolution", int, "one resolution per variant: its input size in px, one the model has a position table for",
+                minimum=1, label="{} px", choices_from="resolutions",
+                aliases=(Alias("--sizes", many=True, help="Input sizes in px, e.g. 128,160,192,224 (the family's resolution)."),)),
+        Setting("resolutions", int, "the sizes the model was trained for (one position table each)", shape=LIST, minimum=1),
+        keep_rate_setting(0.7, ONE_OR_LIST, "keep rate of this variant at every pruning block, one it was trained for",
+                          choices_from="keep_rates"),
+        Setting("keep_rates", float, "the keep rates the model was trained for", shape=LIST, minimum=0.0, maximum=1.0,
+                exclusive_minimum=True),
+        block_list_setting("prune_blocks", "blocks that drop tokens (default: depth/4, /2, 3/4)"),
+    )
+    bundle_axes = ("resolution", "keep_rate")
+    bundle_input_note = ("each variant resizes it inside its graph to its own resolution (bilinear, align_corners=True, "
+                         "no antialiasing, as the official SuperViT forward)")
+
+    def describe_input(self, cfg: ViTConfig, settings: dict) -> dict:
+        """The user feeds the full-size tensor; the graph resizes it to this variant's size."""
+        return {"resize": {"in_graph": settings["resolution"] != cfg.img_size, "to": settings["resolution"],
+                           "mode": "bilinear", "align_corners": True, "antialias": False}}
+
+    def combine_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         resolutions = sorted(_int_list(overrides.get("resolutions") or default_resolutions(cfg), "resolutions"))
         for size in resolutions:
             if size <= 0 or size % cfg.patch_size:

@@ -36,7 +36,7 @@ from ..backbone import Block, ViTConfig, VisionTransformer
 from ..errors import VitedgeError
 from ..rewrite import rewrites
 from ..tokens import best_match_margin, gather_tokens, margins_recorded, record_margin, top_tokens, topk_margin
-from . import BlockTokens, Family, TokenPlan, check_setting_names, family
+from . import ONE_OR_LIST, Alias, BlockTokens, Family, Setting, TokenPlan, family
 
 PAPER_MERGE_COUNT = 13  # ToMe DeiT-S r=13 (79.4 % top-1), 196 patch tokens
 PAPER_PATCHES = 196
@@ -297,8 +297,17 @@ class ToMeFamily(Family):
     paper = "Bolya et al., Token Merging: Your ViT but Faster (ToMe), ICLR 2023"
     kept_order_matters = True  # assignment_<block> is a map per patch, compared element-wise
 
-    def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
-        check_setting_names(self.name, overrides, {"merge_count", "inflection", "prop_attn"})
+    settings = (
+        Setting("merge_count", int, "tokens merged per block (r): one for every block, or one per block "
+                "(default: the paper's r=13 at 196 patches, scaled)", shape=ONE_OR_LIST, minimum=0, label="r {}",
+                aliases=(Alias("--merge-count", help="Tokens merged per block (the family's merge_count, ToMe's r)."),
+                         Alias("--merge-counts", many=True, help="Merge counts to try, comma-separated."))),
+        Setting("inflection", float, "schedule shape: 0 constant r, -1 decreasing, +1 increasing", 0.0,
+                minimum=-1.0, maximum=1.0),
+        Setting("prop_attn", bool, "proportional attention (log token size added to the attention logits)", True),
+    )
+
+    def combine_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         count = overrides.get("merge_count", default_merge_count(cfg))
         if isinstance(count, (list, tuple)):
             count = [_merge_count_value(r) for r in count]
@@ -307,13 +316,9 @@ class ToMeFamily(Family):
         else:
             count = _merge_count_value(count)
         inflection = overrides.get("inflection", 0.0)
-        if isinstance(inflection, bool) or not isinstance(inflection, (int, float)) or not -1.0 <= inflection <= 1.0:
-            raise VitedgeError(f"inflection must be a number in [-1, 1] (-1: decreasing schedule), got {inflection!r}")
         if isinstance(count, list) and inflection:
             raise VitedgeError("inflection applies to one merge_count, not to a list per block")
         prop_attn = overrides.get("prop_attn", True)
-        if not isinstance(prop_attn, bool):
-            raise VitedgeError(f"prop_attn must be true or false, got {prop_attn!r}")
         limit = mergeable(cfg.num_patches + 1)
         largest = max(merge_schedule(cfg.depth, count, float(inflection)), default=0)
         if largest > limit:

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_NAMES, SAMPLES, ArrayDataset, Dataset, Transform, load_image_folder
-from .data.fashion_mnist import load_fashion_mnist
-from .errors import VitedgeError
+from ..errors import VitedgeError
+from . import FASHION_MNIST_CLASSES, FASHION_MNIST_NAMES, SAMPLES, ArrayDataset, Dataset, Transform, load_image_folder
+from .fashion_mnist import load_fashion_mnist
 
 SOURCES = ("fashion-mnist", "image-folder", "samples", "skimage")
 DEFAULT_SET = "fmnist-train-512"
-SET_DIR = Path(__file__).resolve().parents[1] / "calibration"
+SET_DIR = Path(__file__).resolve().parents[2] / "calibration"
 _KEYS = {"name", "description", "source", "split", "count", "seed", "path", "labels", "images", "crops_per_image",
          "preprocess"}
 
@@ -215,7 +215,7 @@ def dataset_from_set(cset: CalibrationSet, skip_bad: bool = False) -> Dataset:
         dataset = load_image_folder(cset.path, cset.labels, skip_bad)
         dataset.name = cset.name
     elif cset.source == "samples":
-        from .data.samples import load_samples
+        from .samples import load_samples
 
         dataset = load_samples()
     else:
@@ -245,3 +245,17 @@ def array_sha256(array: np.ndarray) -> str:
     digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def set_out_of_domain(source: str, in_chans: int, num_classes: int) -> str | None:
+    """What a calibration set's images are when they are not the model's domain (None when they are, or are the user's)."""
+    from . import model_domain
+
+    domain = model_domain(in_chans, num_classes)
+    if source in ("samples", "skimage"):
+        what = "the bundled sample photographs"
+    elif source == "fashion-mnist" and domain != "fashion-mnist":
+        what = "Fashion-MNIST (28 px grey clothing)"
+    else:
+        return None
+    return f"{what}, not this model's domain{f' ({domain})' if domain else ''}"
