@@ -49,8 +49,8 @@ def test_infer_config_deit_small_shapes():
 def test_infer_config_rejects_non_vit_and_bad_shapes(evit_state):
     with pytest.raises(VitedgeError, match="missing .*head.weight"):
         infer_config({k: v for k, v in evit_state.items() if not k.startswith("head.")})
-    odd = dict(evit_state, pos_embed=torch.zeros(1, 1 + 48, 64))
-    with pytest.raises(VitedgeError, match="not a square grid"):
+    odd = dict(evit_state, pos_embed=torch.zeros(1, 1 + 47, 64))
+    with pytest.raises(VitedgeError, match="48 positions: neither a square grid of patches nor a class token plus"):
         infer_config(odd)
     with pytest.raises(VitedgeError, match="not divisible by 3 heads"):
         infer_config(evit_state, num_heads=3)

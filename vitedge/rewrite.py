@@ -12,6 +12,7 @@ from typing import Callable
 
 from torch import nn
 
+from .backbones import prepare_for_export
 from .families import TokenPlan
 
 _REWRITES: dict[type, Callable[[nn.Module, TokenPlan], nn.Module]] = {}
@@ -38,6 +39,7 @@ def to_static(model: nn.Module, plan: TokenPlan) -> nn.Module:
         static = root_rewrite(static, plan)
     else:
         _swap(static, plan)
+    prepare_for_export(static)
     for module in static.modules():
         if hasattr(module, "fused"):
             module.fused = False

@@ -65,6 +65,9 @@ class Family:
     # Op types (A-ViT's "Sigmoid") or tensor-name substrings (e.g. "score_predictor") that seed the
     # token-scoring path `vitedge quantize` keeps in float, besides every TopK and its scoring subgraph.
     selection_hint: tuple[str, ...] = ()
+    # Backbone variants (``ViTConfig.features`` names: "layer_scale", "lvvit", ...) that the
+    # family's reference handles beyond a DeiT with a class token; others are refused at load.
+    backbone_features: frozenset[str] = frozenset()
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         """Defaults merged with ``overrides``, validated; raises VitedgeError on bad values."""
