@@ -149,14 +149,14 @@ class ToMeBlock(Block):
     def forward(self, x, size=None, source=None):
         """Returns (x, size, source); ``source`` is traced only when one is passed in."""
         out, metric = proportional_attention(self.attn, self.norm1(x), size if self.prop_attn else None, self.attn.fused)
-        x = x + out
+        x = x + self.ls1(out)
         r = min(self.merge_count, mergeable(x.shape[1]))
         if r > 0:
             matching = bipartite_soft_matching(metric, r)
             if source is not None:
                 source = merge_source(source, matching)
             x, size = merge_weighted_average(x, size, matching)
-        return x + self.mlp(self.norm2(x)), size, source
+        return x + self.ls2(self.mlp(self.norm2(x))), size, source
 
 
 class ToMe(VisionTransformer):
@@ -175,7 +175,7 @@ class ToMe(VisionTransformer):
             x, size, source = block(x, size, source)
             if x.shape[1] < before:
                 assignments.append(source_assignment(source))
-        return self.classify(x), assignments
+        return self.classify(x, size), assignments
 
     def forward(self, images):
         """Logits only; no source tracing (what eager inference runs)."""
@@ -183,7 +183,7 @@ class ToMe(VisionTransformer):
         size = None
         for block in self.blocks:
             x, size, _ = block(x, size)
-        return self.classify(x)
+        return self.classify(x, size)
 
 
 # --- static form ---------------------------------------------------------------------------
@@ -251,13 +251,13 @@ class StaticToMe(ToMe):
         size, assignments = None, []
         for block, r in zip(self.blocks, self.merges):
             out, metric = proportional_attention(block.attn, block.norm1(x), size if self.prop_attn else None)
-            x = x + out
+            x = x + block.ls1(out)
             if r:
                 x, size, token_map = static_merge(x, size, metric, r, self.merge_with)
                 assignment = token_map.gather(1, assignment)
                 assignments.append(assignment)
-            x = x + block.mlp(block.norm2(x))
-        return self.classify(x), assignments
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        return self.classify(x, size), assignments
 
     def forward(self, images):
         return self.forward_tokens(images)[0]
@@ -293,6 +293,9 @@ class ToMeFamily(Family):
     summary = "bipartite soft matching merges r tokens per block (size-weighted, proportional attention)"
     paper = "Bolya et al., Token Merging: Your ViT but Faster (ToMe), ICLR 2023"
     kept_order_matters = True  # assignment_<block> is a map per patch, compared element-wise
+    # The official timm patch drops LayerScale (it rewrites Block.forward without ls1/ls2);
+    # vitedge keeps it. MAE's global pool is size-weighted as tome/patch/mae.py does it.
+    backbone_features = frozenset({"layer_scale", "no_embed_class", "avg_pool", "fc_norm"})
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         check_setting_names(self.name, overrides, {"merge_count", "inflection", "prop_attn"})
@@ -311,7 +314,7 @@ class ToMeFamily(Family):
         prop_attn = overrides.get("prop_attn", True)
         if not isinstance(prop_attn, bool):
             raise VitedgeError(f"prop_attn must be true or false, got {prop_attn!r}")
-        limit = mergeable(cfg.num_patches + 1)
+        limit = mergeable(cfg.num_tokens)
         largest = max(merge_schedule(cfg.depth, count, float(inflection)), default=0)
         if largest > limit:
             raise VitedgeError(
@@ -333,7 +336,7 @@ class ToMeFamily(Family):
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         schedule = merge_schedule(cfg.depth, settings["merge_count"], settings["inflection"])
         blocks, selections, extra = [], [], 0
-        for i, (tokens, merged) in enumerate(merges_per_block(cfg.num_patches + 1, schedule)):
+        for i, (tokens, merged) in enumerate(merges_per_block(cfg.num_tokens, schedule)):
             blocks.append(BlockTokens(tokens, tokens - merged))
             if merged:
                 extra += merge_flops(cfg, tokens, merged)
