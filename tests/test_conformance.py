@@ -83,6 +83,7 @@ SPECS = [
     Spec("evit", "deit3", {"keep_rate": 0.7}),
     Spec("dynamicvit", "deit3", {"keep_rate": 0.7}),
     Spec("deit", "distilled"),
+    Spec("tome", "distilled", {"merge_count": 3}),
     Spec("tome", "vit_p7", {"merge_count": 2}),
     Spec("deit", "lvvit"),
     Spec("dynamicvit", "lvvit", {"keep_rate": 0.7}),  # dylvvit: pruning before blocks 4, 8, 12 of 16
@@ -92,7 +93,7 @@ SPECS = [
 # Pairs the official code does not define: refused at load in one line naming what is supported.
 REFUSED = [
     ("evit", "mae", "global average pooling"),
-    ("tome", "distilled", "a distillation token"),
+    ("supervit", "mae", "global average pooling"),
     ("tome", "lvvit", "the LV-ViT backbone"),
     ("supervit", "deit3", "LayerScale"),
     ("avit", "deit3", "LayerScale"),
@@ -192,8 +193,11 @@ def oracle_dense(sd, images, fixed, settings):
 
 @torch.no_grad()
 def oracle_tome(sd, images, fixed, settings):
-    """ToMe's timm patch at eval (merge.py, patch/timm.py; MAE: patch/mae.py's size-weighted pool), with
-    LayerScale kept where the official patch drops it. Per merging block: each patch's token (argmax of source)."""
+    """ToMe's timm patch at eval (merge.py, patch/timm.py; MAE: patch/mae.py's size-weighted pool; DeiT
+    distilled: ``distill_token`` protected and kept second), with LayerScale kept where the official
+    patch drops it. Per merging block: each patch's token (argmax of source)."""
+    distill = "dist_token" in sd
+    protected = 1 + distill
     x = _embed(sd, images, fixed)
     patches_in = x.shape[1] - 1  # T in patch/mae.py: the pool divides by the original patch count
     size = source = None
@@ -202,11 +206,13 @@ def oracle_tome(sd, images, fixed, settings):
         out, _, metric = _attention(sd, i, _ln(sd, f"blocks.{i}.norm1", x, fixed["eps"]),
                                     size if settings.get("prop_attn", True) else None)
         x = x + _branch(sd, i, 1, out, fixed)
-        r = min(settings["merge_count"], (x.shape[1] - 1) // 2)
+        r = min(settings["merge_count"], (x.shape[1] - protected) // 2)
         if r > 0:
             metric = metric / metric.norm(dim=-1, keepdim=True)
             scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
             scores[:, 0, :] = -math.inf
+            if distill:
+                scores[:, :, 0] = -math.inf
             node_max, node_idx = scores.max(dim=-1)
             edges = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
             src, unm = edges[:, :r], edges[:, r:].sort(dim=1).values
@@ -215,7 +221,10 @@ def oracle_tome(sd, images, fixed, settings):
             def merge(t, mode):
                 even, odd, c = t[:, ::2], t[:, 1::2], t.shape[-1]
                 odd = odd.scatter_reduce(1, dst.expand(-1, -1, c), even.gather(1, src.expand(-1, -1, c)), reduce=mode)
-                return torch.cat([even.gather(1, unm.expand(-1, -1, c)), odd], dim=1)
+                unmerged = even.gather(1, unm.expand(-1, -1, c))
+                if distill:
+                    return torch.cat([unmerged[:, :1], odd[:, :1], unmerged[:, 1:], odd[:, 1:]], dim=1)
+                return torch.cat([unmerged, odd], dim=1)
 
             if source is None:
                 source = torch.eye(x.shape[1])[None].expand(x.shape[0], -1, -1)
@@ -223,7 +232,7 @@ def oracle_tome(sd, images, fixed, settings):
             weights = torch.ones_like(x[..., :1]) if size is None else size
             x, size = merge(x * weights, "sum"), merge(weights, "sum")
             x = x / size
-            assignments.append(source[:, :, 1:].argmax(dim=1))
+            assignments.append(source[:, :, protected:].argmax(dim=1))
         x = x + _mlp(sd, i, x, fixed)
     return _head(sd, x, fixed, size, patches_in), assignments
 
