@@ -491,3 +491,17 @@ def test_bad_settings_on_new_backbones(family, settings, message, checkpoints):
     path, _ = checkpoints(family, backbone)
     with pytest.raises(VitedgeError, match=message):
         load_model(path, family=family, num_heads=HEADS, settings=settings)
+
+
+@pytest.mark.parametrize("keep_rate, gmacs", [(0.7, 4.6), (0.5, 3.7)])
+def test_dynamicvit_lvvit_s_flops_match_the_readme(keep_rate, gmacs):
+    """DynamicViT README: DynamicViT-LVViT-S/0.7 4.6 G, /0.5 3.7 G (MACs; the aux head scores only the kept tokens)."""
+    from vitedge.backbones import infer_config
+    from vitedge.families import get_family
+
+    keys = lvvit_keys(384, 16, patch=16, img=224, in_chans=3, num_classes=1000, predictors=3)
+    cfg = infer_config({k: torch.empty(s) for k, s in keys.items()})
+    family = get_family("dynamicvit")
+    settings = family.resolve_settings(cfg, {"keep_rate": keep_rate})
+    assert settings["prune_blocks"] == [4, 8, 12]
+    assert family.token_plan(cfg, settings).flops(cfg) / 2 == pytest.approx(gmacs * 1e9, rel=0.03)

@@ -469,8 +469,9 @@ def block_flops(cfg: ViTConfig, attn_tokens: int, mlp_tokens: int | None = None)
     return 2 * (attention + mlp)
 
 
-def stem_head_flops(cfg: ViTConfig) -> int:
-    """Patch embedding (LV-ViT: its conv stem) and the heads (distillation head, per-patch aux head)."""
+def stem_head_flops(cfg: ViTConfig, final_tokens: int | None = None) -> int:
+    """Patch embedding (LV-ViT: its conv stem) and the heads (distillation head, LV-ViT's aux head on
+    the ``final_tokens`` that reach it, prefix included; all of them by default)."""
     if cfg.stem_channels:
         from .lvvit import conv_stem_flops
 
@@ -479,7 +480,8 @@ def stem_head_flops(cfg: ViTConfig) -> int:
         patch = cfg.num_patches * cfg.embed_dim * cfg.in_chans * cfg.patch_size**2
     heads = (1 + int(cfg.dist_token)) * cfg.embed_dim * cfg.num_classes
     if cfg.aux_head:
-        heads += cfg.num_patches * cfg.embed_dim * cfg.num_classes
+        patches = cfg.num_patches if final_tokens is None else final_tokens - cfg.num_prefix_tokens
+        heads += patches * cfg.embed_dim * cfg.num_classes
     return 2 * (patch + heads)
 
 

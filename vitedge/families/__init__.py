@@ -41,7 +41,8 @@ class TokenPlan:
 
     def flops(self, cfg: ViTConfig) -> int:
         blocks = sum(block_flops(cfg, b.attention, b.mlp) for b in self.blocks)
-        return stem_head_flops(cfg) + blocks + self.extra_flops
+        final = self.blocks[-1].mlp if self.blocks else None  # tokens LV-ViT's aux head scores
+        return stem_head_flops(cfg, final) + blocks + self.extra_flops
 
     def to_dict(self) -> dict:
         return {

@@ -204,7 +204,8 @@ class SuperViTPlan(TokenPlan):
     resolution: int = 0
 
     def flops(self, cfg: ViTConfig) -> int:
-        return super().flops(cfg) - stem_head_flops(cfg) + stem_head_flops(cfg.with_img_size(self.resolution))
+        final = self.blocks[-1].mlp if self.blocks else None
+        return super().flops(cfg) - stem_head_flops(cfg, final) + stem_head_flops(cfg.with_img_size(self.resolution), final)
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "resolution": self.resolution}
