@@ -79,8 +79,11 @@ class Matching:
     distill_token: bool = False  # b's first token is a protected distillation token
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, distill_token: bool = False) -> Matching:
+def bipartite_soft_matching(metric: torch.Tensor, r: int, distill_token: bool = False, class_token: bool = True) -> Matching:
     """Official ``bipartite_soft_matching`` with a protected class token (and distillation token).
+
+    Without a class token nothing is protected and the unmerged a tokens stay in score order
+    (the official code sorts them back only to keep the class token first).
 
     The edge order is a stable argsort, so on exact ties the lower index is merged, as the
     static form's TopK decides (the official argsort is unstable there).
@@ -89,13 +92,16 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, distill_token: bool = 
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, ::2], metric[:, 1::2]
         scores = a @ b.transpose(-1, -2)
-        scores[:, 0, :] = -math.inf
+        if class_token:
+            scores[:, 0, :] = -math.inf
         if distill_token:
             scores[:, :, 0] = -math.inf
         best, best_index = scores.max(dim=-1)
         order = best.argsort(dim=-1, descending=True, stable=True)
-        merged = order[:, :r]
-        return Matching(order[:, r:].sort(dim=1).values, merged, best_index.gather(1, merged), distill_token)
+        merged, unmerged = order[:, :r], order[:, r:]
+        if class_token:
+            unmerged = unmerged.sort(dim=1).values
+        return Matching(unmerged, merged, best_index.gather(1, merged), distill_token)
 
 
 def merge_tokens(x: torch.Tensor, matching: Matching, mode: str) -> torch.Tensor:
@@ -153,15 +159,16 @@ class ToMeBlock(Block):
         self.merge_count = merge_count
         self.prop_attn = prop_attn
         self.distill_token = cfg.dist_token
+        self.class_token = cfg.class_token
 
     def forward(self, x, size=None, source=None):
         """Returns (x, size, source); ``source`` is traced only when one is passed in."""
         out, metric = proportional_attention(self.attn, self.norm1(x), size if self.prop_attn else None, self.attn.fused)
         x = x + self.ls1(out)
         distill = self.distill_token
-        r = min(self.merge_count, mergeable(x.shape[1], 1 + distill))
+        r = min(self.merge_count, mergeable(x.shape[1], int(self.class_token) + distill))
         if r > 0:
-            matching = bipartite_soft_matching(metric, r, distill)
+            matching = bipartite_soft_matching(metric, r, distill, self.class_token)
             if source is not None:
                 source = merge_source(source, matching)
             x, size = merge_weighted_average(x, size, matching)
@@ -205,25 +212,31 @@ def static_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tenso
     part in the matching (it is the a side's first row, always unmerged), so it is left out of
     the scores instead of masked with -inf. ``merge_with="scatter"`` adds merged tokens with a
     reducing ScatterElements (the official op; not TensorRT-legal, kept for comparison).
-    ``prefix=2``: a distillation token (b's first) is protected too, and stays second.
+    ``prefix=2``: a distillation token (b's first) is protected too, and stays second; ``prefix=0``
+    (no class token): every token takes part and the unmerged ones stay in score order.
     """
     batch, tokens, channels = x.shape
     metric = metric / (metric * metric).sum(dim=-1, keepdim=True).sqrt()  # not norm(): ReduceL2 stops ORT's shape inference
-    a, b = metric[:, 2::2], metric[:, 2 * prefix - 1::2]  # a without the class token, b without the distillation token
+    a_start, b_start = (2 if prefix else 0), (3 if prefix == 2 else 1)
+    a, b = metric[:, a_start::2], metric[:, b_start::2]  # a without the class token, b without the distillation token
     num_a, num_b = a.shape[1], b.shape[1]
     # TopK 1 rather than max(): ORT's shape inference cannot follow an opset-18 ReduceMax
     best, best_index = (t.squeeze(-1) for t in torch.topk(a @ b.transpose(-1, -2), 1, dim=-1))
-    merged = top_tokens(best, r)  # [B, r], highest first; ties: lower index, as the reference
+    if prefix:
+        merged = top_tokens(best, r)  # [B, r], highest first; ties: lower index, as the reference
+        # the unmerged a tokens in their original order: the smallest keys, the merged ones' keys raised past them
+        order_key = torch.arange(num_a, device=x.device, dtype=x.dtype).expand(batch, -1)
+        order_key = order_key.scatter(1, merged, torch.full_like(best[:, :r], float(num_a)))
+        unmerged = torch.topk(order_key, num_a - r, dim=1, largest=False).indices if num_a > r else merged[:, :0]
+    else:  # no class token: the unmerged a tokens in score order, as the official code leaves them
+        order = top_tokens(best, num_a)
+        merged, unmerged = order[:, :r], order[:, r:]
     destination = best_index.gather(1, merged)  # 2-D: one GatherElements
-    # the unmerged a tokens in their original order: the smallest keys, the merged ones' keys raised past them
-    order_key = torch.arange(num_a, device=x.device, dtype=x.dtype).expand(batch, -1)
-    order_key = order_key.scatter(1, merged, torch.full_like(best[:, :r], float(num_a)))
-    unmerged = torch.topk(order_key, num_a - r, dim=1, largest=False).indices if num_a > r else merged[:, :0]
 
     if size is None:
         size = torch.ones_like(x[..., :1])
     weighted = torch.cat([x * size, size], dim=-1)  # merge x * size and size in one product
-    wa, wb = weighted[:, 2::2], weighted[:, 2 * prefix - 1::2]
+    wa, wb = weighted[:, a_start::2], weighted[:, b_start::2]
     if merge_with == "scatter":
         index = destination.unsqueeze(-1).expand(-1, -1, channels + 1)
         wb = wb.scatter_reduce(1, index, gather_tokens(wa, merged), reduce="sum")
@@ -231,12 +244,12 @@ def static_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tenso
         # [B, num_b, r] assignment of the merged tokens to their b tokens
         assign = (torch.arange(num_b, device=x.device).unsqueeze(-1) == destination.unsqueeze(1)).to(x.dtype)
         wb = wb + assign @ gather_tokens(wa, merged)
-    out = torch.cat([weighted[:, :prefix], gather_tokens(wa, unmerged), wb], dim=1)
+    out = torch.cat([weighted[:, :prefix], gather_tokens(wa, unmerged), wb] if prefix else [gather_tokens(wa, unmerged), wb], dim=1)
     size = out[..., channels:]
     kept_a = num_a - r
     positions = [
-        2 * torch.cat([unmerged, merged], dim=1) + 2,
-        (2 * torch.arange(num_b, device=x.device) + 2 * prefix - 1).expand(batch, -1),
+        2 * torch.cat([unmerged, merged], dim=1) + a_start,
+        (2 * torch.arange(num_b, device=x.device) + b_start).expand(batch, -1),
     ]
     new_index = [
         (prefix + torch.arange(kept_a, device=x.device)).expand(batch, -1),
@@ -311,7 +324,7 @@ class ToMeFamily(Family):
     kept_order_matters = True  # assignment_<block> is a map per patch, compared element-wise
     # The official timm patch drops LayerScale (it rewrites Block.forward without ls1/ls2);
     # vitedge keeps it. MAE's global pool is size-weighted as tome/patch/mae.py does it.
-    backbone_features = frozenset({"layer_scale", "no_embed_class", "avg_pool", "fc_norm", "dist_token"})
+    backbone_features = frozenset({"layer_scale", "no_embed_class", "avg_pool", "fc_norm", "dist_token", "no_class_token"})
 
     def resolve_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
         check_setting_names(self.name, overrides, {"merge_count", "inflection", "prop_attn"})
