@@ -541,3 +541,15 @@ def test_fp16_graph_keeps_the_tokens_the_fp32_graph_keeps(spec, exported, tmp_pa
     kept = section["kept_agreement"]  # per selection output: share of images with the same kept set / map
     assert len(kept) == len(read_json(artifact / "vitedge.json")["outputs"]) - 1
     assert min(kept.values()) >= spec.fp16_kept, kept
+
+
+def test_supervit_lvvit_bundle_selects_among_validated_variants(checkpoints, tmp_path):
+    """SuperViT-LV-ViT-S's deployment form: one validated static graph per (size, keep rate) variant."""
+    path, _ = checkpoints("supervit", "lvvit")
+    bundle = vitedge.export_bundle(path, tmp_path / "bundle", resolutions=[16, 28], keep_rates=[0.5, 1.0],
+                                   num_heads=HEADS, validate_limit=32, iterations=2, warmup=1, log=lambda _m: None)
+    assert bundle["arch"]["backbone"] == "lvvit" and len(bundle["variants"]) == 4
+    flops = {(v["resolution"], v["keep_rate"]): v["flops"]["static"] for v in bundle["variants"]}
+    assert flops[16, 0.5] < flops[16, 1.0] < flops[28, 1.0] and flops[28, 0.5] < flops[28, 1.0]
+    for variant in bundle["variants"]:
+        assert variant["validation"]["top1_agreement"] == 1.0 and variant["validation"]["max_abs_logit_diff"] <= 1e-4
