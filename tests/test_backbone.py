@@ -209,3 +209,27 @@ def test_position_table_that_fits_no_layout_is_refused():
     state = {k: torch.empty(s) for k, s in keys.items()} | {"pos_embed": torch.empty(1, 50, 64)}
     with pytest.raises(VitedgeError, match="50 positions: neither a square grid of patches nor class and distillation tokens"):
         infer_config(state)
+
+
+@pytest.mark.parametrize("name, keys, want", [
+    # (embed, depth, patch, img): the timm ViTs the issue lists as loading today, and ToMe's larger ones
+    ("DeiT-256", dict(embed_dim=256, depth=12, patch=16, img=224), (224, 16, 4)),
+    ("AugReg ViT-B/32", dict(embed_dim=768, depth=12, patch=32, img=224), (224, 32, 12)),
+    ("ViT-L/16 @ 384", dict(embed_dim=1024, depth=24, patch=16, img=384), (384, 16, 16)),
+    ("MAE ViT-H/14", dict(embed_dim=1280, depth=32, patch=14, img=224, fc_norm=True), (224, 14, 20)),
+    ("ViT-H/14 @ 518", dict(embed_dim=1280, depth=32, patch=14, img=518), (518, 14, 20)),
+    ("DeiT-III-B @ 384", dict(embed_dim=768, depth=12, patch=16, img=384, layer_scale=True, no_embed_class=True),
+     (384, 16, 12)),
+])
+def test_released_shapes_are_read_off_the_weights(name, keys, want):
+    shapes = timm_vit_keys(in_chans=3, num_classes=1000, **keys)
+    cfg = infer_config({k: torch.empty(s) for k, s in shapes.items()})
+    assert (cfg.img_size, cfg.patch_size, cfg.num_heads) == want, name
+
+
+def test_patch_only_position_table_resamples_without_a_prefix_row():
+    pos = torch.randn(1, 49, 8)
+    bigger = resample_pos_embed(pos, 8, num_prefix=0)
+    assert bigger.shape == (1, 64, 8)
+    flat = torch.full((1, 49, 8), 0.25)
+    assert torch.allclose(resample_pos_embed(flat, 10, num_prefix=0), torch.full((1, 100, 8), 0.25), atol=1e-6)

@@ -553,3 +553,14 @@ def test_supervit_lvvit_bundle_selects_among_validated_variants(checkpoints, tmp
     assert flops[16, 0.5] < flops[16, 1.0] < flops[28, 1.0] and flops[28, 0.5] < flops[28, 1.0]
     for variant in bundle["variants"]:
         assert variant["validation"]["top1_agreement"] == 1.0 and variant["validation"]["max_abs_logit_diff"] <= 1e-4
+
+
+def test_dense_deit3_exports_one_graph_for_a_range_of_sizes(checkpoints, tmp_path):
+    """A patch-only position table (no_embed_class) resampled inside the graph: checked and validated at every size."""
+    path, _ = checkpoints("deit", "deit3")
+    out = tmp_path / "deit3-dynamic"
+    report = vitedge.export(path, out, family="deit", num_heads=HEADS, dynamic_resolution="20:36", validate_limit=16,
+                            log=lambda _m: None)
+    assert report["check"]["passed"]
+    sections = [k for k in report if k.startswith("validate")]
+    assert len(sections) == 3 and all(report[k]["top1_agreement"] == 1.0 for k in sections), sections
