@@ -55,24 +55,35 @@ def predictor_keys(d: int, steps: int) -> dict[str, tuple[int, ...]]:
     return keys
 
 
-# Backbone name -> (key-list builder given the family, what the official eval code fixes that the keys do not).
+# Backbone name -> (its official key list, what the official eval code fixes that the keys do not).
 BACKBONES = {
     # MAE fine-tuned ViT (models_vit.py, global_pool=True): fc_norm after the patch-token mean, no norm
-    "mae": (lambda fam: timm_vit_keys(DIM, 4, fc_norm=True), {"eps": 1e-6}),
+    "mae": (timm_vit_keys(DIM, 4, fc_norm=True), {"eps": 1e-6}),
     # DeiT-III (timm deit3_*: init_values, no_embed_class)
-    "deit3": (lambda fam: {**timm_vit_keys(DIM, 4, layer_scale=True, no_embed_class=True),
-                           **(predictor_keys(DIM, 3) if fam == "dynamicvit" else {})}, {"eps": 1e-6}),
+    "deit3": (timm_vit_keys(DIM, 4, layer_scale=True, no_embed_class=True), {"eps": 1e-6}),
     # no class token, global average pool (timm class_token=False, global_pool="avg": fc_norm)
-    "gap": (lambda fam: timm_vit_keys(DIM, 4, class_token=False, fc_norm=True), {"eps": 1e-6}),
+    "gap": (timm_vit_keys(DIM, 4, class_token=False, fc_norm=True), {"eps": 1e-6}),
     # DeiT distilled (deit.py VisionTransformerDistilled)
-    "distilled": (lambda fam: timm_vit_keys(DIM, 4, dist_token=True), {"eps": 1e-6}),
+    "distilled": (timm_vit_keys(DIM, 4, dist_token=True), {"eps": 1e-6}),
     # AugReg-style ViT with another patch grid, MLP ratio and no qkv bias (4x4 patches of 7 px)
-    "vit_p7": (lambda fam: timm_vit_keys(DIM, 4, patch=7, mlp_ratio=3.0, qkv_bias=False), {"eps": 1e-6, "patch": 7}),
+    "vit_p7": (timm_vit_keys(DIM, 4, patch=7, mlp_ratio=3.0, qkv_bias=False), {"eps": 1e-6, "patch": 7}),
     # LV-ViT-S's layout at 32 dims, 16 blocks (TokenLabeling lvvit_s: skip_lam 2, LayerNorm eps 1e-5)
-    "lvvit": (lambda fam: lvvit_keys(DIM, 16, predictors=3 if fam == "dynamicvit" else 0,
-                                     sizes=SUPERVIT_SIZES if fam == "supervit" else None),
-              {"eps": 1e-5, "skip_lam": 2.0}),
+    "lvvit": (lvvit_keys(DIM, 16), {"eps": 1e-5, "skip_lam": 2.0}),
 }
+
+
+def official_keys(family: str, backbone: str) -> dict[str, tuple[int, ...]]:
+    """The backbone's keys with what the family's official model adds: DynamicViT's three
+    ``score_predictor.{s}``, SuperViT's ``pos_embed_list.{i}`` (one table per size) instead of ``pos_embed``."""
+    keys = dict(BACKBONES[backbone][0])
+    if family == "dynamicvit":
+        keys.update(predictor_keys(DIM, 3))
+    if family == "supervit":
+        _, positions, dim = keys.pop("pos_embed")
+        patch = BACKBONES[backbone][1].get("patch", 4)
+        prefix = positions - (28 // patch) ** 2
+        keys.update({f"pos_embed_list.{i}": (1, (size // patch) ** 2 + prefix, dim) for i, size in enumerate(SUPERVIT_SIZES)})
+    return keys
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,8 @@ SPECS = [
     # flips later positions of the per-patch map even where the merged sets agree
     Spec("tome", "gap", {"merge_count": 3}, fp16_kept=0.85),
     Spec("tome", "vit_p7", {"merge_count": 2}),
+    Spec("evit", "vit_p7", {"keep_rate": 0.7}),
+    Spec("dynamicvit", "vit_p7", {"keep_rate": 0.7}),
     Spec("deit", "lvvit"),
     Spec("dynamicvit", "lvvit", {"keep_rate": 0.7}),  # dylvvit: pruning before blocks 4, 8, 12 of 16
     Spec("supervit", "lvvit", {"keep_rate": 0.7, "resolution": 28, "resolutions": list(SUPERVIT_SIZES)}),
@@ -343,7 +356,7 @@ ORACLES = {"deit": oracle_dense, "tome": oracle_tome, "evit": oracle_evit, "dyna
 # ---------------------------------------------------------------- fixtures
 
 def _state(family: str, backbone: str, seed: int = 5):
-    return random_state(BACKBONES[backbone][0](family), seed=seed)
+    return random_state(official_keys(family, backbone), seed=seed)
 
 
 @pytest.fixture(scope="module")
