@@ -14,7 +14,12 @@ Eval semantics of the official timm patch (facebookresearch/ToMe, ``tome/merge.p
   the sizes carry on; with proportional attention every later attention adds log(size) of
   each key to its logits;
 - the per-block schedule is ``parse_r``: a constant r, a list per block (padded with zeros),
-  or r with an inflection (-1: the paper's decreasing schedule, from 2r down to 0).
+  or r with an inflection (-1: the paper's decreasing schedule, from 2r down to 0);
+- on other timm ViTs (``apply_patch`` reads ``cls_token`` / ``dist_token``): a distillation
+  token is protected too (never a destination) and stays second; without a class token nothing
+  is protected and the unmerged tokens stay in score order; MAE's global average pool is
+  size-weighted over the original patches (``tome/patch/mae.py``). The official timm patch drops
+  LayerScale (its ``ToMeBlock.forward`` has no ``ls1``/``ls2``); vitedge keeps it.
 
 The static form merges with constant r per block (taken from the plan): a constant-K TopK
 picks the merged a tokens, their destinations form a 0/1 assignment matrix, and one MatMul
