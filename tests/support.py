@@ -292,3 +292,130 @@ def make_supervit_state(cfg: ViTConfig = FMNIST, sizes=SUPERVIT_SIZES, seed: int
             state[key] = POS_SCALE * torch.randn(shape, generator=gen)
     assert set(state) == set(official_supervit_keys(cfg, sizes))
     return state
+
+
+# --- Backbone variants, key lists written from the official code (timm vision_transformer.py /
+# --- deit.py, MAE models_vit.py, DeiT-III models_v2.py, TokenLabeling tlt/models/lvvit.py).
+
+def timm_vit_keys(embed_dim=64, depth=4, patch=4, img=28, in_chans=1, num_classes=10, mlp_ratio=4.0,
+                  class_token=True, dist_token=False, fc_norm=False, layer_scale=False, no_embed_class=False,
+                  qkv_bias=True) -> dict[str, tuple[int, ...]]:
+    """timm ``VisionTransformer`` (and ``VisionTransformerDistilled``) ``state_dict`` names and shapes.
+
+    ``fc_norm``: ``use_fc_norm`` (global_pool="avg"; MAE ``global_pool=True`` deletes ``norm``);
+    ``layer_scale``: ``init_values`` set (``ls1.gamma``, ``ls2.gamma``); ``no_embed_class``:
+    ``embed_len = num_patches`` instead of ``num_patches + num_prefix_tokens``.
+    """
+    d, hidden = embed_dim, int(embed_dim * mlp_ratio)
+    patches = (img // patch) ** 2
+    prefix = int(class_token) + int(dist_token)
+    keys: dict[str, tuple[int, ...]] = {
+        "patch_embed.proj.weight": (d, in_chans, patch, patch),
+        "patch_embed.proj.bias": (d,),
+        "pos_embed": (1, patches + (0 if no_embed_class else prefix), d),
+    }
+    if class_token:
+        keys["cls_token"] = (1, 1, d)
+    if dist_token:
+        keys["dist_token"] = (1, 1, d)
+    for i in range(depth):
+        p = f"blocks.{i}."
+        keys.update({p + "norm1.weight": (d,), p + "norm1.bias": (d,), p + "attn.qkv.weight": (3 * d, d)})
+        if qkv_bias:
+            keys[p + "attn.qkv.bias"] = (3 * d,)
+        keys.update({
+            p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
+            p + "norm2.weight": (d,), p + "norm2.bias": (d,),
+            p + "mlp.fc1.weight": (hidden, d), p + "mlp.fc1.bias": (hidden,),
+            p + "mlp.fc2.weight": (d, hidden), p + "mlp.fc2.bias": (d,),
+        })
+        if layer_scale:
+            keys.update({p + "ls1.gamma": (d,), p + "ls2.gamma": (d,)})
+    final = "fc_norm" if fc_norm else "norm"
+    keys.update({f"{final}.weight": (d,), f"{final}.bias": (d,),
+                 "head.weight": (num_classes, d), "head.bias": (num_classes,)})
+    if dist_token:
+        keys.update({"head_dist.weight": (num_classes, d), "head_dist.bias": (num_classes,)})
+    return keys
+
+
+def lvvit_keys(embed_dim=64, depth=16, patch=4, img=28, in_chans=1, num_classes=10, mlp_ratio=3.0, stem=64,
+               aux_head=True, predictors=0, sizes=None) -> dict[str, tuple[int, ...]]:
+    """TokenLabeling ``LV_ViT`` with ``p_emb='4_2'`` (``PatchEmbed4_2``: conv1..3 + bn1..3 + proj of
+    kernel patch/2), ``qkv_bias=False``, ``return_dense=True`` (``aux_head``); ``predictors``:
+    DynamicViT ``LVViTDiffPruning``'s ``score_predictor.{s}``; ``sizes``: SuperViT ``super_lvvit``'s
+    ``pos_embed_list.{i}``, one table per input size, instead of ``pos_embed``.
+    """
+    d, hidden = embed_dim, int(embed_dim * mlp_ratio)
+    keys: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, d),
+        "patch_embed.conv1.weight": (stem, in_chans, 7, 7),
+        "patch_embed.conv2.weight": (stem, stem, 3, 3),
+        "patch_embed.conv3.weight": (stem, stem, 3, 3),
+        "patch_embed.proj.weight": (d, stem, patch // 2, patch // 2),
+        "patch_embed.proj.bias": (d,),
+    }
+    for i in (1, 2, 3):
+        keys.update({f"patch_embed.bn{i}.{p}": (stem,) for p in ("weight", "bias", "running_mean", "running_var")})
+        keys[f"patch_embed.bn{i}.num_batches_tracked"] = ()
+    if sizes:
+        for i, size in enumerate(sizes):
+            keys[f"pos_embed_list.{i}"] = (1, (size // patch) ** 2 + 1, d)
+    else:
+        keys["pos_embed"] = (1, (img // patch) ** 2 + 1, d)
+    for i in range(depth):
+        p = f"blocks.{i}."
+        keys.update({
+            p + "norm1.weight": (d,), p + "norm1.bias": (d,), p + "attn.qkv.weight": (3 * d, d),
+            p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
+            p + "norm2.weight": (d,), p + "norm2.bias": (d,),
+            p + "mlp.fc1.weight": (hidden, d), p + "mlp.fc1.bias": (hidden,),
+            p + "mlp.fc2.weight": (d, hidden), p + "mlp.fc2.bias": (d,),
+        })
+    keys.update({"norm.weight": (d,), "norm.bias": (d,), "head.weight": (num_classes, d), "head.bias": (num_classes,)})
+    if aux_head:
+        keys.update({"aux_head.weight": (num_classes, d), "aux_head.bias": (num_classes,)})
+    for s in range(predictors):
+        p = f"score_predictor.{s}."
+        keys.update({
+            p + "in_conv.0.weight": (d,), p + "in_conv.0.bias": (d,),
+            p + "in_conv.1.weight": (d, d), p + "in_conv.1.bias": (d,),
+            p + "out_conv.0.weight": (d // 2, d), p + "out_conv.0.bias": (d // 2,),
+            p + "out_conv.2.weight": (d // 4, d // 2), p + "out_conv.2.bias": (d // 4,),
+            p + "out_conv.4.weight": (2, d // 4), p + "out_conv.4.bias": (2,),
+        })
+    return keys
+
+
+def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights for any of the layouts above, scaled as ``make_state_dict`` scales them
+    (far from ties); LayerScale gains ~0.5 so the branches matter, BatchNorm statistics non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            value = torch.tensor(100)
+        elif key.endswith("running_var"):
+            value = 0.5 + torch.rand(shape, generator=gen)
+        elif key.endswith("running_mean"):
+            value = 0.1 * torch.randn(shape, generator=gen)
+        elif ".bn" in key and key.endswith("weight"):
+            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif key.endswith(("ls1.gamma", "ls2.gamma")):
+            value = 0.5 + 0.2 * torch.rand(shape, generator=gen)
+        elif key.endswith(("norm1.weight", "norm2.weight", "norm.weight", "in_conv.0.weight")):
+            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif key.endswith("bias"):
+            value = 0.02 * torch.randn(shape, generator=gen)
+        elif key in ("pos_embed", "cls_token", "dist_token") or key.startswith("pos_embed_list."):
+            value = POS_SCALE * torch.randn(shape, generator=gen)
+        elif key.startswith("patch_embed.conv"):
+            value = (2.0 / (shape[1] * shape[2] * shape[3])) ** 0.5 * torch.randn(shape, generator=gen)
+        elif "attn.qkv" in key or "patch_embed" in key:
+            value = QKV_SCALE * torch.randn(shape, generator=gen)
+        elif key.startswith("score_predictor."):
+            value = 0.2 * torch.randn(shape, generator=gen)
+        else:
+            value = 0.05 * torch.randn(shape, generator=gen)
+        state[key] = value.contiguous()
+    return state

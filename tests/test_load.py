@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from support import FMNIST, HEADS, make_state_dict
+from support import FMNIST, HEADS, lvvit_keys, make_state_dict, random_state, timm_vit_keys
 
 from vitedge.errors import VitedgeError
 from vitedge.load import load_model, read_checkpoint
@@ -148,3 +148,33 @@ def test_missing_checkpoint(tmp_path):
         read_checkpoint(tmp_path / "nope.pth")
     with pytest.raises(VitedgeError, match="checkpoint not found"):
         read_checkpoint(tmp_path)  # a folder is not a checkpoint
+
+
+def test_deit3_official_layer_scale_names_load_as_timm(tmp_path):
+    """facebookresearch/deit models_v2.py saves ``blocks.i.gamma_1``/``gamma_2``; timm calls them ``ls1/ls2.gamma``."""
+    keys = timm_vit_keys(64, 2, layer_scale=True, no_embed_class=True)
+    state = random_state(keys, seed=2)
+    official = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v for k, v in state.items()}
+    path = tmp_path / "deit_3_small_224_1k.pth"
+    torch.save({"model": official}, path)
+    loaded = load_model(path, family="tome", num_heads=HEADS, settings={"merge_count": 2})
+    assert loaded.cfg.layer_scale and loaded.cfg.no_embed_class and loaded.cfg.sequence_length == 50
+    assert torch.equal(loaded.model.blocks[1].ls2.gamma, official["blocks.1.gamma_2"])
+
+
+def test_lvvit_checkpoint_loads_from_the_tokenlabeling_wrappers(tmp_path):
+    state = random_state(lvvit_keys(64, 2), seed=4)
+    for name, payload in {"lvvit_s-26M-224-83.3.pth.tar": state, "ema.pth": {"state_dict": state}}.items():
+        path = tmp_path / name
+        torch.save(payload, path)
+        loaded = load_model(path, family="deit", num_heads=HEADS)
+        assert loaded.cfg.backbone == "lvvit" and loaded.cfg.skip_lam == 2.0
+        assert set(loaded.model.state_dict()) == set(state)
+
+
+def test_a_family_on_a_backbone_it_does_not_support_is_one_line(tmp_path):
+    path = tmp_path / "mae_finetuned_vit.pth"
+    torch.save({"model": random_state(timm_vit_keys(64, 2, fc_norm=True))}, path)
+    with pytest.raises(VitedgeError, match=r"family 'avit' does not support this backbone: global average pooling .*"
+                                           r"it runs on DeiT/timm ViTs with a class token and token pooling, plus nothing else"):
+        load_model(path, family="avit", num_heads=HEADS)

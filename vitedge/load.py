@@ -19,7 +19,9 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .backbone import ViTConfig, arch_config, default_normalization, infer_config, resample_pos_embed
+from .backbone import ViTConfig, arch_config, default_normalization, resample_pos_embed
+from .backbones import adapt_state_dict as adapt_backbone_keys
+from .backbones import check_support, infer_config, lvvit
 from .errors import VitedgeError
 from .families import Family, TokenPlan, detect_family, get_family
 
@@ -105,7 +107,8 @@ def resolve_config(
     elif "arch" in checkpoint.metadata and not num_heads:
         cfg = ViTConfig(**checkpoint.metadata["arch"])
     else:
-        state = fam.config_state_dict(checkpoint.state_dict) if fam else checkpoint.state_dict
+        state = adapt_backbone_keys(checkpoint.state_dict)
+        state = fam.config_state_dict(state) if fam else state
         try:
             cfg = infer_config(state, num_heads)
         except VitedgeError:
@@ -135,12 +138,13 @@ def load_model(
         raise VitedgeError(f"{ckpt.path} does not say its family{hint}; pass --family")
     fam = get_family(family_name)
     cfg = resolve_config(ckpt, arch, num_heads, img_size, fam)
+    check_support(fam.name, cfg, fam.backbone_features)
     # Settings a vitedge checkpoint was trained with are defaults for its own family only.
     trained = ckpt.metadata.get("settings", {}) if family_name == ckpt.metadata.get("family") else {}
     resolved = fam.resolve_settings(cfg, {**trained, **(settings or {})})
-    state, dropped = fam.adapt_state_dict(ckpt.state_dict)
-    if "pos_embed" in state and state["pos_embed"].shape[1] != cfg.num_patches + 1:
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], cfg.grid_size)
+    state, dropped = fam.adapt_state_dict(adapt_backbone_keys(ckpt.state_dict))
+    if "pos_embed" in state and state["pos_embed"].shape[1] != cfg.num_patches + cfg.pos_prefix_tokens:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], cfg.grid_size, cfg.pos_prefix_tokens)
     model = fam.reference(cfg, resolved)
     _load_weights(model, state, ckpt.path, fam, cfg)
     model.eval()
@@ -158,6 +162,9 @@ def _load_weights(model: nn.Module, state: dict, path: Path, fam: Family, cfg: V
     if missing or unexpected:
         other = detect_family(state)
         hint = f"; its keys look like family '{other}'" if other and other != fam.name else ""
+        if lvvit.matches(state) != (cfg.backbone == "lvvit"):
+            layout = "an LV-ViT (conv stem patch_embed.conv1..3)" if lvvit.matches(state) else "a timm ViT (no conv stem)"
+            hint += f"; the checkpoint is {layout} but the arch is {cfg.backbone}: drop --arch to read the backbone off the weights"
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")

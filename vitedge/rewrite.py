@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
+from .backbones import prepare_for_export
+
 if TYPE_CHECKING:  # families register their rewrites here, so this module must not import them
     from .families import TokenPlan
 
@@ -39,6 +41,7 @@ def to_static(model: nn.Module, plan: TokenPlan) -> nn.Module:
         static = root_rewrite(static, plan)
     else:
         _swap(static, plan)
+    prepare_for_export(static)
     for module in static.modules():
         if hasattr(module, "fused"):
             module.fused = False

@@ -45,7 +45,8 @@ class TokenPlan:
 
     def flops(self, cfg: ViTConfig) -> int:
         blocks = sum(block_flops(cfg, b.attention, b.mlp) for b in self.blocks)
-        return stem_head_flops(cfg) + blocks + self.extra_flops
+        final = self.blocks[-1].mlp if self.blocks else None  # tokens LV-ViT's aux head scores
+        return stem_head_flops(cfg, final) + blocks + self.extra_flops
 
     def to_dict(self) -> dict:
         return {
@@ -201,6 +202,9 @@ class Family:
     # Op types (A-ViT's "Sigmoid") or tensor-name substrings (e.g. "score_predictor") that seed the
     # token-scoring path `vitedge quantize` keeps in float, besides every TopK and its scoring subgraph.
     selection_hint: tuple[str, ...] = ()
+    # Backbone variants (``ViTConfig.features`` names: "layer_scale", "lvvit", ...) that the
+    # family's reference handles beyond a DeiT with a class token; others are refused at load.
+    backbone_features: frozenset[str] = frozenset()
 
     settings: tuple[Setting, ...] = ()  # the schema: every knob, declared once
 

@@ -11,10 +11,12 @@ class DeiT(Family):
     summary = "dense ViT/DeiT, every token through every block (the baseline)"
     paper = "Touvron et al., Training data-efficient image transformers (DeiT), ICML 2021"
     resolution_agnostic = True
+    backbone_features = frozenset({"lvvit", "no_class_token", "dist_token", "avg_pool", "fc_norm", "layer_scale",
+                                   "no_embed_class"})
 
     def reference(self, cfg: ViTConfig, settings: dict) -> VisionTransformer:
         return VisionTransformer(cfg)
 
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
-        tokens = cfg.num_patches + 1
+        tokens = cfg.sequence_length
         return TokenPlan(tuple(BlockTokens(tokens, tokens) for _ in range(cfg.depth)))

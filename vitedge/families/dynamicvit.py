@@ -147,6 +147,8 @@ class DynamicViTFamily(Family):
     summary = "learned predictor keeps the top rho^s of patch tokens before blocks 3/6/9"
     paper = "Rao et al., DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification, NeurIPS 2021"
     signature_keys = ("score_predictor.",)
+    # dylvvit.py: LV-ViT-S prunes before blocks 4/8/12 of 16 (the quarters default_prune_blocks gives)
+    backbone_features = frozenset({"layer_scale", "no_embed_class", "lvvit"})
 
     settings = (
         keep_rate_setting(0.7, ONE, "one base keep rate rho; the predictor keeps rho, rho^2, rho^3 of the patch tokens"),
@@ -168,7 +170,7 @@ class DynamicViTFamily(Family):
 
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         kept = kept_counts(cfg.num_patches, settings["keep_rate"], len(settings["prune_blocks"]))
-        tokens = cfg.num_patches + 1
+        tokens = cfg.sequence_length
         blocks, selections, extra = [], [], 0
         for i in range(cfg.depth):
             if i in settings["prune_blocks"]:

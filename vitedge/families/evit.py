@@ -55,9 +55,9 @@ class EViTBlock(Block):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn_out, attn = self.attn.forward_with_attn(self.norm1(x))
-        x = x + attn_out
+        x = x + self.ls1(attn_out)
         x, positions = self.select(x, class_attention(attn), positions)
-        return x + self.mlp(self.norm2(x)), positions
+        return x + self.ls2(self.mlp(self.norm2(x))), positions
 
     def select(self, x, scores, positions):
         keep = kept_count(self.keep_rate, x.shape[1])
@@ -84,14 +84,15 @@ class StaticEViTBlock(nn.Module):
     def __init__(self, block: EViTBlock, keep: int):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+        self.ls1, self.ls2 = block.ls1, block.ls2
         self.keep = keep
         self.fuse_token = block.fuse_token
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn_out, attn = self.attn.forward_with_attn(self.norm1(x))
-        x = x + attn_out
+        x = x + self.ls1(attn_out)
         if self.keep >= x.shape[1] - 1:
-            return x + self.mlp(self.norm2(x)), positions
+            return x + self.ls2(self.mlp(self.norm2(x))), positions
         scores = class_attention(attn)
         index = top_tokens(scores, self.keep)
         patches = x[:, 1:]
@@ -102,7 +103,7 @@ class StaticEViTBlock(nn.Module):
             kept.append(weights @ patches)
             kept_positions.append(torch.full_like(positions[:, :1], FUSED_POSITION))
         x = torch.cat(kept, dim=1)
-        return x + self.mlp(self.norm2(x)), torch.cat(kept_positions, dim=1)
+        return x + self.ls2(self.mlp(self.norm2(x))), torch.cat(kept_positions, dim=1)
 
 
 class EViT(VisionTransformer):
@@ -136,6 +137,7 @@ def _static_evit_block(block: EViTBlock, plan: TokenPlan) -> StaticEViTBlock:
 class EViTFamily(Family):
     summary = "keep top class-attention tokens, fuse the rest into one (constant k per block)"
     paper = "Liang et al., Not All Patches are What You Need (EViT), ICLR 2022"
+    backbone_features = frozenset({"layer_scale", "no_embed_class"})  # scores with the class token's attention
 
     settings = (
         keep_rate_setting(0.7, ONE_OR_LIST, "share of the tokens kept at each pruning block: one rate, or one per block"),

@@ -53,6 +53,10 @@ from . import (
 )
 
 TRAINED_KEEP_RATES = (0.5, 0.7, 1.0)
+# lvvit/models/super_lvvit.py: eval logits add 0.25 x the max over patches of aux_head (LV-ViT itself: 0.5),
+# and selection runs at blocks 3, 6, 9 whatever the depth (``index in [3,6,9]``), 16 blocks for LV-ViT-S.
+LVVIT_AUX_WEIGHT = 0.25
+LVVIT_PRUNE_BLOCKS = [3, 6, 9]
 # The official sizes 128/160/192/224 are 4/7 … 7/7 of the full input; the same fractions of
 # another grid give its default sizes (Fashion-MNIST, 7x7 patches of 4 px: 16/20/24/28).
 SIZE_FRACTIONS = (4, 5, 6, 7)
@@ -90,9 +94,9 @@ class SuperViTBlock(Block):
         if self.keep_rate == 1:
             return super().forward(x), positions
         attn_out, attn = self.attn.forward_with_attn(self.norm1(x))
-        x = x + attn_out
+        x = x + self.ls1(attn_out)
         x, positions = self.select(x, class_attention(attn), positions)
-        return x + self.mlp(self.norm2(x)), positions
+        return x + self.ls2(self.mlp(self.norm2(x))), positions
 
     def select(self, x: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor):
         """Reference selection as the official code computes it: k from the live count, argsort descending."""
@@ -108,14 +112,15 @@ class StaticSuperViTBlock(nn.Module):
     def __init__(self, block: SuperViTBlock, keep: int):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+        self.ls1, self.ls2 = block.ls1, block.ls2
         self.keep = keep
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn_out, attn = self.attn.forward_with_attn(self.norm1(x))
-        x = x + attn_out
+        x = x + self.ls1(attn_out)
         index = top_tokens(class_attention(attn), self.keep)
         x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], index)], dim=1)
-        return x + self.mlp(self.norm2(x)), gather_tokens(positions, index)
+        return x + self.ls2(self.mlp(self.norm2(x))), gather_tokens(positions, index)
 
 
 class SuperViT(VisionTransformer):
@@ -128,6 +133,7 @@ class SuperViT(VisionTransformer):
     def __init__(self, cfg: ViTConfig, resolutions: list[int], resolution: int, keep_rate: float, prune_blocks: list[int]):
         super().__init__(cfg, lambda i: SuperViTBlock(cfg, i) if i in prune_blocks else Block(cfg))
         del self.pos_embed
+        self.aux_weight = LVVIT_AUX_WEIGHT
         self.resolutions = list(resolutions)
         self.prune_blocks = list(prune_blocks)
         self.pos_embed_list = nn.ParameterList(
@@ -168,7 +174,9 @@ class StaticSuperViT(nn.Module):
     def __init__(self, model: SuperViT, plan: SuperViTPlan):
         super().__init__()
         self.resolution = plan.resolution
+        self.cfg, self.aux_weight = model.cfg, model.aux_weight
         self.patch_embed, self.cls_token, self.norm, self.head = model.patch_embed, model.cls_token, model.norm, model.head
+        self.aux_head = model.aux_head
         self.pos_embed = model.pos_embed_list[model.resolutions.index(plan.resolution)]
         keeps = {step["block"]: step["kept_patches"] for step in plan.selections}
         self.blocks = nn.ModuleList(
@@ -187,7 +195,9 @@ class StaticSuperViT(nn.Module):
                 kept.append(positions)
             else:  # a SuperViTBlock at keep rate 1 is a plain block
                 x = Block.forward(block, x)
-        return self.head(self.norm(x)[:, 0]), kept
+        return self.classify(x), kept
+
+    classify = VisionTransformer.classify
 
     def forward(self, images):
         return self.forward_tokens(images)[0]
@@ -200,7 +210,8 @@ class SuperViTPlan(TokenPlan):
     resolution: int = 0
 
     def flops(self, cfg: ViTConfig) -> int:
-        return super().flops(cfg) - stem_head_flops(cfg) + stem_head_flops(cfg.with_img_size(self.resolution))
+        final = self.blocks[-1].mlp if self.blocks else None
+        return super().flops(cfg) - stem_head_flops(cfg, final) + stem_head_flops(cfg.with_img_size(self.resolution), final)
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "resolution": self.resolution}
@@ -224,6 +235,7 @@ class SuperViTFamily(Family):
     summary = "one ViT for several input sizes x keep rates: a static graph per variant, bundled with a selector"
     paper = "Lin et al., Super Vision Transformer, IJCV 2023"
     signature_keys = ("pos_embed_list.",)
+    backbone_features = frozenset({"lvvit"})
 
     settings = (
         Setting("resolution", int, "one resolution per variant: its input size in px, one the model has a position table for",
@@ -268,7 +280,8 @@ class SuperViTFamily(Family):
                 raise VitedgeError(f"SuperViT uses one keep rate at every pruning block, got {list(rate)}")
             rate = rate[0]
         rate = check_keep_rate(rate, trained)
-        blocks = check_prune_blocks(overrides.get("prune_blocks") or default_prune_blocks(cfg.depth), cfg.depth)
+        official = LVVIT_PRUNE_BLOCKS if cfg.backbone == "lvvit" else default_prune_blocks(cfg.depth)
+        blocks = check_prune_blocks(overrides.get("prune_blocks") or official, cfg.depth)
         return {"resolution": resolution[0], "resolutions": resolutions, "keep_rate": rate, "keep_rates": list(trained),
                 "prune_blocks": blocks}
 

@@ -14,7 +14,12 @@ Eval semantics of the official timm patch (facebookresearch/ToMe, ``tome/merge.p
   the sizes carry on; with proportional attention every later attention adds log(size) of
   each key to its logits;
 - the per-block schedule is ``parse_r``: a constant r, a list per block (padded with zeros),
-  or r with an inflection (-1: the paper's decreasing schedule, from 2r down to 0).
+  or r with an inflection (-1: the paper's decreasing schedule, from 2r down to 0);
+- on other timm ViTs (``apply_patch`` reads ``cls_token`` / ``dist_token``): a distillation
+  token is protected too (never a destination) and stays second; without a class token nothing
+  is protected and the unmerged tokens stay in score order; MAE's global average pool is
+  size-weighted over the original patches (``tome/patch/mae.py``). The official timm patch drops
+  LayerScale (its ``ToMeBlock.forward`` has no ``ls1``/``ls2``); vitedge keeps it.
 
 The static form merges with constant r per block (taken from the plan): a constant-K TopK
 picks the merged a tokens, their destinations form a 0/1 assignment matrix, and one MatMul
@@ -52,16 +57,16 @@ def merge_schedule(depth: int, merge_count, inflection: float = 0.0) -> list[int
     return [int(low + step * i) for i in range(depth)]
 
 
-def mergeable(tokens: int) -> int:
-    """Most tokens one block can merge: half of the non-class tokens, rounded down."""
-    return (tokens - 1) // 2
+def mergeable(tokens: int, protected: int = 1) -> int:
+    """Most tokens one block can merge: half of the unprotected (non-class, non-distillation) tokens."""
+    return (tokens - protected) // 2
 
 
-def merges_per_block(tokens: int, schedule: list[int]) -> list[tuple[int, int]]:
+def merges_per_block(tokens: int, schedule: list[int], protected: int = 1) -> list[tuple[int, int]]:
     """(tokens in, tokens merged) per block, each r clamped as the official code clamps it."""
     out = []
     for requested in schedule:
-        merged = max(0, min(requested, mergeable(tokens)))
+        merged = max(0, min(requested, mergeable(tokens, protected)))
         out.append((tokens, merged))
         tokens -= merged
     return out
@@ -76,10 +81,14 @@ class Matching:
     unmerged: torch.Tensor  # [B, Ta - r] a tokens that stay, ascending
     merged: torch.Tensor  # [B, r] a tokens merged away
     destination: torch.Tensor  # [B, r] the b token each merged a token goes into
+    distill_token: bool = False  # b's first token is a protected distillation token
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
-    """Official ``bipartite_soft_matching`` with a protected class token.
+def bipartite_soft_matching(metric: torch.Tensor, r: int, distill_token: bool = False, class_token: bool = True) -> Matching:
+    """Official ``bipartite_soft_matching`` with a protected class token (and distillation token).
+
+    Without a class token nothing is protected and the unmerged a tokens stay in score order
+    (the official code sorts them back only to keep the class token first).
 
     The edge order is a stable argsort, so on exact ties the lower index is merged, as the
     static form's TopK decides (the official argsort is unstable there).
@@ -88,24 +97,33 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, ::2], metric[:, 1::2]
         scores = a @ b.transpose(-1, -2)
-        scores[:, 0, :] = -math.inf
+        if class_token:
+            scores[:, 0, :] = -math.inf
+        if distill_token:
+            scores[:, :, 0] = -math.inf
         best, best_index = scores.max(dim=-1)
         order = best.argsort(dim=-1, descending=True, stable=True)
-        merged = order[:, :r]
+        merged, unmerged = order[:, :r], order[:, r:]
         if margins_recorded():  # which a tokens merge (r-th vs (r+1)-th edge), and where each goes (best vs second)
             destination_gap = best_match_margin(scores).gather(1, merged).amin(dim=1)
             record_margin(torch.minimum(topk_margin(best, r), destination_gap), scores)
-        return Matching(order[:, r:].sort(dim=1).values, merged, best_index.gather(1, merged))
+        if class_token:
+            unmerged = unmerged.sort(dim=1).values
+        return Matching(unmerged, merged, best_index.gather(1, merged), distill_token)
 
 
 def merge_tokens(x: torch.Tensor, matching: Matching, mode: str) -> torch.Tensor:
-    """Official ``merge``: unmerged a tokens, then every b token with its merged a tokens reduced in."""
+    """Official ``merge``: unmerged a tokens, then every b token with its merged a tokens reduced in
+    (a distillation token, b's first, goes right after the class token)."""
     a, b = x[:, ::2], x[:, 1::2]
     channels = x.shape[-1]
     merged = gather_tokens(a, matching.merged)
     index = matching.destination.unsqueeze(-1).expand(-1, -1, channels)
     b = b.scatter_reduce(1, index, merged, reduce=mode)
-    return torch.cat([gather_tokens(a, matching.unmerged), b], dim=1)
+    unmerged = gather_tokens(a, matching.unmerged)
+    if matching.distill_token:
+        return torch.cat([unmerged[:, :1], b[:, :1], unmerged[:, 1:], b[:, 1:]], dim=1)
+    return torch.cat([unmerged, b], dim=1)
 
 
 def merge_weighted_average(x: torch.Tensor, size: torch.Tensor | None, matching: Matching):
@@ -122,9 +140,9 @@ def merge_source(source: torch.Tensor, matching: Matching) -> torch.Tensor:
     return merge_tokens(source, matching, "amax")
 
 
-def source_assignment(source: torch.Tensor) -> torch.Tensor:
+def source_assignment(source: torch.Tensor, prefix: int = 1) -> torch.Tensor:
     """For every original patch, the index of the token that holds it: [B, P]."""
-    return source[:, :, 1:].argmax(dim=1)
+    return source[:, :, prefix:].argmax(dim=1)
 
 
 def proportional_attention(attn, x: torch.Tensor, size: torch.Tensor | None, fused: bool = False):
@@ -148,18 +166,21 @@ class ToMeBlock(Block):
         super().__init__(cfg)
         self.merge_count = merge_count
         self.prop_attn = prop_attn
+        self.distill_token = cfg.dist_token
+        self.class_token = cfg.class_token
 
     def forward(self, x, size=None, source=None):
         """Returns (x, size, source); ``source`` is traced only when one is passed in."""
         out, metric = proportional_attention(self.attn, self.norm1(x), size if self.prop_attn else None, self.attn.fused)
-        x = x + out
-        r = min(self.merge_count, mergeable(x.shape[1]))
+        x = x + self.ls1(out)
+        distill = self.distill_token
+        r = min(self.merge_count, mergeable(x.shape[1], int(self.class_token) + distill))
         if r > 0:
-            matching = bipartite_soft_matching(metric, r)
+            matching = bipartite_soft_matching(metric, r, distill, self.class_token)
             if source is not None:
                 source = merge_source(source, matching)
             x, size = merge_weighted_average(x, size, matching)
-        return x + self.mlp(self.norm2(x)), size, source
+        return x + self.ls2(self.mlp(self.norm2(x))), size, source
 
 
 class ToMe(VisionTransformer):
@@ -177,8 +198,8 @@ class ToMe(VisionTransformer):
             before = x.shape[1]
             x, size, source = block(x, size, source)
             if x.shape[1] < before:
-                assignments.append(source_assignment(source))
-        return self.classify(x), assignments
+                assignments.append(source_assignment(source, self.cfg.num_prefix_tokens))
+        return self.classify(x, size), assignments
 
     def forward(self, images):
         """Logits only; no source tracing (what eager inference runs)."""
@@ -186,36 +207,44 @@ class ToMe(VisionTransformer):
         size = None
         for block in self.blocks:
             x, size, _ = block(x, size)
-        return self.classify(x)
+        return self.classify(x, size)
 
 
 # --- static form ---------------------------------------------------------------------------
 
-def static_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int, merge_with: str = "matmul"):
+def static_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int, merge_with: str = "matmul",
+                 prefix: int = 1):
     """One block's ToMe merge with a constant ``r``: returns (x, size, token_map).
 
     ``token_map`` [B, T] is the new index of every input token. The class token never takes
     part in the matching (it is the a side's first row, always unmerged), so it is left out of
     the scores instead of masked with -inf. ``merge_with="scatter"`` adds merged tokens with a
     reducing ScatterElements (the official op; not TensorRT-legal, kept for comparison).
+    ``prefix=2``: a distillation token (b's first) is protected too, and stays second; ``prefix=0``
+    (no class token): every token takes part and the unmerged ones stay in score order.
     """
     batch, tokens, channels = x.shape
     metric = metric / (metric * metric).sum(dim=-1, keepdim=True).sqrt()  # not norm(): ReduceL2 stops ORT's shape inference
-    a, b = metric[:, 2::2], metric[:, 1::2]  # a without the class token
+    a_start, b_start = (2 if prefix else 0), (3 if prefix == 2 else 1)
+    a, b = metric[:, a_start::2], metric[:, b_start::2]  # a without the class token, b without the distillation token
     num_a, num_b = a.shape[1], b.shape[1]
     # TopK 1 rather than max(): ORT's shape inference cannot follow an opset-18 ReduceMax
     best, best_index = (t.squeeze(-1) for t in torch.topk(a @ b.transpose(-1, -2), 1, dim=-1))
-    merged = top_tokens(best, r)  # [B, r], highest first; ties: lower index, as the reference
+    if prefix:
+        merged = top_tokens(best, r)  # [B, r], highest first; ties: lower index, as the reference
+        # the unmerged a tokens in their original order: the smallest keys, the merged ones' keys raised past them
+        order_key = torch.arange(num_a, device=x.device, dtype=x.dtype).expand(batch, -1)
+        order_key = order_key.scatter(1, merged, torch.full_like(best[:, :r], float(num_a)))
+        unmerged = torch.topk(order_key, num_a - r, dim=1, largest=False).indices if num_a > r else merged[:, :0]
+    else:  # no class token: the unmerged a tokens in score order, as the official code leaves them
+        order = top_tokens(best, num_a)
+        merged, unmerged = order[:, :r], order[:, r:]
     destination = best_index.gather(1, merged)  # 2-D: one GatherElements
-    # the unmerged a tokens in their original order: the smallest keys, the merged ones' keys raised past them
-    order_key = torch.arange(num_a, device=x.device, dtype=x.dtype).expand(batch, -1)
-    order_key = order_key.scatter(1, merged, torch.full_like(best[:, :r], float(num_a)))
-    unmerged = torch.topk(order_key, num_a - r, dim=1, largest=False).indices if num_a > r else merged[:, :0]
 
     if size is None:
         size = torch.ones_like(x[..., :1])
     weighted = torch.cat([x * size, size], dim=-1)  # merge x * size and size in one product
-    wa, wb = weighted[:, 2::2], weighted[:, 1::2]
+    wa, wb = weighted[:, a_start::2], weighted[:, b_start::2]
     if merge_with == "scatter":
         index = destination.unsqueeze(-1).expand(-1, -1, channels + 1)
         wb = wb.scatter_reduce(1, index, gather_tokens(wa, merged), reduce="sum")
@@ -223,18 +252,22 @@ def static_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tenso
         # [B, num_b, r] assignment of the merged tokens to their b tokens
         assign = (torch.arange(num_b, device=x.device).unsqueeze(-1) == destination.unsqueeze(1)).to(x.dtype)
         wb = wb + assign @ gather_tokens(wa, merged)
-    out = torch.cat([weighted[:, :1], gather_tokens(wa, unmerged), wb], dim=1)
+    out = torch.cat([weighted[:, :prefix], gather_tokens(wa, unmerged), wb] if prefix else [gather_tokens(wa, unmerged), wb], dim=1)
     size = out[..., channels:]
     kept_a = num_a - r
-    positions = torch.cat([
-        2 * torch.cat([unmerged, merged], dim=1) + 2,
-        (2 * torch.arange(num_b, device=x.device) + 1).expand(batch, -1),
-    ], dim=1)
-    new_index = torch.cat([
-        (1 + torch.arange(kept_a, device=x.device)).expand(batch, -1),
-        1 + kept_a + destination,
-        (1 + kept_a + torch.arange(num_b, device=x.device)).expand(batch, -1),
-    ], dim=1)
+    positions = [
+        2 * torch.cat([unmerged, merged], dim=1) + a_start,
+        (2 * torch.arange(num_b, device=x.device) + b_start).expand(batch, -1),
+    ]
+    new_index = [
+        (prefix + torch.arange(kept_a, device=x.device)).expand(batch, -1),
+        prefix + kept_a + destination,
+        (prefix + kept_a + torch.arange(num_b, device=x.device)).expand(batch, -1),
+    ]
+    if prefix > 1:  # the distillation token keeps its place; the class token's 0 is the zeros below
+        positions.append(torch.arange(1, prefix, device=x.device).expand(batch, -1))
+        new_index.append(torch.arange(1, prefix, device=x.device).expand(batch, -1))
+    positions, new_index = torch.cat(positions, dim=1), torch.cat(new_index, dim=1)
     token_map = torch.zeros(batch, tokens, dtype=new_index.dtype, device=x.device).scatter(1, positions, new_index)
     return out[..., :channels] / size, size, token_map
 
@@ -250,17 +283,18 @@ class StaticToMe(ToMe):
 
     def forward_tokens(self, images):
         x = self.embed(images)
-        assignment = torch.arange(1, x.shape[1], device=x.device).expand(x.shape[0], -1)
+        prefix = self.cfg.num_prefix_tokens
+        assignment = torch.arange(prefix, x.shape[1], device=x.device).expand(x.shape[0], -1)
         size, assignments = None, []
         for block, r in zip(self.blocks, self.merges):
             out, metric = proportional_attention(block.attn, block.norm1(x), size if self.prop_attn else None)
-            x = x + out
+            x = x + block.ls1(out)
             if r:
-                x, size, token_map = static_merge(x, size, metric, r, self.merge_with)
+                x, size, token_map = static_merge(x, size, metric, r, self.merge_with, prefix)
                 assignment = token_map.gather(1, assignment)
                 assignments.append(assignment)
-            x = x + block.mlp(block.norm2(x))
-        return self.classify(x), assignments
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        return self.classify(x, size), assignments
 
     def forward(self, images):
         return self.forward_tokens(images)[0]
@@ -296,6 +330,9 @@ class ToMeFamily(Family):
     summary = "bipartite soft matching merges r tokens per block (size-weighted, proportional attention)"
     paper = "Bolya et al., Token Merging: Your ViT but Faster (ToMe), ICLR 2023"
     kept_order_matters = True  # assignment_<block> is a map per patch, compared element-wise
+    # The official timm patch drops LayerScale (it rewrites Block.forward without ls1/ls2);
+    # vitedge keeps it. MAE's global pool is size-weighted as tome/patch/mae.py does it.
+    backbone_features = frozenset({"layer_scale", "no_embed_class", "avg_pool", "fc_norm", "dist_token", "no_class_token"})
 
     settings = (
         Setting("merge_count", int, "tokens merged per block (r): one for every block, or one per block "
@@ -319,7 +356,7 @@ class ToMeFamily(Family):
         if isinstance(count, list) and inflection:
             raise VitedgeError("inflection applies to one merge_count, not to a list per block")
         prop_attn = overrides.get("prop_attn", True)
-        limit = mergeable(cfg.num_patches + 1)
+        limit = mergeable(cfg.sequence_length, cfg.num_prefix_tokens)
         largest = max(merge_schedule(cfg.depth, count, float(inflection)), default=0)
         if largest > limit:
             raise VitedgeError(
@@ -341,12 +378,13 @@ class ToMeFamily(Family):
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         schedule = merge_schedule(cfg.depth, settings["merge_count"], settings["inflection"])
         blocks, selections, extra = [], [], 0
-        for i, (tokens, merged) in enumerate(merges_per_block(cfg.num_patches + 1, schedule)):
+        prefix = cfg.num_prefix_tokens
+        for i, (tokens, merged) in enumerate(merges_per_block(cfg.sequence_length, schedule, prefix)):
             blocks.append(BlockTokens(tokens, tokens - merged))
             if merged:
                 extra += merge_flops(cfg, tokens, merged)
                 selections.append({
-                    "block": i, "merged": merged, "requested": schedule[i], "kept_patches": tokens - merged - 1,
+                    "block": i, "merged": merged, "requested": schedule[i], "kept_patches": tokens - merged - prefix,
                     "tokens_after": tokens - merged, "output": f"assignment_{i}",
                 })
         return TokenPlan(tuple(blocks), tuple(selections), extra)
