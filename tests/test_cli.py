@@ -8,13 +8,17 @@ import re
 import subprocess
 import sys
 
+import click
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 from support import HEADS, assert_clean_failure, copy_artifact, folder_listing, make_state_dict, read_json, run_cli
 
 import vitedge
+from vitedge import cli
+from vitedge.cli import OneLineErrors, friendly
 from vitedge.errors import VitedgeError
 
 # ---------------------------------------------------------------- commands that work
@@ -283,3 +287,67 @@ def test_bare_command_prints_help_and_succeeds():
     result = run_cli()
     assert result.exit_code == 0
     assert "Usage: vitedge" in result.output and "export" in result.output
+
+
+# ---------------------------------------------------------------- the error boundary
+
+
+def _boundary_group():
+    """A group with the real boundary (``OneLineErrors`` + ``friendly``) and commands that fail the ways a bug does."""
+
+    @click.group(cls=OneLineErrors)
+    @click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=cli._set_debug)
+    def group():
+        pass
+
+    @group.command()
+    @friendly
+    def divide():
+        return 1 // 0
+
+    @group.command()
+    def lookup():  # not wrapped in friendly: the group's main is the last boundary
+        return {}["family"]
+
+    @group.command()
+    @friendly
+    def disk():
+        raise OSError(28, "No space left on device", "/out/model.onnx")
+
+    return group
+
+
+@pytest.mark.parametrize("command, exit_code, message", [
+    ("divide", 70, r"internal error in '.* divide': ZeroDivisionError: integer division or modulo by zero at vitedge"),
+    ("lookup", 70, r"internal error in 'vitedge': KeyError 'family'.*rerun with --debug or VITEDGE_DEBUG=1"),
+    ("disk", 2, r"No space left on device: /out/model.onnx"),
+])
+def test_any_exception_becomes_one_line_and_an_exit_code(command, exit_code, message, monkeypatch):
+    monkeypatch.delenv("VITEDGE_DEBUG", raising=False)
+    result = CliRunner().invoke(_boundary_group(), [command])
+    line = assert_clean_failure(result)
+    assert result.exit_code == exit_code
+    assert re.search(message, line), line
+
+
+def test_debug_prints_the_traceback_then_the_line(monkeypatch):
+    monkeypatch.delenv("VITEDGE_DEBUG", raising=False)
+    group = _boundary_group()
+    try:
+        flagged = CliRunner().invoke(group, ["--debug", "divide"])
+        monkeypatch.setenv("VITEDGE_DEBUG", "1")
+        cli._set_debug(None, None, False)
+        env = CliRunner().invoke(group, ["lookup"])
+    finally:
+        cli._set_debug(None, None, False)
+    for result, raised in ((flagged, "ZeroDivisionError"), (env, "KeyError")):
+        assert result.exit_code == 70
+        assert "Traceback (most recent call last)" in result.stderr and raised in result.stderr
+        assert result.stderr.rstrip().splitlines()[-1].startswith("vitedge: error: internal error")
+
+
+def test_real_commands_have_the_debug_flag(tmp_path):
+    result = run_cli("--debug", "inspect", tmp_path)
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "is not a vitedge artifact folder" in result.stderr.splitlines()[-1]
+    cli._set_debug(None, None, False)

@@ -14,7 +14,6 @@ as the official forward does; docs/supervit.md says why and what the other choic
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ from .backbone import dense_flops
 from .data import check_source
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
 from .load import load_model, read_checkpoint
+from .reading import read_json
 from .profile import ort_runner
 from .validate import Thresholds, validate
 
@@ -244,10 +244,7 @@ def load_bundle(path) -> dict:
     meta_path = Path(path) / METADATA
     if not meta_path.is_file():
         raise VitedgeError(f"{path} is not a vitedge bundle (no {METADATA}); run 'vitedge export-bundle' first")
-    try:
-        bundle = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise VitedgeError(f"cannot read {meta_path}: {exc}") from None
+    bundle = read_json(meta_path, "bundle metadata")
     if bundle.get("kind") != BUNDLE_KIND or not isinstance(bundle.get("variants"), list):
         raise VitedgeError(f"{path} is a single artifact, not a variant bundle; run 'vitedge export-bundle' to make one")
     return bundle

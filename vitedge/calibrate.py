@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from .artifact import write_json_atomic
 from .backbone import dense_flops
 from .data import InputSpec, check_source, load_dataset
 from .errors import VitedgeError
+from .reading import read_json
 from .load import LoadedModel, load_model
 from .recipe import load_recipe, merge
 
@@ -153,13 +153,7 @@ def calibrate(
 
 def read_budgets(path, loaded: LoadedModel) -> list[int]:
     """The budgets in a calibration file, checked against the model they are for."""
-    path = Path(path)
-    if not path.is_file():
-        raise VitedgeError(f"budgets file not found: {path}")
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VitedgeError(f"cannot read budgets file {path}: {exc}") from None
+    content = read_json(path, "budgets file")
     if not isinstance(content, dict) or content.get("kind") != BUDGETS_KIND or "token_budgets" not in content:
         raise VitedgeError(f"{path} is not a vitedge budgets file; write one with 'vitedge calibrate'")
     _require_avit(loaded)

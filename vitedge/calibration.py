@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from .data import InputSpec, load_image_dir, preprocess
 from .data.fashion_mnist import load_fashion_mnist
 from .errors import VitedgeError
+from .reading import parse_yaml, read_text, read_yaml
 
 SOURCES = ("fashion-mnist", "image-folder", "skimage")
 DEFAULT_SET = "fmnist-train-512"
@@ -56,8 +56,8 @@ def available_sets(folder: Path = SET_DIR) -> list[str]:
     names = []
     for path in sorted(folder.glob("*.yaml")):
         try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+            data = read_yaml(path, "calibration set")
+        except VitedgeError:
             continue
         if isinstance(data, dict) and "source" in data:
             names.append(path.stem)
@@ -91,11 +91,8 @@ def _positive_int(data: dict, key: str, where: Path, default=None) -> int | None
 def load_calibration_set(name_or_path: str | Path = DEFAULT_SET) -> CalibrationSet:
     """Parse and check a calibration-set YAML (``yaml.safe_load``); one-line errors on anything wrong."""
     path = resolve_set_path(name_or_path)
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise VitedgeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    text = read_text(path, "calibration set")
+    data = parse_yaml(text, path, "calibration set")
     if not isinstance(data, dict):
         raise VitedgeError(f"{path} must be a mapping with at least 'source' and 'preprocess'")
     unknown = set(data) - _KEYS

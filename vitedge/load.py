@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from .backbone import ViTConfig, arch_config, default_normalization, infer_config, resample_pos_embed
 from .errors import VitedgeError
 from .families import Family, TokenPlan, detect_family, get_family
+from .reading import reading
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 
@@ -62,7 +60,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise VitedgeError(f"checkpoint not found: {path}")
     metadata: dict = {}
-    try:
+    with reading(path, "checkpoint"):
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -73,12 +71,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 metadata = json.loads(raw["vitedge"])
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError,
-            SafetensorError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VitedgeError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+        sha256 = file_sha256(path)
     state = _unwrap(state, path)
-    return Checkpoint(path, state, file_sha256(path), metadata)
+    return Checkpoint(path, state, sha256, metadata)
 
 
 def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from .errors import VitedgeError
+from .reading import read_yaml
 
 RECIPE_KEYS = {
     "family", "arch", "num_heads", "img_size", "opset", "batch_size", "dynamic_batch",
@@ -18,12 +17,7 @@ def load_recipe(path: str | Path | None) -> dict:
     if path is None:
         return {}
     path = Path(path)
-    if not path.is_file():
-        raise VitedgeError(f"recipe not found: {path}")
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise VitedgeError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    recipe = read_yaml(path, "recipe") or {}
     if not isinstance(recipe, dict):
         raise VitedgeError(f"recipe {path} must be a mapping of settings")
     unknown = set(recipe) - RECIPE_KEYS

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from ..errors import VitedgeError
+from ..reading import read_yaml
 
 ENV_VAR = "VITEDGE_DEVICES"
 BACKENDS = ("trt", "ort", "torch")
@@ -49,10 +48,7 @@ class Device:
 
 
 def _parse(path: Path) -> Device:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise VitedgeError(f"cannot read device profile {path}: {str(exc).splitlines()[0]}") from None
+    data = read_yaml(path, "device profile")
     if not isinstance(data, dict):
         raise VitedgeError(f"device profile {path} is not a YAML mapping")
     missing = [key for key in REQUIRED if key not in data]
