@@ -16,12 +16,12 @@ from pathlib import Path
 
 from .errors import VitedgeError
 from .reading import read_json
+from .schema import ARTIFACT, REPORT, SCHEMA_VERSION, check, check_version
 
 METADATA = "vitedge.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 MODEL = "model.onnx"
-SCHEMA_VERSION = 1
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -104,15 +104,27 @@ class Artifact:
         if not meta.is_file():
             raise VitedgeError(f"{self.root} is not a vitedge artifact folder (no {METADATA}); run 'vitedge export' first")
         self.metadata = read_json(meta, "artifact metadata")
+        check_version(self.metadata, meta, "artifact metadata")
         if self.metadata.get("kind") == "bundle":
-            names = ", ".join(v.get("path", "?") for v in self.metadata.get("variants", [])[:3])
+            variants = self.metadata.get("variants")
+            names = ", ".join(str(v.get("path", "?")) for v in (variants if isinstance(variants, list) else [])[:3]
+                              if isinstance(v, dict))
             raise VitedgeError(f"{self.root} is a variant bundle; pass one of its variant folders ({names}, ...)")
+        check(self.metadata, ARTIFACT, meta, "artifact metadata")
+        self._model_checked = False
 
     @property
     def model_path(self) -> Path:
         path = self.root / self.metadata.get("model", MODEL)
         if not path.is_file():
             raise VitedgeError(f"{path} is missing; re-run 'vitedge export'")
+        if not self._model_checked:
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, json.dumps(self.metadata, sort_keys=True, default=str))
+            if key not in _MATCHED:
+                check_model_matches(self.metadata, path, self.root / METADATA)
+                _MATCHED.add(key)
+            self._model_checked = True
         return path
 
     def model_for(self, precision: str | None = None) -> Path:
@@ -137,10 +149,9 @@ class Artifact:
         if not path.is_file():
             return {}
         try:
-            report = read_json(path, "artifact report")
+            return check(read_json(path, "artifact report"), REPORT, path, "artifact report")
         except VitedgeError:
             return {}
-        return report if isinstance(report, dict) else {}
 
     def update_report(self, section: str, data: dict) -> dict:
         """Set one section of report.json and regenerate report.md from it."""
@@ -151,3 +162,45 @@ class Artifact:
         write_json_atomic(self.root / REPORT_JSON, report)
         write_text_atomic(self.root / REPORT_MD, render_markdown(self.metadata, report))
         return report
+
+
+# (model file, mtime, size, metadata) already cross-checked in this process: big graphs are parsed once.
+_MATCHED: set[tuple] = set()
+
+
+def check_model_matches(metadata: dict, model: Path, meta_path: Path) -> None:
+    """``model.onnx`` is the graph ``vitedge.json`` describes: input name and shape, outputs, opset.
+
+    A folder whose two files disagree (one replaced, edited or from another export) would
+    otherwise reach ONNX Runtime with the wrong feeds, or validate only some of its outputs.
+    """
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends on damaged files
+        from .reading import describe
+
+        raise VitedgeError(f"cannot read {model}: {describe(exc)}; re-run 'vitedge export'") from None
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    fix = f"{meta_path} does not describe {model}"
+    expected = metadata["input"]
+    if len(inputs) != 1 or inputs[0].name != expected["name"]:
+        raise VitedgeError(f"{fix}: the graph's inputs are {[i.name for i in inputs]}, vitedge.json says "
+                           f"'{expected['name']}'; re-export the artifact")
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in inputs[0].type.tensor_type.shape.dim]
+    stated = list(expected["shape"])
+    symbolic_ok = {0} if isinstance(stated[0], str) else set()
+    if expected.get("resolution"):
+        symbolic_ok |= {2, 3}
+    if len(dims) != len(stated) or any(
+            dim != want and not (i in symbolic_ok and isinstance(dim, str)) for i, (dim, want) in enumerate(zip(dims, stated))):
+        raise VitedgeError(f"{fix}: the graph's input shape is {dims}, vitedge.json says {stated}; re-export the artifact")
+    outputs = [o.name for o in proto.graph.output]
+    if sorted(outputs) != sorted(metadata["outputs"]):
+        raise VitedgeError(f"{fix}: the graph's outputs are {outputs}, vitedge.json says {metadata['outputs']}; "
+                           "re-export the artifact")
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset != metadata["opset"]:
+        raise VitedgeError(f"{fix}: the graph has opset {opset}, vitedge.json says {metadata['opset']}; re-export the artifact")

@@ -27,6 +27,7 @@ from .data import check_source
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
 from .load import load_model, read_checkpoint
 from .reading import read_json
+from .schema import BUNDLE, check, check_version
 from .profile import ort_runner
 from .validate import Thresholds, validate
 
@@ -245,8 +246,10 @@ def load_bundle(path) -> dict:
     if not meta_path.is_file():
         raise VitedgeError(f"{path} is not a vitedge bundle (no {METADATA}); run 'vitedge export-bundle' first")
     bundle = read_json(meta_path, "bundle metadata")
-    if bundle.get("kind") != BUNDLE_KIND or not isinstance(bundle.get("variants"), list):
+    check_version(bundle, meta_path, "bundle metadata")
+    if bundle.get("kind") != BUNDLE_KIND:
         raise VitedgeError(f"{path} is a single artifact, not a variant bundle; run 'vitedge export-bundle' to make one")
+    check(bundle, BUNDLE, meta_path, "bundle metadata")
     return bundle
 
 

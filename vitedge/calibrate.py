@@ -21,6 +21,7 @@ from .backbone import dense_flops
 from .data import InputSpec, check_source, load_dataset
 from .errors import VitedgeError
 from .reading import read_json
+from .schema import BUDGETS, check
 from .load import LoadedModel, load_model
 from .recipe import load_recipe, merge
 
@@ -156,6 +157,7 @@ def read_budgets(path, loaded: LoadedModel) -> list[int]:
     content = read_json(path, "budgets file")
     if not isinstance(content, dict) or content.get("kind") != BUDGETS_KIND or "token_budgets" not in content:
         raise VitedgeError(f"{path} is not a vitedge budgets file; write one with 'vitedge calibrate'")
+    check(content, BUDGETS, path, "budgets file")
     _require_avit(loaded)
     cfg = loaded.cfg
     arch = content.get("arch") or {}

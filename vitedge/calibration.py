@@ -22,6 +22,7 @@ from .data import InputSpec, load_image_dir, preprocess
 from .data.fashion_mnist import load_fashion_mnist
 from .errors import VitedgeError
 from .reading import parse_yaml, read_text, read_yaml
+from .schema import CALIBRATION_SET, check
 
 SOURCES = ("fashion-mnist", "image-folder", "skimage")
 DEFAULT_SET = "fmnist-train-512"
@@ -98,6 +99,7 @@ def load_calibration_set(name_or_path: str | Path = DEFAULT_SET) -> CalibrationS
     unknown = set(data) - _KEYS
     if unknown:
         raise VitedgeError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_KEYS))}")
+    check(data, CALIBRATION_SET, path, "calibration set")
     source = data.get("source")
     if source not in SOURCES:
         raise VitedgeError(f"{path}: source must be one of {', '.join(SOURCES)}, got {source!r}")

@@ -20,6 +20,7 @@ from .backbone import ViTConfig, arch_config, default_normalization, infer_confi
 from .errors import VitedgeError
 from .families import Family, TokenPlan, detect_family, get_family
 from .reading import reading
+from .schema import CHECKPOINT_METADATA, check
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 
@@ -68,7 +69,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 raw = handle.metadata() or {}
                 state = {key: handle.get_tensor(key) for key in handle.keys()}
             if "vitedge" in raw:
-                metadata = json.loads(raw["vitedge"])
+                metadata = check(json.loads(raw["vitedge"]), CHECKPOINT_METADATA, path, "checkpoint metadata of")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
         sha256 = file_sha256(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import VitedgeError
 from ..reading import read_yaml
+from ..schema import DEVICE, check
 
 ENV_VAR = "VITEDGE_DEVICES"
 BACKENDS = ("trt", "ort", "torch")
@@ -51,6 +52,7 @@ def _parse(path: Path) -> Device:
     data = read_yaml(path, "device profile")
     if not isinstance(data, dict):
         raise VitedgeError(f"device profile {path} is not a YAML mapping")
+    check(data, DEVICE, path, "device profile")
     missing = [key for key in REQUIRED if key not in data]
     if missing:
         raise VitedgeError(f"device profile {path} lacks {', '.join(missing)}")
