@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 
@@ -82,8 +83,35 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _non_finite(value) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(map(_non_finite, value.values()))
+    if isinstance(value, (list, tuple)):
+        return any(map(_non_finite, value))
+    return False
+
+
+class FiniteNumbers(click.Command):
+    """Every command refuses NaN and infinity for its number options (click's FLOAT accepts "nan" and "inf").
+
+    NaN compares False with everything, so a NaN threshold or budget would switch a check
+    off or run a whole search before failing.
+    """
+
+    def parse_args(self, ctx, args):
+        rest = super().parse_args(ctx, args)
+        for param in self.params:
+            if _non_finite(ctx.params.get(param.name)):
+                raise click.BadParameter(f"must be a finite number, got {ctx.params[param.name]!r}", ctx=ctx, param=param)
+        return rest
+
+
 class OneLineErrors(click.Group):
     """The error boundary: click's usage errors and anything escaping a command as one ``vitedge: error:`` line."""
+
+    command_class = FiniteNumbers
 
     def __call__(self, *args, **kwargs):
         from vitedge import interrupts

@@ -20,6 +20,7 @@ from .backbone import ViTConfig, arch_config, default_normalization, infer_confi
 from .errors import VitedgeError
 from .families import Family, TokenPlan, detect_family, get_family
 from .reading import reading
+from .resources import forward_bytes, require_memory
 from .schema import CHECKPOINT_METADATA, check
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
@@ -94,6 +95,9 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
 def resolve_config(
     checkpoint: Checkpoint, arch: str | None, num_heads: int | None, img_size: int | None, fam: Family | None = None
 ) -> ViTConfig:
+    for name, value in (("--num-heads", num_heads), ("--img-size", img_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise VitedgeError(f"{name} must be a positive integer, got {value!r}")
     if arch:
         cfg = arch_config(arch)
         if num_heads:
@@ -111,7 +115,13 @@ def resolve_config(
                     f"{checkpoint.path} is not a '{fam.name}' checkpoint: its keys look like family '{other}'; pass --family {other}"
                 ) from None
             raise
-    return cfg.with_img_size(img_size) if img_size else cfg
+    cfg = cfg.with_img_size(img_size) if img_size is not None else cfg
+    if cfg.embed_dim % cfg.num_heads:
+        raise VitedgeError(f"{cfg.num_heads} heads do not divide the embedding width {cfg.embed_dim}; pass --num-heads "
+                           f"with a divisor of {cfg.embed_dim}")
+    require_memory(forward_bytes(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, 1, cfg.in_chans),
+                   f"a {cfg.img_size} px input ({cfg.num_patches + 1} tokens)", "pick a smaller --img-size")
+    return cfg
 
 
 def load_model(
@@ -166,4 +176,26 @@ def _load_weights(model: nn.Module, state: dict, path: Path, fam: Family, cfg: V
                 f"{path} does not match arch (embed {cfg.embed_dim}, depth {cfg.depth}, {cfg.img_size}px): "
                 f"{key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}"
             )
+    check_weights(state, expected, path)
     model.load_state_dict(state, strict=True)
+
+
+def check_weights(state: dict, expected: dict, path: Path) -> None:
+    """Refuse weights an export would carry silently: integer or bool tensors where the model has floats, NaN, Inf.
+
+    Casting an int or bool tensor to float hides a wrong file; NaN and Inf propagate into
+    every logit, and Inf even passes a logit-difference check (inf - inf is NaN).
+    """
+    def names(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    wrong = [f"{k} ({state[k].dtype})".replace("torch.", "") for k, t in expected.items()
+             if t.is_floating_point() and not state[k].is_floating_point()]
+    if wrong:
+        raise VitedgeError(f"{path} holds non-float weights where the model has float ones: {names(wrong)}; "
+                           "is this the right checkpoint?")
+    bad = [k for k, t in expected.items() if t.is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        kinds = {"NaN" if bool(torch.isnan(state[k]).any()) else "Inf" for k in bad}
+        raise VitedgeError(f"{path} holds {' and '.join(sorted(kinds))} weights in {len(bad)} tensor(s): {names(bad)}; "
+                           "the checkpoint is damaged (or the training diverged)")

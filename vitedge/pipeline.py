@@ -20,6 +20,8 @@ from .export import DEFAULT_OPSET, INPUT_NAME, export_onnx, output_names
 from .families import get_family
 from .load import LoadedModel, load_model
 from .recipe import load_recipe, merge
+from .reading import read_npy
+from .resources import forward_bytes, require_memory
 from .rewrite import to_static
 from .runtime import ort_session, run_batched
 from .validate import Thresholds, validate
@@ -207,6 +209,10 @@ def export(
         checkpoint, family=options.get("family"), arch=options.get("arch"), settings=options["settings"],
         img_size=options.get("img_size"), num_heads=options.get("num_heads"),
     )
+    cfg = loaded.cfg
+    require_memory(forward_bytes(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio,
+                                 max(batch, 2) if dynamic else batch, cfg.in_chans),
+                   f"exporting a batch of {batch} at {cfg.img_size} px", "pick a smaller --batch-size or --img-size")
     if budgets is not None or quantile is not None:
         loaded = _budgeted(loaded, budgets, quantile, log)
     thresholds = Thresholds.from_dict({**loaded.family.default_thresholds(loaded.settings), **(validation.get("thresholds") or {})})
@@ -330,13 +336,7 @@ def predict_file(outdir, input_path, output_path) -> np.ndarray:
     """``predict`` from one .npy file to another (written atomically)."""
     import io
 
-    input_path = Path(input_path)
-    if not input_path.is_file():
-        raise VitedgeError(f"input file not found: {input_path}")
-    try:
-        images = np.load(input_path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise VitedgeError(f"{input_path} is not a .npy array: {exc}") from None
+    images = read_npy(input_path, "input file")
     logits = predict(outdir, images)
     buffer = io.BytesIO()
     np.save(buffer, logits)

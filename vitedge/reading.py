@@ -83,3 +83,36 @@ def parse_yaml(text: str, path, what: str):
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise VitedgeError(f"cannot read {what} {path}: it is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+def read_npy(path, what: str = "input array"):
+    """A ``.npy`` array: header checked before loading (no pickled objects, data present, fits in memory)."""
+    import numpy as np
+
+    from .resources import require_memory
+
+    path = Path(path)
+    if not path.is_file():
+        raise VitedgeError(f"{what} not found: {path}")
+    with reading(path, what):
+        with open(path, "rb") as handle:
+            try:
+                version = np.lib.format.read_magic(handle)
+            except ValueError:
+                raise VitedgeError(f"{path} is not a .npy array (no NumPy magic); save it with numpy.save") from None
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise VitedgeError(f"{path} is a .npy file of format version {version}; save it with numpy.save (1.0/2.0)")
+            offset = handle.tell()
+        if dtype.hasobject:
+            raise VitedgeError(f"{path} holds Python objects (dtype {dtype}); vitedge reads numeric arrays only")
+        needed = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+        present = path.stat().st_size - offset
+        if needed > present:
+            raise VitedgeError(f"{path} is truncated: its header declares {list(shape)} {dtype} ({needed} bytes), "
+                               f"the file holds {present} bytes of data")
+        require_memory(needed, f"reading {path} ({list(shape)} {dtype})", "pass a smaller array")
+        return np.load(path, allow_pickle=False)

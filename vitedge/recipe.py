@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .errors import VitedgeError
@@ -31,7 +32,8 @@ def load_recipe(path: str | Path | None) -> dict:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (YAML's .nan and .inf would switch checks off or overflow sizes)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _integer(value) -> bool:
