@@ -194,7 +194,7 @@ def test_failed_export_leaves_a_good_outdir_unchanged(evit_artifact, evit_ckpt, 
         assert folder_listing(outdir) == before, bad
 
 
-def test_validation_failure_exits_3_and_keeps_the_report(evit_ckpt, tmp_path):
+def test_validation_failure_exits_3_and_keeps_the_attempt_beside_outdir(evit_ckpt, tmp_path):
     recipe = tmp_path / "strict.yaml"
     recipe.write_text("family: evit\nnum_heads: 2\nvalidation:\n  thresholds:\n    max_abs_logit_diff: 0.0\n")
     outdir = tmp_path / "out"
@@ -203,9 +203,26 @@ def test_validation_failure_exits_3_and_keeps_the_report(evit_ckpt, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("vitedge: error:")]
     assert len(errors) == 1 and "validation failed on fashion-mnist: max |logit diff|" in errors[0]
     assert "Traceback" not in result.output
-    # By design the artifact is written: its report says why it failed.
-    assert sorted(os.listdir(outdir)) == ["model.onnx", "report.json", "report.md", "vitedge.json"]
-    assert read_json(outdir / "report.json")["validate"]["passed"] is False
+    # OUTDIR is not written; the failed attempt, with its report saying why, lies beside it.
+    failed = tmp_path / "out.failed"
+    assert f"{outdir} was not written, the failed attempt is in {failed}" in errors[0]
+    assert not outdir.exists()
+    assert sorted(os.listdir(failed)) == ["model.onnx", "report.json", "report.md", "vitedge.json"]
+    assert read_json(failed / "report.json")["validate"]["passed"] is False
+
+
+def test_a_re_export_that_fails_validation_keeps_the_previous_artifact(evit_artifact, evit_ckpt, tmp_path):
+    outdir = copy_artifact(evit_artifact, tmp_path / "out")
+    before = folder_listing(outdir)
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text("family: evit\nnum_heads: 2\nvalidation:\n  thresholds:\n    max_abs_logit_diff: 0.0\n")
+    for attempt in range(2):  # a second failure replaces the first failed attempt
+        result = run_cli("export", evit_ckpt, "-o", outdir, "--recipe", recipe, "--validate-limit", "8")
+        assert result.exit_code == 3
+        assert f"{outdir} is unchanged, the failed attempt is in {tmp_path / 'out.failed'}" in assert_clean_failure(result)
+        assert folder_listing(outdir) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.failed", "strict.yaml"]
+        assert read_json(tmp_path / "out.failed" / "report.json")["validate"]["passed"] is False
 
 
 @pytest.mark.parametrize("command", [["validate"], ["profile"], ["inspect"], ["check"], ["predict", "x.npy", "-o", "y.npy"]])

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import VitedgeError
+from .errors import ArtifactBusy, ValidationFailed, VitedgeError
 from .reading import read_json
 from .schema import ARTIFACT, REPORT, SCHEMA_VERSION, check, check_version
 
@@ -73,26 +73,105 @@ def ensure_writable_dir(outdir: Path) -> None:
         raise VitedgeError(f"cannot write to output folder {outdir}: {exc.strerror or exc}") from None
 
 
+LOCK = ".vitedge-lock"
+FAILED_SUFFIX = ".failed"
+# Folders this process holds the writer lock of (re-entrant: an export inside a tune or bundle, a report update).
+_HELD: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def writer_lock(folder: Path):
+    """Hold ``folder``'s writer lock (``flock`` on FOLDER/.vitedge-lock) or refuse: one writer per folder at a time.
+
+    A second process gets ArtifactBusy at once instead of interleaving its files with the
+    first one's; the lock file goes when the writer ends (also on a signal), and a lock left
+    by a killed process is free again because ``flock`` dies with its owner.
+    """
+    import fcntl
+
+    key = str(Path(folder).resolve())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    path = Path(folder) / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ArtifactBusy(f"{folder} is being written by another vitedge process (pid {holder}); wait for it to "
+                               "finish or write to another folder") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed the file between our open and our lock: take the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def failed_attempt_dir(outdir: Path) -> Path:
+    """Where a write that failed validation leaves its files for inspection: OUTDIR.failed beside OUTDIR."""
+    outdir = Path(outdir).resolve()
+    return outdir.with_name(outdir.name + FAILED_SUFFIX)
+
+
 @contextlib.contextmanager
 def staged_outdir(outdir: Path):
-    """Yield a temporary folder; on success move its files into ``outdir``, on failure drop it."""
+    """Yield a temporary folder; on success move its files into ``outdir``, on failure drop it.
+
+    ``outdir`` is locked for the whole write (ArtifactBusy for a second writer). When the
+    body raises ValidationFailed, ``outdir`` keeps what it held (the previous good artifact,
+    or nothing) and the failed attempt moves to ``OUTDIR.failed/`` (replacing an older one),
+    named in the error.
+    """
     outdir = Path(outdir)
     # The folders this call creates (OUTDIR and any missing parents), innermost first.
     created = [p for p in (outdir, *outdir.parents) if not p.exists()]
     ensure_writable_dir(outdir)
-    stage = Path(tempfile.mkdtemp(prefix=".vitedge-stage-", dir=outdir))
     try:
-        yield stage
-        for item in stage.iterdir():
-            os.replace(item, outdir / item.name)
+        with writer_lock(outdir):
+            stage = Path(tempfile.mkdtemp(prefix=".vitedge-stage-", dir=outdir))
+            try:
+                yield stage
+                for item in stage.iterdir():
+                    os.replace(item, outdir / item.name)
+            except ValidationFailed as exc:
+                failed = _keep_failed_attempt(stage, outdir)
+                kept = "is unchanged" if outdir not in created else "was not written"
+                raise type(exc)(f"{exc}; {outdir} {kept}, the failed attempt is in {failed}") from None
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
         for folder in created:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _keep_failed_attempt(stage: Path, outdir: Path) -> Path:
+    failed = failed_attempt_dir(outdir)
+    if failed.is_dir():
+        shutil.rmtree(failed)
+    elif failed.exists():
+        failed.unlink()
+    os.replace(stage, failed)
+    return failed
 
 
 class Artifact:
@@ -112,12 +191,19 @@ class Artifact:
             raise VitedgeError(f"{self.root} is a variant bundle; pass one of its variant folders ({names}, ...)")
         check(self.metadata, ARTIFACT, meta, "artifact metadata")
         self._model_checked = False
+        model = self.root / self.metadata.get("model", MODEL)
+        if model.is_file():  # cross-check vitedge.json against model.onnx now, before any command writes
+            self._check_model(model)
 
     @property
     def model_path(self) -> Path:
         path = self.root / self.metadata.get("model", MODEL)
         if not path.is_file():
             raise VitedgeError(f"{path} is missing; re-run 'vitedge export'")
+        self._check_model(path)
+        return path
+
+    def _check_model(self, path: Path) -> None:
         if not self._model_checked:
             stat = path.stat()
             key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, json.dumps(self.metadata, sort_keys=True, default=str))
@@ -125,7 +211,6 @@ class Artifact:
                 check_model_matches(self.metadata, path, self.root / METADATA)
                 _MATCHED.add(key)
             self._model_checked = True
-        return path
 
     def model_for(self, precision: str | None = None) -> Path:
         """The model file of ``precision`` (fp32: model.onnx; fp16/int8: from vitedge.json's "quantized")."""
@@ -157,10 +242,11 @@ class Artifact:
         """Set one section of report.json and regenerate report.md from it."""
         from .report import render_markdown
 
-        report = self.report()
-        report[section] = data
-        write_json_atomic(self.root / REPORT_JSON, report)
-        write_text_atomic(self.root / REPORT_MD, render_markdown(self.metadata, report))
+        with writer_lock(self.root):
+            report = self.report()
+            report[section] = data
+            write_json_atomic(self.root / REPORT_JSON, report)
+            write_text_atomic(self.root / REPORT_MD, render_markdown(self.metadata, report))
         return report
 
 

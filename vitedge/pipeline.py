@@ -187,7 +187,8 @@ def export(
     (calibrated here, on Fashion-MNIST train images) turns the masked graph into a
     fixed-budget one. Returns the report. Raises
     VitedgeError on bad input (OUTDIR untouched) and ValidationFailed when the exported
-    graph disagrees with the reference (OUTDIR written, report says why).
+    graph disagrees with the reference (OUTDIR untouched too; the attempt, with a report
+    saying why, is in OUTDIR.failed/).
     """
     options = merge(load_recipe(recipe), {
         "family": family, "arch": arch, "keep_rate": keep_rate, "img_size": img_size, "opset": opset,
@@ -244,11 +245,11 @@ def export(
                              log=log)
                 except ValidationFailed as exc:
                     failure = failure or exc
+            if failure is not None:
+                raise failure  # inside the stage: OUTDIR keeps its previous artifact, the attempt goes to OUTDIR.failed
         else:
             log("[4/4] validation skipped")
     report = Artifact(outdir).report()
-    if failure is not None:
-        raise failure
     log(f"wrote {Path(outdir) / MODEL} ({(Path(outdir) / MODEL).stat().st_size / 1e6:.1f} MB), FLOPs ratio "
         f"{metadata['flops']['ratio']:.3f} vs dense")
     return report
