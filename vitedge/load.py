@@ -115,6 +115,11 @@ def resolve_config(
                     f"{checkpoint.path} is not a '{fam.name}' checkpoint: its keys look like family '{other}'; pass --family {other}"
                 ) from None
             raise
+    zero = [f"{name} {getattr(cfg, name)}" for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "img_size")
+            if getattr(cfg, name) < 1]
+    if zero:
+        raise VitedgeError(f"{checkpoint.path} describes an impossible model ({', '.join(zero)}); "
+                           "is this a ViT checkpoint in an official layout?")
     cfg = cfg.with_img_size(img_size) if img_size is not None else cfg
     if cfg.embed_dim % cfg.num_heads:
         raise VitedgeError(f"{cfg.num_heads} heads do not divide the embedding width {cfg.embed_dim}; pass --num-heads "

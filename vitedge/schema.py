@@ -84,11 +84,11 @@ _LATENCY = {"type": "object", "additionalProperties": {"type": "object", "requir
                                                        "properties": {"p50_ms": _NUMBER}}}
 BUNDLE = {
     "type": "object",
-    "required": ["kind", "variants"],
+    "required": ["kind", "input", "variants"],
     "properties": {
         "schema_version": _VERSION,
         "kind": {"const": "bundle"},
-        "input": {"type": "object"},
+        "input": {"type": "object", "required": ["batch"], "properties": {"batch": _DIM}},
         "devices": {"type": "array", "items": _NAME},
         "variants": {"type": "array", "items": {
             "type": "object", "required": ["name", "path"],

@@ -9,6 +9,7 @@ module; users add their own with ``--devices-dir DIR`` or ``VITEDGE_DEVICES=DIR[
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -64,7 +65,7 @@ def _parse(path: Path) -> Device:
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise VitedgeError(f"device profile {path}: precisions must be a list from {', '.join(PRECISIONS)}, got {data['precisions']}")
     budget = data.get("latency_budget_ms")
-    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
+    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget < math.inf):
         raise VitedgeError(f"device profile {path}: latency_budget_ms must be a positive number, got {budget!r}")
     dla = data.get("dla_cores", 0)
     if not isinstance(dla, int) or isinstance(dla, bool) or dla < 0:
