@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -699,4 +700,7 @@ def test_the_corpus_is_large_enough():
         "flags": len(FLAG_CASES),
         "real process": 4,
     }
-    assert sum(counts.values()) >= 300, counts
+    total = sum(counts.values())
+    assert total >= 300, counts
+    stated = re.search(r"(\d+) cases:", (REPO / "docs" / "guarantees.md").read_text())
+    assert stated and int(stated.group(1)) == total, (total, counts)
