@@ -125,6 +125,17 @@ def writer_lock(folder: Path):
         os.close(fd)
 
 
+def refuse_if_busy(folder: Path) -> None:
+    """Fail fast (ArtifactBusy) when another process writes ``folder`` now, before minutes of work.
+
+    Only a probe: the lock that serialises the writers is taken when the writing starts.
+    """
+    folder = Path(folder)
+    if (folder / LOCK).is_file() and str(folder.resolve()) not in _HELD:
+        with writer_lock(folder):
+            pass
+
+
 def failed_attempt_dir(outdir: Path) -> Path:
     """Where a write that failed validation leaves its files for inspection: OUTDIR.failed beside OUTDIR."""
     outdir = Path(outdir).resolve()

@@ -12,6 +12,7 @@ import onnx
 
 from . import __version__
 from .artifact import METADATA, MODEL, SCHEMA_VERSION, Artifact, staged_outdir, write_bytes_atomic, write_json_atomic
+from .artifact import refuse_if_busy
 from .backbone import dense_flops
 from .check import check_model
 from .data import check_source
@@ -205,6 +206,7 @@ def export(
 
     if validate_data:
         check_source(validate_data, validate_limit)
+    refuse_if_busy(Path(outdir))
     log(f"[1/4] loading {checkpoint}")
     loaded = load_model(
         checkpoint, family=options.get("family"), arch=options.get("arch"), settings=options["settings"],
