@@ -38,7 +38,7 @@ ARCH = {
 _DIM = {"anyOf": [_POSITIVE_INT, _NAME]}
 INPUT = {
     "type": "object",
-    "required": ["name", "shape", "mean", "std"],
+    "required": ["name", "shape", "batch", "mean", "std"],
     "properties": {
         "name": _NAME,
         # [batch (a number, or a name when symbolic), channels, height, width]
@@ -57,7 +57,7 @@ _THRESHOLDS = {"type": "object", "additionalProperties": {"type": ["number", "nu
 
 ARTIFACT = {
     "type": "object",
-    "required": ["family", "arch", "settings", "input", "outputs", "token_budgets", "opset", "checkpoint"],
+    "required": ["family", "arch", "settings", "input", "outputs", "token_budgets", "flops", "opset", "checkpoint"],
     "properties": {
         "schema_version": _VERSION,
         "family": _NAME,
@@ -65,8 +65,16 @@ ARTIFACT = {
         "settings": {"type": "object"},
         "input": INPUT,
         "outputs": {"type": "array", "minItems": 1, "items": _NAME},
-        "token_budgets": {"type": "object"},
-        "flops": {"type": "object", "properties": {"dense": _NUMBER, "static": _NUMBER, "ratio": _NUMBER}},
+        "token_budgets": {"type": "object", "required": ["tokens_per_block", "selections"], "properties": {
+            "tokens_per_block": {"type": "array", "items": {
+                "type": "object", "required": ["attention", "mlp"],
+                "properties": {"attention": _POSITIVE_INT, "mlp": _POSITIVE_INT}}},
+            "selections": {"type": "array", "items": {
+                "type": "object", "required": ["block", "kept_patches", "tokens_after"],
+                "properties": {"block": {"type": "integer", "minimum": 0}, "kept_patches": {"type": "integer", "minimum": 0},
+                               "tokens_after": _POSITIVE_INT}}}}},
+        "flops": {"type": "object", "required": ["dense", "static", "ratio"],
+                  "properties": {"dense": _NUMBER, "static": _NUMBER, "ratio": _NUMBER}},
         "opset": _POSITIVE_INT,
         # a file name inside the artifact folder, never a path out of it
         "model": {"type": "string", "pattern": r"^[^/\\]+\.onnx$", "not": {"enum": [".onnx", "..onnx"]}},
@@ -91,12 +99,12 @@ BUNDLE = {
         "input": {"type": "object", "required": ["batch"], "properties": {"batch": _DIM}},
         "devices": {"type": "array", "items": _NAME},
         "variants": {"type": "array", "items": {
-            "type": "object", "required": ["name", "path"],
+            "type": "object", "required": ["name", "path", "flops"],
             "properties": {
                 "name": _NAME,
                 "path": {"type": "string", "pattern": r"^[^/\\]+$", "not": {"enum": [".", ".."]}},
                 "accuracy": {"type": ["number", "null"]},
-                "flops": {"type": "object", "properties": {"static": _NUMBER, "ratio": _NUMBER}},
+                "flops": {"type": "object", "required": ["static"], "properties": {"static": _NUMBER, "ratio": _NUMBER}},
                 "latency_ms": _LATENCY,
             }}},
     },
