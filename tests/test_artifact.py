@@ -25,7 +25,7 @@ from vitedge.artifact import (
     write_text_atomic,
     writer_lock,
 )
-from vitedge.errors import VitedgeError
+from vitedge.errors import ValidationFailed, VitedgeError
 
 
 def test_write_bytes_atomic_creates_and_replaces(tmp_path):
@@ -145,3 +145,28 @@ def test_the_lock_is_re_entrant_and_leaves_nothing(tmp_path):
             assert (tmp_path / LOCK).is_file()
         assert (tmp_path / LOCK).is_file()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_validation_moves_the_attempt_beside_outdir_unless_nested(tmp_path):
+    outdir = tmp_path / "out"
+    write_text_atomic(ensure_dir(outdir) / "model.onnx", "previous")
+    with pytest.raises(ValidationFailed, match=f"bad logits; {outdir} is unchanged, the failed attempt is in {tmp_path / 'out.failed'}"):
+        with staged_outdir(outdir) as stage:
+            write_text_atomic(stage / "model.onnx", "new")
+            raise ValidationFailed("bad logits")
+    assert (outdir / "model.onnx").read_text() == "previous"
+    assert (tmp_path / "out.failed" / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in outdir.iterdir()) == ["model.onnx"]
+    with staged_outdir(tmp_path / "outer") as outer:  # as tune does: a candidate's failure is the outer write's business
+        with pytest.raises(ValidationFailed, match="^candidate failed$"):
+            with staged_outdir(outer / "candidates" / "0") as inner:
+                write_text_atomic(inner / "model.onnx", "candidate")
+                raise ValidationFailed("candidate failed")
+        assert not (outer / "candidates" / "0.failed").exists()
+        write_text_atomic(outer / "tune.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.failed", "outer"]
+
+
+def ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

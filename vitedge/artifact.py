@@ -74,6 +74,7 @@ def ensure_writable_dir(outdir: Path) -> None:
 
 
 LOCK = ".vitedge-lock"
+STAGE_PREFIX = ".vitedge-stage-"
 FAILED_SUFFIX = ".failed"
 # Folders this process holds the writer lock of (re-entrant: an export inside a tune or bundle, a report update).
 _HELD: dict[str, int] = {}
@@ -157,12 +158,14 @@ def staged_outdir(outdir: Path):
     ensure_writable_dir(outdir)
     try:
         with writer_lock(outdir):
-            stage = Path(tempfile.mkdtemp(prefix=".vitedge-stage-", dir=outdir))
+            stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=outdir))
             try:
                 yield stage
                 for item in stage.iterdir():
                     os.replace(item, outdir / item.name)
             except ValidationFailed as exc:
+                if any(p.name.startswith(STAGE_PREFIX) for p in outdir.resolve().parents):
+                    raise  # a write inside another one's stage (a tune candidate): the outer write decides
                 failed = _keep_failed_attempt(stage, outdir)
                 kept = "is unchanged" if outdir not in created else "was not written"
                 raise type(exc)(f"{exc}; {outdir} {kept}, the failed attempt is in {failed}") from None
