@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vitedge"
 # The one-way order: a module may import modules of its own layer or of earlier ones, never later ones.
 LAYERS = [
     ("base", {"errors", "version", "artifact", "report", "runtime", "devices", "data",
-              "shape_inference", "tokens", "trt_runtime"}),
+              "shape_inference", "tokens", "trt_runtime", "reading", "schema", "resources", "interrupts"}),
     # Model parts and the rewrite registry the families fill (rewrite.to_static runs after load).
     ("model parts", {"backbone", "backbones", "rewrite"}),
     ("load", {"families", "load", "calibrate", "recipe"}),
@@ -28,7 +28,7 @@ LAYERS = [
     ("build/profile", {"build", "profile"}),
     ("tune/bundle", {"tune", "bundle"}),
     ("orchestration", {"pipeline"}),
-    ("cli", {"cli", "setting_options", "__init__"}),
+    ("cli", {"cli", "setting_options", "__init__", "__main__"}),
 ]
 LAYER = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import copy_artifact, folder_listing
+from support import REPO, assert_clean_failure, copy_artifact, folder_listing, run_cli
 
 from vitedge.artifact import (
+    LOCK,
     Artifact,
     ensure_writable_dir,
     staged_outdir,
     write_bytes_atomic,
     write_json_atomic,
     write_text_atomic,
+    writer_lock,
 )
-from vitedge.errors import VitedgeError
+from vitedge.errors import ValidationFailed, VitedgeError
 
 
 def test_write_bytes_atomic_creates_and_replaces(tmp_path):
@@ -107,3 +113,60 @@ def test_artifact_reader(evit_artifact, tmp_path):
     (broken / "vitedge.json").write_text("{ half")
     with pytest.raises(VitedgeError, match="cannot read .*vitedge.json"):
         Artifact(broken)
+
+
+def test_a_second_writer_is_refused_while_an_export_runs(evit_artifact, evit_ckpt, tmp_path):
+    """A real export in another process holds OUTDIR's lock; check, validate and export here get exit 7."""
+    outdir = copy_artifact(evit_artifact, tmp_path / "out")
+    before = folder_listing(outdir)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "vitedge.cli", "export", str(evit_ckpt), "-o", str(outdir),
+                             "--family", "evit", "--num-heads", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(".vitedge-stage-") for p in outdir.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        assert (outdir / LOCK).read_text().strip() == str(proc.pid)
+        for args in (["check", outdir], ["validate", outdir, "--limit", "4"], ["export", evit_ckpt, "-o", outdir, "--family", "evit", "--num-heads", "2"]):
+            result = run_cli(*args)
+            assert result.exit_code == 7, result.output
+            assert f"{outdir} is being written by another vitedge process (pid {proc.pid})" in assert_clean_failure(result)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert folder_listing(outdir) == before  # no lock file, no stage, the artifact as it was
+
+
+def test_the_lock_is_re_entrant_and_leaves_nothing(tmp_path):
+    with writer_lock(tmp_path):
+        with writer_lock(tmp_path):
+            assert (tmp_path / LOCK).is_file()
+        assert (tmp_path / LOCK).is_file()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_validation_moves_the_attempt_beside_outdir_unless_nested(tmp_path):
+    outdir = tmp_path / "out"
+    write_text_atomic(ensure_dir(outdir) / "model.onnx", "previous")
+    with pytest.raises(ValidationFailed, match=f"bad logits; {outdir} is unchanged, the failed attempt is in {tmp_path / 'out.failed'}"):
+        with staged_outdir(outdir) as stage:
+            write_text_atomic(stage / "model.onnx", "new")
+            raise ValidationFailed("bad logits")
+    assert (outdir / "model.onnx").read_text() == "previous"
+    assert (tmp_path / "out.failed" / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in outdir.iterdir()) == ["model.onnx"]
+    with staged_outdir(tmp_path / "outer") as outer:  # as tune does: a candidate's failure is the outer write's business
+        with pytest.raises(ValidationFailed, match="^candidate failed$"):
+            with staged_outdir(outer / "candidates" / "0") as inner:
+                write_text_atomic(inner / "model.onnx", "candidate")
+                raise ValidationFailed("candidate failed")
+        assert not (outer / "candidates" / "0.failed").exists()
+        write_text_atomic(outer / "tune.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.failed", "outer"]
+
+
+def ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -204,7 +204,13 @@ def test_check_stage_rewrites_the_report(evit_artifact, tmp_path):
 
 def test_check_cli_fails_on_a_bad_graph(evit_artifact, tmp_path):
     art = copy_artifact(evit_artifact, tmp_path / "art")
-    onnx.save(scatter_model("ScatterElements", "add"), str(art / "model.onnx"))
+    model = onnx.load(str(art / "model.onnx"))
+    # the artifact's own interface (vitedge.json still describes it), with a reducing scatter before "logits"
+    for node in model.graph.node:
+        node.output[:] = ["logits_pre" if name == "logits" else name for name in node.output]
+    model.graph.initializer.extend([const("idx", [[0, 2]]), const("upd", [[1.0, 2.0]], np.float32)])
+    model.graph.node.append(helper.make_node("ScatterElements", ["logits_pre", "idx", "upd"], ["logits"], axis=1, reduction="add"))
+    onnx.save(model, str(art / "model.onnx"))
     result = run_cli("check", art)
     assert result.exit_code == 3
     assert "error: ScatterElements" in result.stdout and "check FAILED" in result.stdout

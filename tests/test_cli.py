@@ -8,13 +8,17 @@ import re
 import subprocess
 import sys
 
+import click
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 from support import HEADS, assert_clean_failure, copy_artifact, folder_listing, make_state_dict, read_json, run_cli
 
 import vitedge
+from vitedge import cli
+from vitedge.cli import OneLineErrors, friendly
 from vitedge.errors import VitedgeError
 
 # ---------------------------------------------------------------- commands that work
@@ -218,7 +222,7 @@ def test_failed_export_leaves_a_good_outdir_unchanged(evit_artifact, evit_ckpt, 
         assert folder_listing(outdir) == before, bad
 
 
-def test_validation_failure_exits_3_and_keeps_the_report(evit_ckpt, tmp_path):
+def test_validation_failure_exits_3_and_keeps_the_attempt_beside_outdir(evit_ckpt, tmp_path):
     recipe = tmp_path / "strict.yaml"
     recipe.write_text("family: evit\nnum_heads: 2\nvalidation:\n  thresholds:\n    max_abs_logit_diff: 0.0\n")
     outdir = tmp_path / "out"
@@ -227,9 +231,26 @@ def test_validation_failure_exits_3_and_keeps_the_report(evit_ckpt, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("vitedge: error:")]
     assert len(errors) == 1 and "validation failed on fashion-mnist: max |logit diff|" in errors[0]
     assert "Traceback" not in result.output
-    # By design the artifact is written: its report says why it failed.
-    assert sorted(os.listdir(outdir)) == ["model.onnx", "report.json", "report.md", "vitedge.json"]
-    assert read_json(outdir / "report.json")["validate"]["passed"] is False
+    # OUTDIR is not written; the failed attempt, with its report saying why, lies beside it.
+    failed = tmp_path / "out.failed"
+    assert f"{outdir} was not written, the failed attempt is in {failed}" in errors[0]
+    assert not outdir.exists()
+    assert sorted(os.listdir(failed)) == ["model.onnx", "report.json", "report.md", "vitedge.json"]
+    assert read_json(failed / "report.json")["validate"]["passed"] is False
+
+
+def test_a_re_export_that_fails_validation_keeps_the_previous_artifact(evit_artifact, evit_ckpt, tmp_path):
+    outdir = copy_artifact(evit_artifact, tmp_path / "out")
+    before = folder_listing(outdir)
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text("family: evit\nnum_heads: 2\nvalidation:\n  thresholds:\n    max_abs_logit_diff: 0.0\n")
+    for attempt in range(2):  # a second failure replaces the first failed attempt
+        result = run_cli("export", evit_ckpt, "-o", outdir, "--recipe", recipe, "--validate-limit", "8")
+        assert result.exit_code == 3
+        assert f"{outdir} is unchanged, the failed attempt is in {tmp_path / 'out.failed'}" in assert_clean_failure(result)
+        assert folder_listing(outdir) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.failed", "strict.yaml"]
+        assert read_json(tmp_path / "out.failed" / "report.json")["validate"]["passed"] is False
 
 
 @pytest.mark.parametrize("command", [["validate"], ["profile"], ["inspect"], ["check"], ["predict", "x.npy", "-o", "y.npy"]])
@@ -311,3 +332,67 @@ def test_bare_command_prints_help_and_succeeds():
     result = run_cli()
     assert result.exit_code == 0
     assert "Usage: vitedge" in result.output and "export" in result.output
+
+
+# ---------------------------------------------------------------- the error boundary
+
+
+def _boundary_group():
+    """A group with the real boundary (``OneLineErrors`` + ``friendly``) and commands that fail the ways a bug does."""
+
+    @click.group(cls=OneLineErrors)
+    @click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=cli._set_debug)
+    def group():
+        pass
+
+    @group.command()
+    @friendly
+    def divide():
+        return 1 // 0
+
+    @group.command()
+    def lookup():  # not wrapped in friendly: the group's main is the last boundary
+        return {}["family"]
+
+    @group.command()
+    @friendly
+    def disk():
+        raise OSError(28, "No space left on device", "/out/model.onnx")
+
+    return group
+
+
+@pytest.mark.parametrize("command, exit_code, message", [
+    ("divide", 70, r"internal error in '.* divide': ZeroDivisionError: integer division or modulo by zero at vitedge"),
+    ("lookup", 70, r"internal error in 'vitedge': KeyError 'family'.*rerun with --debug or VITEDGE_DEBUG=1"),
+    ("disk", 2, r"No space left on device: /out/model.onnx"),
+])
+def test_any_exception_becomes_one_line_and_an_exit_code(command, exit_code, message, monkeypatch):
+    monkeypatch.delenv("VITEDGE_DEBUG", raising=False)
+    result = CliRunner().invoke(_boundary_group(), [command])
+    line = assert_clean_failure(result)
+    assert result.exit_code == exit_code
+    assert re.search(message, line), line
+
+
+def test_debug_prints_the_traceback_then_the_line(monkeypatch):
+    monkeypatch.delenv("VITEDGE_DEBUG", raising=False)
+    group = _boundary_group()
+    try:
+        flagged = CliRunner().invoke(group, ["--debug", "divide"])
+        monkeypatch.setenv("VITEDGE_DEBUG", "1")
+        cli._set_debug(None, None, False)
+        env = CliRunner().invoke(group, ["lookup"])
+    finally:
+        cli._set_debug(None, None, False)
+    for result, raised in ((flagged, "ZeroDivisionError"), (env, "KeyError")):
+        assert result.exit_code == 70
+        assert "Traceback (most recent call last)" in result.stderr and raised in result.stderr
+        assert result.stderr.rstrip().splitlines()[-1].startswith("vitedge: error: internal error")
+
+
+def test_real_commands_have_the_debug_flag(tmp_path):
+    result = run_cli("--debug", "inspect", tmp_path)
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "is not a vitedge artifact folder" in result.stderr.splitlines()[-1]
+    cli._set_debug(None, None, False)

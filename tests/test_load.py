@@ -178,3 +178,40 @@ def test_a_family_on_a_backbone_it_does_not_support_is_one_line(tmp_path):
     with pytest.raises(VitedgeError, match=r"family 'avit' does not support this backbone: global average pooling .*"
                                            r"it runs on DeiT/timm ViTs with a class token and token pooling, plus nothing else"):
         load_model(path, family="avit", num_heads=HEADS)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s["blocks.3.attn.qkv.weight"].__setitem__((0, 0), float("nan")), r"holds NaN weights in 1 tensor\(s\): blocks.3.attn.qkv.weight"),
+    (lambda s: s["head.bias"].__setitem__(0, float("inf")), r"holds Inf weights in 1 tensor\(s\): head.bias"),
+    (lambda s: s.update({"norm.weight": torch.ones(64, dtype=torch.int64)}), r"non-float weights .*: norm.weight \(int64\)"),
+    (lambda s: s.update({"cls_token": torch.ones(1, 1, 64, dtype=torch.bool)}), r"non-float weights .*: cls_token \(bool\)"),
+])
+def test_damaged_weights_are_refused_with_their_names(tmp_path, damage, message):
+    state = make_state_dict("evit")
+    damage(state)
+    path = tmp_path / "damaged.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(VitedgeError, match=message):
+        load_model(path, family="evit", num_heads=HEADS)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_heads": 0}, "--num-heads must be a positive integer, got 0"),
+    ({"img_size": 0}, "--img-size must be a positive integer, got 0"),
+    ({"img_size": -28}, "--img-size must be a positive integer, got -28"),
+    ({"num_heads": HEADS, "img_size": 4 * 100_000}, r"a 400000 px input .* needs about .* of memory"),
+])
+def test_sizes_that_used_to_fall_back_to_defaults(evit_ckpt, kwargs, message):
+    with pytest.raises(VitedgeError, match=message):
+        load_model(evit_ckpt, family="evit", **kwargs)
+
+
+def test_the_memory_limit_is_overridable(evit_ckpt, monkeypatch):
+    monkeypatch.setenv("VITEDGE_MEMORY_LIMIT", "1M")
+    with pytest.raises(VitedgeError, match=r"a 56 px input .* 1.0 MiB is available; pick a smaller --img-size"):
+        load_model(evit_ckpt, family="evit", num_heads=HEADS, img_size=56)
+    monkeypatch.setenv("VITEDGE_MEMORY_LIMIT", "none")
+    assert load_model(evit_ckpt, family="evit", num_heads=HEADS, img_size=56).cfg.img_size == 56
+    monkeypatch.setenv("VITEDGE_MEMORY_LIMIT", "lots")
+    with pytest.raises(VitedgeError, match="VITEDGE_MEMORY_LIMIT must be a number of bytes"):
+        load_model(evit_ckpt, family="evit", num_heads=HEADS)

@@ -356,3 +356,24 @@ def test_a_perturbed_head_bias_fails_validation(official_checkpoints, tmp_path):
     result = run_cli("validate", out, "--limit", ACCEPTANCE_IMAGES)
     assert result.exit_code == 3, result.output
     assert "max |logit diff| 1.00e-02 > 0.001" in result.stderr
+
+
+def test_nan_logits_fail_validation():
+    from vitedge.validate import compare, verdict
+
+    reference = np.zeros((4, 10), np.float32)
+    exported = reference.copy()
+    exported[1, 3] = np.nan
+    exported[2] = np.inf
+    metrics = compare(reference, exported, [], [], None, [])
+    assert metrics["non_finite_logits"] == 2
+    failures = verdict(metrics, Thresholds())
+    assert failures[0] == "2 image(s) give NaN or Inf logits"
+    assert any(f.startswith("max |logit diff| nan") or f.startswith("max |logit diff| inf") for f in failures)
+    assert verdict(compare(reference, reference.copy(), [], [], None, []), Thresholds()) == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.9", True])
+def test_thresholds_must_be_finite_numbers(value):
+    with pytest.raises(VitedgeError, match="validation threshold min_top1_agreement must be a finite number"):
+        Thresholds.from_dict({"min_top1_agreement": value})

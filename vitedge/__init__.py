@@ -11,6 +11,11 @@ Public API (each CLI command is a thin shell over one of these)::
 
 from .version import __version__  # noqa: E402
 
+from . import interrupts as _interrupts  # noqa: E402 - before torch/onnx load, so Ctrl-C at start-up exits cleanly
+
+if _interrupts.running_as_command():
+    _interrupts.install()
+
 from .artifact import Artifact  # noqa: E402
 from .build import build  # noqa: E402
 from .bundle import export_bundle, load_bundle, profile_bundle, select  # noqa: E402

@@ -14,13 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import VitedgeError
+from .errors import ArtifactBusy, ValidationFailed, VitedgeError
+from .reading import read_json
+from .schema import ARTIFACT, REPORT, SCHEMA_VERSION, check, check_version
 
 METADATA = "vitedge.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 MODEL = "model.onnx"
-SCHEMA_VERSION = 1
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -72,26 +73,119 @@ def ensure_writable_dir(outdir: Path) -> None:
         raise VitedgeError(f"cannot write to output folder {outdir}: {exc.strerror or exc}") from None
 
 
+LOCK = ".vitedge-lock"
+STAGE_PREFIX = ".vitedge-stage-"
+FAILED_SUFFIX = ".failed"
+# Folders this process holds the writer lock of (re-entrant: an export inside a tune or bundle, a report update).
+_HELD: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def writer_lock(folder: Path):
+    """Hold ``folder``'s writer lock (``flock`` on FOLDER/.vitedge-lock) or refuse: one writer per folder at a time.
+
+    A second process gets ArtifactBusy at once instead of interleaving its files with the
+    first one's; the lock file goes when the writer ends (also on a signal), and a lock left
+    by a killed process is free again because ``flock`` dies with its owner.
+    """
+    import fcntl
+
+    key = str(Path(folder).resolve())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    path = Path(folder) / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ArtifactBusy(f"{folder} is being written by another vitedge process (pid {holder}); wait for it to "
+                               "finish or write to another folder") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed the file between our open and our lock: take the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def refuse_if_busy(folder: Path) -> None:
+    """Fail fast (ArtifactBusy) when another process writes ``folder`` now, before minutes of work.
+
+    Only a probe: the lock that serialises the writers is taken when the writing starts.
+    """
+    folder = Path(folder)
+    if (folder / LOCK).is_file() and str(folder.resolve()) not in _HELD:
+        with writer_lock(folder):
+            pass
+
+
+def failed_attempt_dir(outdir: Path) -> Path:
+    """Where a write that failed validation leaves its files for inspection: OUTDIR.failed beside OUTDIR."""
+    outdir = Path(outdir).resolve()
+    return outdir.with_name(outdir.name + FAILED_SUFFIX)
+
+
 @contextlib.contextmanager
 def staged_outdir(outdir: Path):
-    """Yield a temporary folder; on success move its files into ``outdir``, on failure drop it."""
+    """Yield a temporary folder; on success move its files into ``outdir``, on failure drop it.
+
+    ``outdir`` is locked for the whole write (ArtifactBusy for a second writer). When the
+    body raises ValidationFailed, ``outdir`` keeps what it held (the previous good artifact,
+    or nothing) and the failed attempt moves to ``OUTDIR.failed/`` (replacing an older one),
+    named in the error.
+    """
     outdir = Path(outdir)
     # The folders this call creates (OUTDIR and any missing parents), innermost first.
     created = [p for p in (outdir, *outdir.parents) if not p.exists()]
     ensure_writable_dir(outdir)
-    stage = Path(tempfile.mkdtemp(prefix=".vitedge-stage-", dir=outdir))
     try:
-        yield stage
-        for item in stage.iterdir():
-            os.replace(item, outdir / item.name)
+        with writer_lock(outdir):
+            stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=outdir))
+            try:
+                yield stage
+                for item in stage.iterdir():
+                    os.replace(item, outdir / item.name)
+            except ValidationFailed as exc:
+                if any(p.name.startswith(STAGE_PREFIX) for p in outdir.resolve().parents):
+                    raise  # a write inside another one's stage (a tune candidate): the outer write decides
+                failed = _keep_failed_attempt(stage, outdir)
+                kept = "is unchanged" if outdir not in created else "was not written"
+                raise type(exc)(f"{exc}; {outdir} {kept}, the failed attempt is in {failed}") from None
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
         for folder in created:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _keep_failed_attempt(stage: Path, outdir: Path) -> Path:
+    failed = failed_attempt_dir(outdir)
+    if failed.is_dir():
+        shutil.rmtree(failed)
+    elif failed.exists():
+        failed.unlink()
+    os.replace(stage, failed)
+    return failed
 
 
 class Artifact:
@@ -102,20 +196,35 @@ class Artifact:
         meta = self.root / METADATA
         if not meta.is_file():
             raise VitedgeError(f"{self.root} is not a vitedge artifact folder (no {METADATA}); run 'vitedge export' first")
-        try:
-            self.metadata = json.loads(meta.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise VitedgeError(f"cannot read {meta}: {exc}") from None
+        self.metadata = read_json(meta, "artifact metadata")
+        check_version(self.metadata, meta, "artifact metadata")
         if self.metadata.get("kind") == "bundle":
-            names = ", ".join(v.get("path", "?") for v in self.metadata.get("variants", [])[:3])
+            variants = self.metadata.get("variants")
+            names = ", ".join(str(v.get("path", "?")) for v in (variants if isinstance(variants, list) else [])[:3]
+                              if isinstance(v, dict))
             raise VitedgeError(f"{self.root} is a variant bundle; pass one of its variant folders ({names}, ...)")
+        check(self.metadata, ARTIFACT, meta, "artifact metadata")
+        self._model_checked = False
+        model = self.root / self.metadata.get("model", MODEL)
+        if model.is_file():  # cross-check vitedge.json against model.onnx now, before any command writes
+            self._check_model(model)
 
     @property
     def model_path(self) -> Path:
         path = self.root / self.metadata.get("model", MODEL)
         if not path.is_file():
             raise VitedgeError(f"{path} is missing; re-run 'vitedge export'")
+        self._check_model(path)
         return path
+
+    def _check_model(self, path: Path) -> None:
+        if not self._model_checked:
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, json.dumps(self.metadata, sort_keys=True, default=str))
+            if key not in _MATCHED:
+                check_model_matches(self.metadata, path, self.root / METADATA)
+                _MATCHED.add(key)
+            self._model_checked = True
 
     def model_for(self, precision: str | None = None) -> Path:
         """The model file of ``precision`` (fp32: model.onnx; fp16/int8: from vitedge.json's "quantized")."""
@@ -134,20 +243,64 @@ class Artifact:
         return ["fp32", *self.metadata.get("quantized", {})]
 
     def report(self) -> dict:
+        """report.json; an unreadable one counts as empty (every section is regenerated by the command that wrote it)."""
         path = self.root / REPORT_JSON
         if not path.is_file():
             return {}
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
+            return check(read_json(path, "artifact report"), REPORT, path, "artifact report")
+        except VitedgeError:
             return {}
 
     def update_report(self, section: str, data: dict) -> dict:
         """Set one section of report.json and regenerate report.md from it."""
         from .report import render_markdown
 
-        report = self.report()
-        report[section] = data
-        write_json_atomic(self.root / REPORT_JSON, report)
-        write_text_atomic(self.root / REPORT_MD, render_markdown(self.metadata, report))
+        with writer_lock(self.root):
+            report = self.report()
+            report[section] = data
+            write_json_atomic(self.root / REPORT_JSON, report)
+            write_text_atomic(self.root / REPORT_MD, render_markdown(self.metadata, report))
         return report
+
+
+# (model file, mtime, size, metadata) already cross-checked in this process: big graphs are parsed once.
+_MATCHED: set[tuple] = set()
+
+
+def check_model_matches(metadata: dict, model: Path, meta_path: Path) -> None:
+    """``model.onnx`` is the graph ``vitedge.json`` describes: input name and shape, outputs, opset.
+
+    A folder whose two files disagree (one replaced, edited or from another export) would
+    otherwise reach ONNX Runtime with the wrong feeds, or validate only some of its outputs.
+    """
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends on damaged files
+        from .reading import describe
+
+        raise VitedgeError(f"cannot read {model}: {describe(exc)}; re-run 'vitedge export'") from None
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    fix = f"{meta_path} does not describe {model}"
+    expected = metadata["input"]
+    if len(inputs) != 1 or inputs[0].name != expected["name"]:
+        raise VitedgeError(f"{fix}: the graph's inputs are {[i.name for i in inputs]}, vitedge.json says "
+                           f"'{expected['name']}'; re-export the artifact")
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in inputs[0].type.tensor_type.shape.dim]
+    stated = list(expected["shape"])
+    symbolic_ok = {0} if isinstance(stated[0], str) else set()
+    if expected.get("resolution"):
+        symbolic_ok |= {2, 3}
+    if len(dims) != len(stated) or any(
+            dim != want and not (i in symbolic_ok and isinstance(dim, str)) for i, (dim, want) in enumerate(zip(dims, stated))):
+        raise VitedgeError(f"{fix}: the graph's input shape is {dims}, vitedge.json says {stated}; re-export the artifact")
+    outputs = [o.name for o in proto.graph.output]
+    if sorted(outputs) != sorted(metadata["outputs"]):
+        raise VitedgeError(f"{fix}: the graph's outputs are {outputs}, vitedge.json says {metadata['outputs']}; "
+                           "re-export the artifact")
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset != metadata["opset"]:
+        raise VitedgeError(f"{fix}: the graph has opset {opset}, vitedge.json says {metadata['opset']}; re-export the artifact")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from .artifact import METADATA, MODEL, SCHEMA_VERSION, Artifact, staged_outdir, write_json_atomic
+from .artifact import METADATA, MODEL, SCHEMA_VERSION, Artifact, refuse_if_busy, staged_outdir, write_json_atomic
 from .backbone import dense_flops
 from .calibrate import load_calibrated
 from .check import check_sizes, profile_sizes
@@ -21,6 +21,7 @@ from .errors import ValidationFailed, VitedgeError
 from .export import DEFAULT_OPSET, INPUT_NAME, export_onnx, output_names
 from .load import LoadedModel
 from .recipe import load_recipe, merge
+from .resources import forward_bytes, require_memory
 from .rewrite import to_static
 from .validate import Thresholds, validate
 from .version import __version__
@@ -132,7 +133,8 @@ def export(
     the recipe's ``transform``) overrides the evaluation transform recorded in vitedge.json.
     Returns the report. Raises
     VitedgeError on bad input (OUTDIR untouched) and ValidationFailed when the exported
-    graph disagrees with the reference (OUTDIR written, report says why).
+    graph disagrees with the reference (OUTDIR untouched too; the attempt, with a report
+    saying why, is in OUTDIR.failed/).
     """
     options = merge(load_recipe(recipe), {
         "family": family, "arch": arch, "img_size": img_size, "opset": opset, "batch_size": batch_size,
@@ -150,12 +152,17 @@ def export(
 
     if validate_data:
         check_source(validate_data, validate_limit)
+    refuse_if_busy(Path(outdir))
     log(f"[1/4] loading {checkpoint}")
     loaded = load_calibrated(
         checkpoint, family=options.get("family"), arch=options.get("arch"), settings=options["settings"],
         img_size=options.get("img_size"), num_heads=options.get("num_heads"), calibration=calibration, calib=calib,
         log=log,
     )
+    cfg = loaded.cfg
+    require_memory(forward_bytes(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio,
+                                 max(batch, 2) if dynamic else batch, cfg.in_chans),
+                   f"exporting a batch of {batch} at {cfg.img_size} px", "pick a smaller --batch-size or --img-size")
     if validate_data == DEFAULT_DATA:
         validate_data = default_source(loaded.cfg.in_chans)
     model_transform = make_transform(loaded.cfg.img_size, loaded.cfg.in_chans, loaded.mean, loaded.std,
@@ -190,11 +197,11 @@ def export(
                              skip_bad_images=skip_bad_images)
                 except ValidationFailed as exc:
                     failure = failure or exc
+            if failure is not None:
+                raise failure  # inside the stage: OUTDIR keeps its previous artifact, the attempt goes to OUTDIR.failed
         else:
             log("[4/4] validation skipped")
     report = Artifact(outdir).report()
-    if failure is not None:
-        raise failure
     log(f"wrote {Path(outdir) / MODEL} ({(Path(outdir) / MODEL).stat().st_size / 1e6:.1f} MB), FLOPs ratio "
         f"{metadata['flops']['ratio']:.3f} vs dense")
     return report

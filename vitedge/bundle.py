@@ -15,7 +15,6 @@ is the family's (``Family.describe_input``, ``bundle_input_note``; its docs/<fam
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import sys
 import time
@@ -29,6 +28,8 @@ from .data import check_source
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
 from .families import available_families, candidate_grid, get_family
 from .load import load_model, read_checkpoint
+from .reading import read_json
+from .schema import BUNDLE, check, check_version
 from .profile import ort_runner
 from .validate import Thresholds, validate
 
@@ -271,12 +272,11 @@ def load_bundle(path) -> dict:
     meta_path = Path(path) / METADATA
     if not meta_path.is_file():
         raise VitedgeError(f"{path} is not a vitedge bundle (no {METADATA}); run 'vitedge export-bundle' first")
-    try:
-        bundle = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise VitedgeError(f"cannot read {meta_path}: {exc}") from None
-    if bundle.get("kind") != BUNDLE_KIND or not isinstance(bundle.get("variants"), list):
+    bundle = read_json(meta_path, "bundle metadata")
+    check_version(bundle, meta_path, "bundle metadata")
+    if bundle.get("kind") != BUNDLE_KIND:
         raise VitedgeError(f"{path} is a single artifact, not a variant bundle; run 'vitedge export-bundle' to make one")
+    check(bundle, BUNDLE, meta_path, "bundle metadata")
     return bundle
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from .data import check_source, default_source, load_dataset, make_transform, ou
 from .errors import VitedgeError
 from .families import Family, available_families, get_family
 from .load import LoadedModel, load_model, read_checkpoint
+from .reading import read_json
+from .schema import CALIBRATION_FILE, check
 from .recipe import load_recipe, merge
 
 CALIBRATION_KIND = "vitedge-token-budgets"  # the first calibrated settings were token budgets; files keep the kind
@@ -193,14 +194,10 @@ def calibrate(
 def read_calibration(path, loaded: LoadedModel) -> dict:
     """The settings a calibration file provides, checked against the model they are for."""
     path = Path(path)
-    if not path.is_file():
-        raise VitedgeError(f"calibration file not found: {path}")
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VitedgeError(f"cannot read calibration file {path}: {exc}") from None
+    content = read_json(path, "calibration file")
     if not isinstance(content, dict) or content.get("kind") != CALIBRATION_KIND:
         raise VitedgeError(f"{path} is not a vitedge calibration file; write one with 'vitedge calibrate'")
+    check(content, CALIBRATION_FILE, path, "calibration file")
     fam, cfg = loaded.family, loaded.cfg
     if content.get("family") != fam.name:
         raise VitedgeError(f"{path} was calibrated for family '{content.get('family')}', this export is "

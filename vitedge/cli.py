@@ -1,14 +1,19 @@
 """The ``vitedge`` command: a thin click shell over the Python API in ``vitedge``.
 
-Every command prints progress to stderr, results to stdout, and turns a VitedgeError into
-one line on stderr with a non-zero exit (2 bad input, 3 validation failed, 4 budget missed,
-5 TensorRT build failed, 6 TensorRT not installed).
+Every command prints progress to stderr and results to stdout. Whatever stops a command
+becomes one ``vitedge: error: ...`` line on stderr and an exit code (docs/guarantees.md):
+0 success, 2 bad input or environment (VitedgeError, a bad flag, an OS error), 3 validation
+failed, 4 budget missed, 5 TensorRT build failed, 6 TensorRT not installed, 7 another vitedge
+process is writing the same folder, 70 internal error (a bug: ``--debug`` or
+``VITEDGE_DEBUG=1`` prints the traceback), 130 SIGINT, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
+import os
 import sys
 
 import click
@@ -16,22 +21,62 @@ import click
 import vitedge
 from vitedge.errors import VitedgeError
 from vitedge.families import candidate_grid, get_family
+from vitedge.reading import describe
 from vitedge.setting_options import setting_options
+
+INTERNAL_ERROR = 70  # sysexits.h EX_SOFTWARE
+_debug = {"on": False}
+
+
+def debugging() -> bool:
+    return _debug["on"] or os.environ.get("VITEDGE_DEBUG", "") not in ("", "0")
+
+
+def fail(exc: BaseException, command: str = "vitedge"):
+    """Print ``exc`` as one ``vitedge: error:`` line (after its traceback under --debug) and exit with its code."""
+    if debugging():
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    if isinstance(exc, VitedgeError):
+        message, code = str(exc), exc.exit_code
+    elif isinstance(exc, OSError):
+        where = " ".join(str(name) for name in (exc.filename, exc.filename2) if name)
+        message, code = f"{describe(exc)}{': ' + where if where else ''}", 2
+    elif isinstance(exc, MemoryError):
+        message, code = f"out of memory in '{command}'; use a smaller --batch-size / --img-size / --limit", 2
+    else:
+        text = describe(exc)
+        text = text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+        message, code = f"internal error in '{command}': {text}{_where(exc)} (a bug in " \
+                        "vitedge; rerun with --debug or VITEDGE_DEBUG=1 for the traceback)", INTERNAL_ERROR
+    click.echo(f"vitedge: error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def _where(exc: BaseException) -> str:
+    """`` at vitedge/x.py:123``: the innermost frame of vitedge's own code."""
+    frame, last = exc.__traceback__, None
+    while frame is not None:
+        path = frame.tb_frame.f_code.co_filename
+        if f"{os.sep}vitedge{os.sep}" in path:
+            last = f" at vitedge{os.sep}{path.rsplit(os.sep + 'vitedge' + os.sep, 1)[1]}:{frame.tb_lineno}"
+        frame = frame.tb_next
+    return last or ""
 
 
 def friendly(command):
-    """Run ``command``; a VitedgeError becomes one clear line and its exit code, never a traceback."""
+    """Run ``command``; anything it raises becomes one clear line and its exit code, never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except VitedgeError as exc:
-            click.echo(f"vitedge: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("vitedge: interrupted", err=True)
             sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the error boundary
+            fail(exc, click.get_current_context().command_path if click.get_current_context(silent=True) else "vitedge")
 
     return wrapper
 
@@ -63,8 +108,41 @@ def data_options(limit: int | None, limit_names: tuple[str, ...] = ("--limit",),
     return decorate
 
 
+def _non_finite(value) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(map(_non_finite, value.values()))
+    if isinstance(value, (list, tuple)):
+        return any(map(_non_finite, value))
+    return False
+
+
+class FiniteNumbers(click.Command):
+    """Every command refuses NaN and infinity for its number options (click's FLOAT accepts "nan" and "inf").
+
+    NaN compares False with everything, so a NaN threshold or budget would switch a check
+    off or run a whole search before failing.
+    """
+
+    def parse_args(self, ctx, args):
+        rest = super().parse_args(ctx, args)
+        for param in self.params:
+            if _non_finite(ctx.params.get(param.name)):
+                raise click.BadParameter(f"must be a finite number, got {ctx.params[param.name]!r}", ctx=ctx, param=param)
+        return rest
+
+
 class OneLineErrors(click.Group):
-    """click's usage errors (a bad flag value, a missing argument) as one ``vitedge: error:`` line too."""
+    """The error boundary: click's usage errors and anything escaping a command as one ``vitedge: error:`` line."""
+
+    command_class = FiniteNumbers
+
+    def __call__(self, *args, **kwargs):
+        from vitedge import interrupts
+
+        interrupts.install()
+        return self.main(*args, **kwargs)
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
@@ -78,15 +156,23 @@ class OneLineErrors(click.Group):
         except click.ClickException as exc:
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx else ""
-            click.echo(f"vitedge: error: {exc.format_message()}{hint}", err=True)
+            click.echo(f"vitedge: error: {' '.join(exc.format_message().split())}{hint}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("vitedge: interrupted", err=True)
             sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the error boundary
+            fail(exc)
+
+
+def _set_debug(ctx, param, value):
+    _debug["on"] = bool(value)
 
 
 @click.group(name="vitedge", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(vitedge.__version__, prog_name="vitedge")
+@click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=_set_debug,
+              help="Print the traceback of an error (also VITEDGE_DEBUG=1).")
 def main():
     """Export adaptive Vision Transformers to static, validated ONNX for edge runtimes."""
 

@@ -32,3 +32,9 @@ class BackendMissing(VitedgeError):
     """The backend (TensorRT) is not installed here; ``trtexec.sh`` is still written."""
 
     exit_code = 6
+
+
+class ArtifactBusy(VitedgeError):
+    """Another vitedge process is writing the same output folder (its lock is held)."""
+
+    exit_code = 7

@@ -26,6 +26,8 @@ from .families import TokenPlan
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18  # what the dynamo exporter emits natively; 17 is reached by conversion
+# The newest opset the installed onnx defines: above it the exporter would write another opset than recorded.
+MAX_OPSET = onnx.defs.onnx_opset_version()
 INPUT_NAME = "images"
 SIZE_AXIS = "size"  # the symbolic height = width of a dynamic-resolution graph
 
@@ -93,6 +95,9 @@ def export_onnx(
     """
     if opset < MIN_OPSET:
         raise VitedgeError(f"opset {opset} is too old; vitedge needs opset >= {MIN_OPSET} (LayerNormalization)")
+    if opset > MAX_OPSET:
+        raise VitedgeError(f"opset {opset} is newer than this onnx ({onnx.__version__}) knows; use --opset "
+                           f"{MIN_OPSET}..{MAX_OPSET}")
     if batch_size < 1:
         raise VitedgeError(f"batch size must be >= 1, got {batch_size}")
     wrapper = ExportWrapper(static_model).eval()
@@ -123,6 +128,9 @@ def export_onnx(
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise VitedgeError(f"ONNX export failed: {first[:300]}") from None
     proto = program.model_proto
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset >= DEFAULT_OPSET and written != opset:
+        raise VitedgeError(f"the exporter wrote opset {written}, not the requested {opset}; use --opset {DEFAULT_OPSET}")
     if opset < DEFAULT_OPSET:
         proto = _convert_opset(proto, opset)
     if dynamic_batch:

@@ -8,15 +8,13 @@ metadata entry (family, arch, settings, normalisation) that fills in what flags 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from .backbone import ViTConfig, arch_config, default_normalization, resample_pos_embed
@@ -24,6 +22,9 @@ from .backbones import adapt_state_dict as adapt_backbone_keys
 from .backbones import check_support, infer_config, lvvit
 from .errors import VitedgeError
 from .families import Family, TokenPlan, detect_family, get_family
+from .reading import reading
+from .resources import forward_bytes, require_memory
+from .schema import CHECKPOINT_METADATA, check
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 
@@ -64,7 +65,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise VitedgeError(f"checkpoint not found: {path}")
     metadata: dict = {}
-    try:
+    with reading(path, "checkpoint"):
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -72,15 +73,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 raw = handle.metadata() or {}
                 state = {key: handle.get_tensor(key) for key in handle.keys()}
             if "vitedge" in raw:
-                metadata = json.loads(raw["vitedge"])
+                metadata = check(json.loads(raw["vitedge"]), CHECKPOINT_METADATA, path, "checkpoint metadata of")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError,
-            SafetensorError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VitedgeError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+        sha256 = file_sha256(path)
     state = _unwrap(state, path)
-    return Checkpoint(path, state, file_sha256(path), metadata)
+    return Checkpoint(path, state, sha256, metadata)
 
 
 def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
@@ -100,12 +98,20 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
 def resolve_config(
     checkpoint: Checkpoint, arch: str | None, num_heads: int | None, img_size: int | None, fam: Family | None = None
 ) -> ViTConfig:
+    for name, value in (("--num-heads", num_heads), ("--img-size", img_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise VitedgeError(f"{name} must be a positive integer, got {value!r}")
     if arch:
         cfg = arch_config(arch)
         if num_heads:
             cfg = ViTConfig(**{**cfg.to_dict(), "num_heads": num_heads})
     elif "arch" in checkpoint.metadata and not num_heads:
-        cfg = ViTConfig(**checkpoint.metadata["arch"])
+        arch = checkpoint.metadata["arch"]
+        unknown = sorted(set(arch) - {f.name for f in dataclasses.fields(ViTConfig)})
+        if unknown:
+            raise VitedgeError(f"checkpoint metadata of {checkpoint.path}: field 'arch' has unknown key(s) "
+                               f"{', '.join(unknown)}; re-save it with this vitedge or pass --arch")
+        cfg = ViTConfig(**arch)
     else:
         state = adapt_backbone_keys(checkpoint.state_dict)
         state = fam.config_state_dict(state) if fam else state
@@ -118,7 +124,18 @@ def resolve_config(
                     f"{checkpoint.path} is not a '{fam.name}' checkpoint: its keys look like family '{other}'; pass --family {other}"
                 ) from None
             raise
-    return cfg.with_img_size(img_size) if img_size else cfg
+    zero = [f"{name} {getattr(cfg, name)}" for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "img_size")
+            if getattr(cfg, name) < 1]
+    if zero:
+        raise VitedgeError(f"{checkpoint.path} describes an impossible model ({', '.join(zero)}); "
+                           "is this a ViT checkpoint in an official layout?")
+    cfg = cfg.with_img_size(img_size) if img_size is not None else cfg
+    if cfg.embed_dim % cfg.num_heads:
+        raise VitedgeError(f"{cfg.num_heads} heads do not divide the embedding width {cfg.embed_dim}; pass --num-heads "
+                           f"with a divisor of {cfg.embed_dim}")
+    require_memory(forward_bytes(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, 1, cfg.in_chans),
+                   f"a {cfg.img_size} px input ({cfg.num_patches + 1} tokens)", "pick a smaller --img-size")
+    return cfg
 
 
 def load_model(
@@ -177,6 +194,7 @@ def _load_weights(model: nn.Module, state: dict, path: Path, fam: Family, cfg: V
                 f"{path} does not match arch (embed {cfg.embed_dim}, depth {cfg.depth}, {cfg.img_size}px): "
                 f"{key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}"
             )
+    check_weights(state, expected, path)
     model.load_state_dict(state, strict=True)
 
 
@@ -197,3 +215,24 @@ def reference_from_metadata(metadata: dict, checkpoint=None, img_size: int | Non
     if loaded.checkpoint.sha256 != source["sha256"]:
         raise VitedgeError(f"{path} is not the checkpoint this artifact was exported from (sha256 differs); re-export")
     return loaded
+
+
+def check_weights(state: dict, expected: dict, path: Path) -> None:
+    """Refuse weights an export would carry silently: integer or bool tensors where the model has floats, NaN, Inf.
+
+    Casting an int or bool tensor to float hides a wrong file; NaN and Inf propagate into
+    every logit, and Inf even passes a logit-difference check (inf - inf is NaN).
+    """
+    def names(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    wrong = [f"{k} ({state[k].dtype})".replace("torch.", "") for k, t in expected.items()
+             if t.is_floating_point() and not state[k].is_floating_point()]
+    if wrong:
+        raise VitedgeError(f"{path} holds non-float weights where the model has float ones: {names(wrong)}; "
+                           "is this the right checkpoint?")
+    bad = [k for k, t in expected.items() if t.is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        kinds = {"NaN" if bool(torch.isnan(state[k]).any()) else "Inf" for k in bad}
+        raise VitedgeError(f"{path} holds {' and '.join(sorted(kinds))} weights in {len(bad)} tensor(s): {names(bad)}; "
+                           "the checkpoint is damaged (or the training diverged)")

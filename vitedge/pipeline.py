@@ -17,6 +17,7 @@ from .artifact_export import export, tool_versions
 from .check import check_sizes
 from .errors import VitedgeError
 from .load import reference_from_metadata
+from .reading import read_npy
 from .runtime import ort_session, run_batched
 
 
@@ -81,13 +82,7 @@ def predict_file(outdir, input_path, output_path) -> np.ndarray:
     """``predict`` from one .npy file to another (written atomically)."""
     import io
 
-    input_path = Path(input_path)
-    if not input_path.is_file():
-        raise VitedgeError(f"input file not found: {input_path}")
-    try:
-        images = np.load(input_path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise VitedgeError(f"{input_path} is not a .npy array: {exc}") from None
+    images = read_npy(input_path, "input file")
     logits = predict(outdir, images)
     buffer = io.BytesIO()
     np.save(buffer, logits)

@@ -6,12 +6,12 @@ shorthand, at the top level (``NAME: value``); the other keys are typed here.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-
-import yaml
 
 from .errors import VitedgeError
 from .families import settings_by_name
+from .reading import read_yaml
 
 RECIPE_KEYS = {
     "family", "arch", "num_heads", "img_size", "opset", "batch_size", "dynamic_batch",
@@ -23,12 +23,7 @@ def load_recipe(path: str | Path | None) -> dict:
     if path is None:
         return {}
     path = Path(path)
-    if not path.is_file():
-        raise VitedgeError(f"recipe not found: {path}")
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise VitedgeError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    recipe = read_yaml(path, "recipe") or {}
     if not isinstance(recipe, dict):
         raise VitedgeError(f"recipe {path} must be a mapping of settings")
     schema = settings_by_name()
@@ -50,7 +45,8 @@ def load_recipe(path: str | Path | None) -> dict:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (YAML's .nan and .inf would switch checks off or overflow sizes)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _integer(value) -> bool:

@@ -8,6 +8,7 @@ zero is a near-tie, counted apart and not a failure (docs/fidelity.md).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from .artifact import Artifact
 from .data import Transform, domain_note, load_dataset, transform_from_metadata
 from .errors import ValidationFailed, VitedgeError
+from .resources import forward_bytes, require_memory
 from .runtime import ort_session, run_batched
 from .tokens import Margin, recording_margins
 
@@ -40,6 +42,9 @@ class Thresholds:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise VitedgeError(f"unknown validation threshold(s) {', '.join(sorted(unknown))}; known: {', '.join(cls.__dataclass_fields__)}")
+        for name, value in values.items():  # NaN would switch a check off (every comparison with it is False)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise VitedgeError(f"validation threshold {name} must be a finite number, got {value!r}")
         return cls(**values)
 
 
@@ -155,6 +160,7 @@ def compare(reference_logits, exported_logits, reference_kept, exported_kept, la
         # identical sets, or a difference that follows from a near-tie: the thresholded share
         "kept_agreement": {name: float((agree | tie).mean()) for name, agree, tie in zip(names, agreements, tied)},
         "kept_identical": {name: float(agree.mean()) for name, agree in zip(names, agreements)},
+        "non_finite_logits": int((~np.isfinite(reference_logits).all(1) | ~np.isfinite(exported_logits).all(1)).sum()),
     }
     if margins:
         metrics["near_ties"] = {name: _near_tie_summary(tie, agree, margin, tied[:i])
@@ -189,6 +195,8 @@ def _near_tie_summary(tie: np.ndarray, agree: np.ndarray, margin: SelectionMargi
 
 def verdict(metrics: dict, thresholds: Thresholds) -> list[str]:
     failures = []
+    if metrics.get("non_finite_logits"):
+        failures.append(f"{metrics['non_finite_logits']} image(s) give NaN or Inf logits")
     if metrics["top1_agreement"] < thresholds.min_top1_agreement:
         failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {thresholds.min_top1_agreement}")
     ties = metrics.get("near_ties", {})
@@ -197,7 +205,7 @@ def verdict(metrics: dict, thresholds: Thresholds) -> list[str]:
             excluded = f" ({ties[name]['count']} near-ties not counted)" if ties.get(name, {}).get("count") else ""
             failures.append(f"{name} agreement {value:.4f} < {thresholds.min_kept_agreement}{excluded}")
     limit = thresholds.max_abs_logit_diff
-    if limit is not None and metrics["max_abs_logit_diff"] is not None and metrics["max_abs_logit_diff"] > limit:
+    if limit is not None and metrics["max_abs_logit_diff"] is not None and not metrics["max_abs_logit_diff"] <= limit:  # NaN fails too
         failures.append(f"max |logit diff| {metrics['max_abs_logit_diff']:.2e} > {limit:g}")
     return failures
 
@@ -240,6 +248,10 @@ def validate(
     if batch_size < 1 or threads < 1:
         raise VitedgeError(f"batch size and threads must be >= 1, got {batch_size} and {threads}")
     artifact = Artifact(outdir)
+    arch = artifact.metadata["arch"]
+    require_memory(forward_bytes(img_size or arch["img_size"], arch["patch_size"], arch["embed_dim"], arch["num_heads"],
+                                 arch.get("mlp_ratio", 4.0), batch_size, arch["in_chans"]),
+                   f"validating in batches of {batch_size}", "pass a smaller --batch-size")
     thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(
         thresholds if thresholds is not None else artifact.metadata.get("validation", {})
     )

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ..errors import VitedgeError
+from ..reading import parse_yaml, read_text, read_yaml
+from ..schema import CALIBRATION_SET, check
 from . import FASHION_MNIST_CLASSES, FASHION_MNIST_NAMES, SAMPLES, ArrayDataset, Dataset, Transform, load_image_folder
 from .fashion_mnist import load_fashion_mnist
 
@@ -80,8 +81,8 @@ def available_sets(folder: Path = SET_DIR) -> list[str]:
     names = []
     for path in sorted(folder.glob("*.yaml")):
         try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+            data = read_yaml(path, "calibration set")
+        except VitedgeError:
             continue
         if isinstance(data, dict) and "source" in data:
             names.append(path.stem)
@@ -119,16 +120,14 @@ def load_calibration_set(name_or_path: str | Path = DEFAULT_SET) -> CalibrationS
     if plain is not None:
         return plain
     path = resolve_set_path(name_or_path)
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise VitedgeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    text = read_text(path, "calibration set")
+    data = parse_yaml(text, path, "calibration set")
     if not isinstance(data, dict):
         raise VitedgeError(f"{path} must be a mapping with at least 'source' and 'preprocess'")
     unknown = set(data) - _KEYS
     if unknown:
         raise VitedgeError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_KEYS))}")
+    check(data, CALIBRATION_SET, path, "calibration set")
     source = data.get("source")
     if source not in SOURCES:
         raise VitedgeError(f"{path}: source must be one of {', '.join(SOURCES)}, got {source!r}")

@@ -9,14 +9,15 @@ module; users add their own with ``--devices-dir DIR`` or ``VITEDGE_DEVICES=DIR[
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from ..errors import VitedgeError
+from ..reading import read_yaml
+from ..schema import DEVICE, check
 
 ENV_VAR = "VITEDGE_DEVICES"
 BACKENDS = ("trt", "ort", "torch")
@@ -49,12 +50,10 @@ class Device:
 
 
 def _parse(path: Path) -> Device:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise VitedgeError(f"cannot read device profile {path}: {str(exc).splitlines()[0]}") from None
+    data = read_yaml(path, "device profile")
     if not isinstance(data, dict):
         raise VitedgeError(f"device profile {path} is not a YAML mapping")
+    check(data, DEVICE, path, "device profile")
     missing = [key for key in REQUIRED if key not in data]
     if missing:
         raise VitedgeError(f"device profile {path} lacks {', '.join(missing)}")
@@ -66,7 +65,7 @@ def _parse(path: Path) -> Device:
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise VitedgeError(f"device profile {path}: precisions must be a list from {', '.join(PRECISIONS)}, got {data['precisions']}")
     budget = data.get("latency_budget_ms")
-    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
+    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget < math.inf):
         raise VitedgeError(f"device profile {path}: latency_budget_ms must be a positive number, got {budget!r}")
     dla = data.get("dla_cores", 0)
     if not isinstance(dla, int) or isinstance(dla, bool) or dla < 0:
