@@ -166,7 +166,7 @@ def staged_outdir(outdir: Path):
             except ValidationFailed as exc:
                 if any(p.name.startswith(STAGE_PREFIX) for p in outdir.resolve().parents):
                     raise  # a write inside another one's stage (a tune candidate): the outer write decides
-                failed = _keep_failed_attempt(stage, outdir)
+                failed = keep_failed_attempt(stage, outdir)
                 kept = "is unchanged" if outdir not in created else "was not written"
                 raise type(exc)(f"{exc}; {outdir} {kept}, the failed attempt is in {failed}") from None
             finally:
@@ -178,7 +178,7 @@ def staged_outdir(outdir: Path):
         raise
 
 
-def _keep_failed_attempt(stage: Path, outdir: Path) -> Path:
+def keep_failed_attempt(stage: Path, outdir: Path) -> Path:
     failed = failed_attempt_dir(outdir)
     if failed.is_dir():
         shutil.rmtree(failed)

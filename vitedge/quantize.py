@@ -37,9 +37,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .artifact import METADATA, Artifact, write_json_atomic, write_text_atomic
+from .artifact import (
+    METADATA,
+    STAGE_PREFIX,
+    Artifact,
+    keep_failed_attempt,
+    write_json_atomic,
+    write_text_atomic,
+    writer_lock,
+)
 from .data.calibration_sets import array_sha256, calibration_array, default_set, load_calibration_set, set_out_of_domain
-from .errors import VitedgeError
+from .errors import ValidationFailed, VitedgeError
 from .families import get_family
 from .runtime import graph_batch, ort_session
 
@@ -422,7 +430,76 @@ def quantize(
 ) -> dict:
     """Write OUTDIR/model.<precision>.onnx (+ scales for INT8) from OUTDIR/model.onnx; record it in vitedge.json.
 
-    The new files land only when the quantized graph passed the check; a quick comparison with
+    The new files land only when the quantized graph passed the check and, unless
+    ``validate_data`` is None, the comparison with the FP32 graph: the work happens on a staged
+    copy of the artifact (large files hard-linked), so a failed comparison leaves OUTDIR as it
+    was (a previous quantized model included) and moves the attempt, with its report, to
+    ``OUTDIR.failed/``; ValidationFailed names it. Returns the report's "quantized" entry for ``precision``.
+    """
+    root = Artifact(outdir).root
+    with writer_lock(root):
+        stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=root))
+        try:
+            originals = _stage_copy(root, stage)
+            try:
+                entry = quantize_folder(stage, precision, calib, method, exclude, include_selection, keep_fp32_ops,
+                                        op_types, validate_data, validate_limit, log, validate_seed, skip_bad_images)
+            except ValidationFailed as exc:
+                failed = keep_failed_attempt(stage, root)
+                raise ValidationFailed(f"{exc}; {root} is unchanged, the failed attempt is in {failed}") from None
+            for item in stage.iterdir():
+                if item.is_file() and not _same_file(item, originals.get(item.name)):
+                    os.replace(item, root / item.name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return entry
+
+
+def _stage_copy(root: Path, stage: Path) -> dict[str, os.stat_result]:
+    """The artifact's files in ``stage``: small ones copied, large ones hard-linked (every write replaces a file,
+    never edits one in place, so a link never changes the original). Returns the originals' stats."""
+    originals = {}
+    for item in root.iterdir():
+        if not item.is_file() or item.name.startswith("."):
+            continue
+        info = item.stat()
+        originals[item.name] = info
+        if info.st_size > (1 << 20):
+            try:
+                os.link(item, stage / item.name)
+                continue
+            except OSError:  # a file system without hard links: copy
+                pass
+        shutil.copy2(item, stage / item.name)
+    return originals
+
+
+def _same_file(staged: Path, original: os.stat_result | None) -> bool:
+    """True for a staged file that is still the original (a hard link not replaced, or an identical copy)."""
+    if original is None:
+        return False
+    info = staged.stat()
+    if (info.st_ino, info.st_dev) == (original.st_ino, original.st_dev):
+        return True
+    return info.st_size == original.st_size and info.st_mtime_ns == original.st_mtime_ns
+
+
+def quantize_folder(
+    outdir,
+    precision: str,
+    calib: str | None = None,
+    method: str = "minmax",
+    exclude: tuple[str, ...] = (),
+    include_selection: bool = False,
+    keep_fp32_ops: tuple[str, ...] = KEEP_FP32_OPS,
+    op_types: tuple[str, ...] = INT8_OP_TYPES,
+    validate_data: str | None = "default",
+    validate_limit: int | None = 1000,
+    log=None,
+    validate_seed: int | None = None,
+    skip_bad_images: bool = False,
+) -> dict:
+    """``quantize`` on OUTDIR itself (no staging): the quantized graph lands when it passed the check; a quick comparison with
     the FP32 graph on ``validate_limit`` images of ``validate_data`` (None skips it) goes into
     report.json and raises ValidationFailed when it misses the thresholds, as export does.
     Returns the report's "quantized" entry for ``precision``.
