@@ -178,6 +178,60 @@ def staged_outdir(outdir: Path):
         raise
 
 
+@contextlib.contextmanager
+def staged_copy(root: Path):
+    """Yield a hidden copy of the artifact ``root`` to change; on success move the files that changed into
+    ``root``; on ValidationFailed keep ``root`` as it was and move the copy to ``ROOT.failed/``.
+
+    Small files are copied, large ones hard-linked: every vitedge write replaces a file (atomic
+    rename), never edits one in place, so a link never changes the original. ``root`` is locked
+    for the whole change.
+    """
+    root = Path(root)
+    with writer_lock(root):
+        stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=root))
+        try:
+            originals = _copy_files(root, stage)
+            try:
+                yield stage
+            except ValidationFailed as exc:
+                failed = keep_failed_attempt(stage, root)
+                raise type(exc)(f"{exc}; {root} is unchanged, the failed attempt is in {failed}") from None
+            for item in stage.iterdir():
+                if item.is_file() and not _unchanged(item, originals.get(item.name)):
+                    os.replace(item, root / item.name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _copy_files(root: Path, stage: Path) -> dict[str, os.stat_result]:
+    """``root``'s files (not hidden ones, not folders) into ``stage``; returns the originals' stats."""
+    originals = {}
+    for item in root.iterdir():
+        if not item.is_file() or item.name.startswith("."):
+            continue
+        info = item.stat()
+        originals[item.name] = info
+        if info.st_size > (1 << 20):
+            try:
+                os.link(item, stage / item.name)
+                continue
+            except OSError:  # a file system without hard links: copy
+                pass
+        shutil.copy2(item, stage / item.name)
+    return originals
+
+
+def _unchanged(staged: Path, original: os.stat_result | None) -> bool:
+    """True for a staged file that is still the original (a link not replaced, or an untouched copy)."""
+    if original is None:
+        return False
+    info = staged.stat()
+    if (info.st_ino, info.st_dev) == (original.st_ino, original.st_dev):
+        return True
+    return info.st_size == original.st_size and info.st_mtime_ns == original.st_mtime_ns
+
+
 def keep_failed_attempt(stage: Path, outdir: Path) -> Path:
     failed = failed_attempt_dir(outdir)
     if failed.is_dir():

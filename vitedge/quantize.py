@@ -37,15 +37,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .artifact import (
-    METADATA,
-    STAGE_PREFIX,
-    Artifact,
-    keep_failed_attempt,
-    write_json_atomic,
-    write_text_atomic,
-    writer_lock,
-)
+from .artifact import METADATA, Artifact, staged_copy, write_json_atomic, write_text_atomic
 from .data.calibration_sets import array_sha256, calibration_array, default_set, load_calibration_set, set_out_of_domain
 from .errors import ValidationFailed, VitedgeError
 from .families import get_family
@@ -430,79 +422,12 @@ def quantize(
 ) -> dict:
     """Write OUTDIR/model.<precision>.onnx (+ scales for INT8) from OUTDIR/model.onnx; record it in vitedge.json.
 
-    The new files land only when the quantized graph passed the check and, unless
-    ``validate_data`` is None, the comparison with the FP32 graph: the work happens on a staged
-    copy of the artifact (large files hard-linked), so a failed comparison leaves OUTDIR as it
-    was (a previous quantized model included) and moves the attempt, with its report, to
-    ``OUTDIR.failed/``; ValidationFailed names it. Returns the report's "quantized" entry for ``precision``.
-    """
-    root = Artifact(outdir).root
-    with writer_lock(root):
-        stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=root))
-        try:
-            originals = _stage_copy(root, stage)
-            try:
-                entry = quantize_folder(stage, precision, calib, method, exclude, include_selection, keep_fp32_ops,
-                                        op_types, validate_data, validate_limit, log, validate_seed, skip_bad_images)
-            except ValidationFailed as exc:
-                failed = keep_failed_attempt(stage, root)
-                raise ValidationFailed(f"{exc}; {root} is unchanged, the failed attempt is in {failed}") from None
-            for item in stage.iterdir():
-                if item.is_file() and not _same_file(item, originals.get(item.name)):
-                    os.replace(item, root / item.name)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-    return entry
-
-
-def _stage_copy(root: Path, stage: Path) -> dict[str, os.stat_result]:
-    """The artifact's files in ``stage``: small ones copied, large ones hard-linked (every write replaces a file,
-    never edits one in place, so a link never changes the original). Returns the originals' stats."""
-    originals = {}
-    for item in root.iterdir():
-        if not item.is_file() or item.name.startswith("."):
-            continue
-        info = item.stat()
-        originals[item.name] = info
-        if info.st_size > (1 << 20):
-            try:
-                os.link(item, stage / item.name)
-                continue
-            except OSError:  # a file system without hard links: copy
-                pass
-        shutil.copy2(item, stage / item.name)
-    return originals
-
-
-def _same_file(staged: Path, original: os.stat_result | None) -> bool:
-    """True for a staged file that is still the original (a hard link not replaced, or an identical copy)."""
-    if original is None:
-        return False
-    info = staged.stat()
-    if (info.st_ino, info.st_dev) == (original.st_ino, original.st_dev):
-        return True
-    return info.st_size == original.st_size and info.st_mtime_ns == original.st_mtime_ns
-
-
-def quantize_folder(
-    outdir,
-    precision: str,
-    calib: str | None = None,
-    method: str = "minmax",
-    exclude: tuple[str, ...] = (),
-    include_selection: bool = False,
-    keep_fp32_ops: tuple[str, ...] = KEEP_FP32_OPS,
-    op_types: tuple[str, ...] = INT8_OP_TYPES,
-    validate_data: str | None = "default",
-    validate_limit: int | None = 1000,
-    log=None,
-    validate_seed: int | None = None,
-    skip_bad_images: bool = False,
-) -> dict:
-    """``quantize`` on OUTDIR itself (no staging): the quantized graph lands when it passed the check; a quick comparison with
-    the FP32 graph on ``validate_limit`` images of ``validate_data`` (None skips it) goes into
-    report.json and raises ValidationFailed when it misses the thresholds, as export does.
-    Returns the report's "quantized" entry for ``precision``.
+    The work happens on a staged copy of the artifact (``artifact.staged_copy``): the new files
+    land only when the quantized graph passed the check and a quick comparison with the FP32
+    graph on ``validate_limit`` images of ``validate_data`` (None skips it). A missed threshold
+    raises ValidationFailed, as export does, with OUTDIR as it was (a previous quantized model
+    included) and the attempt, with its report, in ``OUTDIR.failed/``. Returns the report's
+    "quantized" entry for ``precision``.
     """
     from .data import check_source, default_source
     from .validate import input_spec
@@ -515,104 +440,105 @@ def quantize_folder(
         raise VitedgeError("--calib applies to int8 only (fp16 needs no calibration)")
     if validate_data:
         check_source(validate_data, validate_limit)
-    artifact = Artifact(outdir)
-    source = artifact.model_path
-    try:
-        model = onnx.load(str(source))
-    except Exception as exc:  # onnx raises DecodeError and friends on damaged files
-        raise VitedgeError(f"cannot read {source}: {exc}") from None
-    current = graph_precision(model)
-    if current != "fp32" or artifact.metadata.get("precision", "fp32") != "fp32":
-        raise VitedgeError(f"{source} is already quantized ({current}); quantize the FP32 model.onnx of a fresh export")
-    meta = artifact.metadata
-    spec = input_spec(meta)
-    log = log or (lambda message: None)
-    if validate_data == "default":
-        validate_data = default_source(spec.in_chans)
-
-    cset = array = note = None
-    if precision == "int8":  # the calibration data before anything else: a bad set fails in a second
-        cset = load_calibration_set(calib or default_set(spec.in_chans))
-        array = calibration_array(cset, spec)
-        note = _calibration_note(cset, meta)
-        if note:
-            log(f"note: {note}")
-
-    _name_nodes(model)
-    hints = tuple(get_family(meta["family"]).selection_hint)
-    selection = selection_nodes(model, hints)
-    user_excluded = matching_nodes(model, tuple(exclude))
-    if exclude and not user_excluded:
-        raise VitedgeError(f"--exclude {', '.join(exclude)} matches no node (patterns match node names, op types and tensor names)")
-    excluded = sorted(set(user_excluded) | (set() if include_selection else set(selection)))
-    log(f"selection path: {len(selection)} node(s) ({'quantized too' if include_selection else 'kept in FP32'}); "
-        f"{len(user_excluded)} node(s) excluded by pattern")
-
-    stage = Path(tempfile.mkdtemp(prefix=".vitedge-quantize-", dir=artifact.root))
-    try:
-        target = stage / model_file(precision)
-        entry = {
-            "model": target.name,
-            "precision": precision,
-            "source_sha256": _file_sha256(source),
-            "selection_nodes": selection,
-            "selection_quantized": include_selection,
-            "excluded_nodes": excluded,
-            "exclude_patterns": list(exclude),
-        }
-        if precision == "fp16":
-            log(f"converting to FP16 (kept in FP32: {', '.join(keep_fp32_ops) or 'nothing by op type'})")
-            converted = convert_fp16(model, tuple(keep_fp32_ops), excluded)
-            onnx.save_model(converted, str(target))
-            entry.update({"keep_fp32_ops": list(keep_fp32_ops), "converter": "onnxruntime.transformers.float16"})
-            quantized = converted
-        else:
-            log(f"calibrating on {len(array)} images of '{cset.name}' ({method})")
-            named = stage / "source.onnx"
-            onnx.save_model(model, str(named))
-            batch = graph_batch(ort_session(named, 1)) or 16
-            quantized = quantize_int8(named, target, array, method, excluded, tuple(op_types), batch)
-            named.unlink()
-            scales = tensor_scales(quantized)
-            scales_name, cache_name = f"model.{precision}.scales.json", f"model.{precision}.calib"
-            write_json_atomic(stage / scales_name, {"format": "symmetric int8, amax = scale * 127", "tensors": scales})
-            write_text_atomic(stage / cache_name, trt_calibration_cache(scales))
-            entry.update({
-                "method": method, "op_types": list(op_types), "per_channel": True, "symmetric": True,
-                "calibration": {**cset.record(), "images": int(len(array)), "data_sha256": array_sha256(array),
-                                "in_domain": note is None, **({"domain_note": note} if note else {})},
-                "scales": scales_name, "calibration_cache": cache_name,
-                "quantized_tensors": sum(1 for s in scales.values() if s["kind"] == "activation"),
-                "quantized_weights": sum(1 for s in scales.values() if s["kind"] == "weight"),
-            })
-        from .check import check_sizes
-
+    with staged_copy(Artifact(outdir).root) as outdir:  # a failed comparison leaves OUTDIR as it was
+        artifact = Artifact(outdir)
+        source = artifact.model_path
         try:
-            onnx.checker.check_model(quantized, full_check=True)
-        except Exception as exc:  # ValidationError / InferenceError: a bug here, reported in one line
-            raise VitedgeError(f"the {precision} graph is not valid ONNX: {str(exc).splitlines()[0][:200]}") from None
-        result = check_sizes(quantized, meta)
-        if not result["passed"]:
-            raise VitedgeError(f"the {precision} graph fails the static/TensorRT check: {result['errors'][0]}")
-        entry["sha256"] = _file_sha256(target)
-        entry["size_bytes"] = target.stat().st_size
-        entry["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        for item in stage.iterdir():
-            os.replace(item, artifact.root / item.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+            model = onnx.load(str(source))
+        except Exception as exc:  # onnx raises DecodeError and friends on damaged files
+            raise VitedgeError(f"cannot read {source}: {exc}") from None
+        current = graph_precision(model)
+        if current != "fp32" or artifact.metadata.get("precision", "fp32") != "fp32":
+            raise VitedgeError(f"{source} is already quantized ({current}); quantize the FP32 model.onnx of a fresh export")
+        meta = artifact.metadata
+        spec = input_spec(meta)
+        log = log or (lambda message: None)
+        if validate_data == "default":
+            validate_data = default_source(spec.in_chans)
 
-    metadata = dict(meta)
-    metadata["quantized"] = {**meta.get("quantized", {}), precision: entry}
-    write_json_atomic(artifact.root / METADATA, metadata)
-    section = {"quantize": {k: v for k, v in entry.items() if k not in ("selection_nodes", "excluded_nodes")},
-               "check": result}
-    _update_quantized_report(Artifact(outdir), precision, section, replace=True)
-    log(f"wrote {artifact.root / entry['model']} ({entry['size_bytes'] / 1e6:.2f} MB)")
-    if validate_data:
-        validate_quantized(outdir, precision, validate_data, validate_limit, thresholds={}, log=log,
-                           shuffle_seed=validate_seed, skip_bad_images=skip_bad_images)
-    return Artifact(outdir).report()["quantized"][precision]
+        cset = array = note = None
+        if precision == "int8":  # the calibration data before anything else: a bad set fails in a second
+            cset = load_calibration_set(calib or default_set(spec.in_chans))
+            array = calibration_array(cset, spec)
+            note = _calibration_note(cset, meta)
+            if note:
+                log(f"note: {note}")
+
+        _name_nodes(model)
+        hints = tuple(get_family(meta["family"]).selection_hint)
+        selection = selection_nodes(model, hints)
+        user_excluded = matching_nodes(model, tuple(exclude))
+        if exclude and not user_excluded:
+            raise VitedgeError(f"--exclude {', '.join(exclude)} matches no node (patterns match node names, op types and tensor names)")
+        excluded = sorted(set(user_excluded) | (set() if include_selection else set(selection)))
+        log(f"selection path: {len(selection)} node(s) ({'quantized too' if include_selection else 'kept in FP32'}); "
+            f"{len(user_excluded)} node(s) excluded by pattern")
+
+        stage = Path(tempfile.mkdtemp(prefix=".vitedge-quantize-", dir=artifact.root))
+        try:
+            target = stage / model_file(precision)
+            entry = {
+                "model": target.name,
+                "precision": precision,
+                "source_sha256": _file_sha256(source),
+                "selection_nodes": selection,
+                "selection_quantized": include_selection,
+                "excluded_nodes": excluded,
+                "exclude_patterns": list(exclude),
+            }
+            if precision == "fp16":
+                log(f"converting to FP16 (kept in FP32: {', '.join(keep_fp32_ops) or 'nothing by op type'})")
+                converted = convert_fp16(model, tuple(keep_fp32_ops), excluded)
+                onnx.save_model(converted, str(target))
+                entry.update({"keep_fp32_ops": list(keep_fp32_ops), "converter": "onnxruntime.transformers.float16"})
+                quantized = converted
+            else:
+                log(f"calibrating on {len(array)} images of '{cset.name}' ({method})")
+                named = stage / "source.onnx"
+                onnx.save_model(model, str(named))
+                batch = graph_batch(ort_session(named, 1)) or 16
+                quantized = quantize_int8(named, target, array, method, excluded, tuple(op_types), batch)
+                named.unlink()
+                scales = tensor_scales(quantized)
+                scales_name, cache_name = f"model.{precision}.scales.json", f"model.{precision}.calib"
+                write_json_atomic(stage / scales_name, {"format": "symmetric int8, amax = scale * 127", "tensors": scales})
+                write_text_atomic(stage / cache_name, trt_calibration_cache(scales))
+                entry.update({
+                    "method": method, "op_types": list(op_types), "per_channel": True, "symmetric": True,
+                    "calibration": {**cset.record(), "images": int(len(array)), "data_sha256": array_sha256(array),
+                                    "in_domain": note is None, **({"domain_note": note} if note else {})},
+                    "scales": scales_name, "calibration_cache": cache_name,
+                    "quantized_tensors": sum(1 for s in scales.values() if s["kind"] == "activation"),
+                    "quantized_weights": sum(1 for s in scales.values() if s["kind"] == "weight"),
+                })
+            from .check import check_sizes
+
+            try:
+                onnx.checker.check_model(quantized, full_check=True)
+            except Exception as exc:  # ValidationError / InferenceError: a bug here, reported in one line
+                raise VitedgeError(f"the {precision} graph is not valid ONNX: {str(exc).splitlines()[0][:200]}") from None
+            result = check_sizes(quantized, meta)
+            if not result["passed"]:
+                raise VitedgeError(f"the {precision} graph fails the static/TensorRT check: {result['errors'][0]}")
+            entry["sha256"] = _file_sha256(target)
+            entry["size_bytes"] = target.stat().st_size
+            entry["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            for item in stage.iterdir():
+                os.replace(item, artifact.root / item.name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+        metadata = dict(meta)
+        metadata["quantized"] = {**meta.get("quantized", {}), precision: entry}
+        write_json_atomic(artifact.root / METADATA, metadata)
+        section = {"quantize": {k: v for k, v in entry.items() if k not in ("selection_nodes", "excluded_nodes")},
+                   "check": result}
+        _update_quantized_report(Artifact(outdir), precision, section, replace=True)
+        log(f"wrote {artifact.root / entry['model']} ({entry['size_bytes'] / 1e6:.2f} MB)")
+        if validate_data:
+            validate_quantized(outdir, precision, validate_data, validate_limit, thresholds={}, log=log,
+                               shuffle_seed=validate_seed, skip_bad_images=skip_bad_images)
+        return Artifact(outdir).report()["quantized"][precision]
 
 
 def _update_quantized_report(artifact: Artifact, precision: str, data: dict, replace: bool = False) -> None:
