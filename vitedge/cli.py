@@ -350,16 +350,19 @@ parse_quantiles = settings_list("budget_quantile", "0.99,0.9,0.8")
 @click.option("--iterations", type=int, default=50, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--snap-budgets", is_flag=True,
+              help="Also try each candidate with its token budgets raised to the top of their measured latency step.")
 @friendly
 def tune(checkpoint, outdir, latency_budget_ms, family, arch, keep_rates, quantiles, calib, backend, data, limit, batch,
-         statistic, iterations, warmup, threads):
+         statistic, iterations, warmup, threads, snap_budgets):
     """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does)."""
     if keep_rates is not None and quantiles is not None:
         raise VitedgeError("give --keep-rates or --quantiles, not both (a family has one of the two knobs)")
     summary = vitedge.tune(checkpoint, outdir, latency_budget_ms, family=family, arch=arch,
                            candidates=keep_rates if quantiles is None else quantiles,
                            backend=backend, data=data, limit=limit, batch=batch, statistic=statistic,
-                           iterations=iterations, warmup=warmup, threads=threads, log=log, calib=calib)
+                           iterations=iterations, warmup=warmup, threads=threads, log=log, calib=calib,
+                           snap_budgets=snap_budgets)
     chosen = summary["chosen"]
     click.echo(json.dumps({"outdir": outdir, "chosen": chosen["settings"], "accuracy": chosen["accuracy"],
                            f"{statistic}_ms": chosen["latency_ms"], "budget_ms": latency_budget_ms}))
@@ -463,6 +466,48 @@ def families():
     """List the registered families."""
     for name in vitedge.available_families():
         click.echo(f"{name:12s} {vitedge.get_family(name).summary}")
+
+
+
+
+def _token_range(ctx, param, value):
+    """click callback: ``"8:197"`` → (8, 197); None stays None (every count the blocks can see)."""
+    if value is None:
+        return None
+    try:
+        low, high = (int(part) for part in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"expected LOW:HIGH token counts such as 8:197, got {value!r}") from None
+    return low, high
+
+
+@main.command("profile-tokens")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Folder for staircase.json and staircase.png.")
+@click.option("--family", help="Model family; read from vitedge checkpoints.")
+@click.option("--arch", help="Named architecture; default: inferred from the weights.")
+@click.option("--tokens", "token_range", callback=_token_range, help="Range LOW:HIGH of token counts (default: 1:all).")
+@click.option("--step", type=int, default=8, show_default=True, help="Profile every multiple of STEP in the range.")
+@click.option("--near", callback=_number_list(int), help="Also every count from each of these to --window above it.")
+@click.option("--window", type=int, default=16, show_default=True)
+@click.option("--snap", "snap_tokens", callback=_number_list(int),
+              help="Token counts to snap to the top of their latency step (profiled with their window).")
+@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--rounds", type=int, default=20, show_default=True, help="Interleaved rounds (each times every count once).")
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@friendly
+def profile_tokens(checkpoint, outdir, family, arch, token_range, step, near, window, snap_tokens, backend, batch,
+                   rounds, warmup, threads):
+    """Latency of CHECKPOINT's blocks against the token count: steps found, budgets snapped."""
+    low, high = token_range or (None, None)
+    result = vitedge.profile_tokens(checkpoint, outdir, family=family, arch=arch, low=low, high=high, step=step,
+                                    near=near, window=window, snap_tokens=snap_tokens, batch=batch, backend=backend,
+                                    threads=threads, rounds=rounds, warmup=warmup, log=log)
+    click.echo(json.dumps({"outdir": outdir, "steps": [[s["first"], s["last"]] for s in result["steps"]],
+                           "snapped": result["snapped"]}))
 
 
 if __name__ == "__main__":

@@ -353,6 +353,17 @@ class AViTFamily(Family):
     def reference(self, cfg: ViTConfig, settings: dict) -> AViT:
         return AViT(cfg, settings["gate_scale"], settings["gate_center"])
 
+    def budget_tokens(self, cfg: ViTConfig, settings: dict) -> list[int] | None:
+        return list(settings["token_budgets"]) if settings.get("token_budgets") else None
+
+    def with_budget_tokens(self, cfg: ViTConfig, settings: dict, limits: list[int]) -> dict:
+        """Each block's budget raised to its limit, never growing from block to block."""
+        budgets, previous = [], cfg.num_patches + 1
+        for budget, limit in zip(settings["token_budgets"], limits):
+            previous = min(previous, max(budget, limit))
+            budgets.append(previous)
+        return self.resolve_settings(cfg, {**settings, "token_budgets": budgets})
+
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         tokens = cfg.num_patches + 1
         if settings.get("budget_quantile") is not None and not settings.get("token_budgets"):
