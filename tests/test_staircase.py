@@ -58,12 +58,29 @@ def test_snapping_never_crosses_an_unmeasured_count_and_cheaper_counts_are_on_th
     counts = [96, 97, 98, 99, 100, 104, 105]
     flat = Staircase(counts, [1.0] * len(counts), [0.01] * len(counts))
     assert snap(flat, 97) == 100
-    dip = Staircase([10, 11, 12, 13], [1.0, 0.8, 1.0, 1.5], [0.01] * 4)
-    assert snap(dip, 10) == 12  # 11 is cheaper, 12 equal, 13 a step up
-    assert [(s["first"], s["last"]) for s in find_steps(dip.counts, dip.median_ms, dip.stderr_ms)] == [
-        (10, 10), (11, 11), (12, 12), (13, 13)]
+    dip = Staircase(list(range(10, 24)), [1.0] * 4 + [0.8] * 4 + [1.0] * 3 + [1.5] * 3, [0.01] * 14)
+    assert snap(dip, 10) == 20  # 14..17 are cheaper, 18..20 equal, 21.. a step up
+    assert [(s["first"], s["last"]) for s in dip.steps] == [(10, 13), (14, 17), (18, 20), (21, 23)]
     with pytest.raises(VitedgeError, match="not measured"):
         snap(flat, 101)
+
+
+def test_one_slow_count_neither_makes_a_step_nor_drags_a_snap():
+    curve = stairs(range(90, 120))
+    spiked = Staircase(curve.counts, [m * (3.0 if c in (99, 109) else 1.0) for c, m in zip(curve.counts, curve.median_ms)],
+                       curve.stderr_ms)
+    assert snap(spiked, 99) == 104 and snap(spiked, 97) == 104  # the spike at 99 is smoothed away
+    assert [(s["first"], s["last"]) for s in spiked.steps] == [(s["first"], s["last"]) for s in curve.steps]
+
+
+def test_a_curve_too_noisy_to_tell_is_not_snapped():
+    counts = list(range(40, 60))
+    noisy = Staircase(counts, [1.0] * len(counts), [0.06] * len(counts))  # noise 6 % of the latency
+    assert all(snap(noisy, c) == c for c in counts)
+    evit = get_family("evit")
+    settings = evit.resolve_settings(CFG, {"keep_rate": 0.7})
+    snapped, record = snap_settings(evit, CFG, settings, Staircase(list(range(1, 51)), [1.0] * 50, [0.06] * 50))
+    assert record["too_noisy"] and record["tokens_after"] == record["tokens_before"] and snapped == settings
 
 
 def test_median_stderr_follows_the_spread():

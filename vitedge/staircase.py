@@ -9,12 +9,16 @@ same blocks at its kept counts, so their steps are where the family's latency st
 code never names a family: ``Family.budget_tokens`` says which counts a setting fixes and
 ``Family.with_budget_tokens`` turns raised counts back into settings.
 
-Step rule (stated so it can be checked): the noise of a count's median latency is its standard
-error from the interleaved rounds, ``1.2533 * 1.4826 * MAD / sqrt(rounds)``; two counts a, b are
-*on one step* when ``|m_b - m_a| <= Z * sqrt(se_a^2 + se_b^2)`` (Z = 2, about 95 %). A budget t
-snaps to the largest measured T >= t such that every count t..T was measured (no gap) and every
-one of them is on t's step or cheaper: ``m_T' <= m_t + Z * sqrt(se_t^2 + se_T'^2)``. A ramp whose
-slope is above the noise therefore never snaps; a flat tread snaps to its top.
+Step rule (stated so it can be checked). Each count's median over the interleaved rounds is
+smoothed by a running median of 5 neighbouring measured counts (within a run of consecutive
+counts; a median filter keeps step edges and removes a count that one burst of load made slow),
+giving the level L. The noise is one number for the curve, the median over counts of each
+median's standard error, ``se = 1.2533 * 1.4826 * MAD / sqrt(rounds)``. Two counts a, b are *on
+one step* when ``|L_b - L_a| <= Z * sqrt(2) * se`` (Z = 2, about 95 %). A budget t snaps to the
+largest measured T >= t such that every count t..T was measured (no gap) and each is on t's step
+or cheaper (``L_T' <= L_t + Z * sqrt(2) * se``). A ramp whose slope is above the noise therefore
+never snaps, a flat tread snaps to its top, and a curve whose noise is over ``MAX_NOISE`` (5 %)
+of the latency at t is too noisy to snap at all: t stays.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from .backbone import Block, ViTConfig
 from .errors import VitedgeError
 
 Z = 2.0  # two standard errors: counts closer than this are one step
+SMOOTH = 5  # running-median width over consecutive counts
+MAX_NOISE = 0.05  # noise over this share of the latency: too noisy to snap
 BACKENDS = ("ort", "torch")
 STAIRCASE_JSON = "staircase.json"
 STAIRCASE_PLOT = "staircase.png"
@@ -42,7 +48,7 @@ DEFAULT_WINDOW = 16
 
 @dataclass
 class Staircase:
-    """Median latency (ms) of the block stack per token count, with its noise and the steps found."""
+    """Median latency (ms) of the block stack per token count, its noise and the steps found."""
 
     counts: list[int]
     median_ms: list[float]
@@ -52,14 +58,21 @@ class Staircase:
     threads: int = 2
     rounds: int = 0
     blocks: int = 0
+    level_ms: list[float] = field(default_factory=list)
+    noise_ms: float = 0.0
     steps: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
+        if not self.level_ms:
+            self.level_ms = smooth(self.counts, self.median_ms)
+        if not self.noise_ms:
+            self.noise_ms = float(np.median(self.stderr_ms))
         if not self.steps:
-            self.steps = find_steps(self.counts, self.median_ms, self.stderr_ms)
+            self.steps = find_steps(self.counts, self.level_ms, self.noise_ms)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "rule": f"same step: |m_b - m_a| <= {Z:g} * sqrt(se_a^2 + se_b^2)"}
+        return {**asdict(self), "rule": (f"level: running median of {SMOOTH} counts; same step: |L_b - L_a| <= "
+                                         f"{Z:g} * sqrt(2) * noise; no snap where noise > {MAX_NOISE:.0%} of L_t")}
 
 
 def median_stderr(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,38 +83,58 @@ def median_stderr(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return median, 1.2533 * 1.4826 * mad / math.sqrt(samples.shape[0])
 
 
-def _same_or_cheaper(m, se, a: int, b: int) -> bool:
-    return m[b] <= m[a] + Z * math.hypot(se[a], se[b])
-
-
-def find_steps(counts, median_ms, stderr_ms) -> list[dict]:
-    """Greedy left-to-right segmentation: a step starts at a count and holds the following
-    consecutive counts whose latency is within noise of that first count; a gap in the counts,
-    a rise or a fall beyond noise starts the next step."""
-    counts, m, se = list(counts), list(median_ms), list(stderr_ms)
-    steps: list[dict] = []
-    start = 0
+def _runs(counts) -> list[range]:
+    """Index ranges of consecutive counts (a gap splits them)."""
+    runs, start = [], 0
     for i in range(1, len(counts) + 1):
-        if i < len(counts) and counts[i] == counts[i - 1] + 1 and abs(m[i] - m[start]) <= Z * math.hypot(se[start], se[i]):
-            continue
-        steps.append({"first": counts[start], "last": counts[i - 1],
-                      "median_ms": float(np.median(m[start:i]))})
-        start = i
+        if i == len(counts) or counts[i] != counts[i - 1] + 1:
+            runs.append(range(start, i))
+            start = i
+    return runs
+
+
+def smooth(counts, median_ms, width: int = SMOOTH) -> list[float]:
+    """Running median over ``width`` neighbouring counts, never across a gap (shrinks at the ends)."""
+    m, half, out = np.asarray(median_ms, dtype=float), width // 2, [0.0] * len(counts)
+    for run in _runs(counts):
+        for i in run:
+            out[i] = float(np.median(m[max(run.start, i - half):min(run.stop, i + half + 1)]))
+    return out
+
+
+def _tolerance(noise: float) -> float:
+    return Z * math.sqrt(2.0) * noise
+
+
+def find_steps(counts, level_ms, noise_ms: float) -> list[dict]:
+    """Greedy left-to-right split: a step starts at a count and holds the following consecutive
+    counts whose level is within noise of that first count's; a gap, a rise or a fall beyond
+    noise starts the next step."""
+    steps, tol = [], _tolerance(noise_ms)
+    for run in _runs(counts):
+        start = run.start
+        for i in range(run.start + 1, run.stop + 1):
+            if i < run.stop and abs(level_ms[i] - level_ms[start]) <= tol:
+                continue
+            steps.append({"first": counts[start], "last": counts[i - 1], "median_ms": float(np.median(level_ms[start:i]))})
+            start = i
     return steps
 
 
 def snap(staircase: Staircase, tokens: int) -> int:
-    """The largest count on ``tokens``' step (rule in the module docstring); ``tokens`` itself
-    when the next count costs more than noise or was not measured."""
-    counts = staircase.counts
+    """The largest count on ``tokens``' step or cheaper (rule in the module docstring);
+    ``tokens`` itself when the next count costs more than noise, was not measured, or the
+    curve is too noisy to tell."""
+    counts, level = staircase.counts, staircase.level_ms
     if tokens not in counts:
         raise VitedgeError(f"token count {tokens} was not measured (measured {counts[0]}..{counts[-1]}); "
                            "add it to the counts profiled")
-    m, se = staircase.median_ms, staircase.stderr_ms
     at = counts.index(tokens)
-    best = at
+    if staircase.noise_ms > MAX_NOISE * level[at]:
+        return tokens
+    best, tol = at, _tolerance(staircase.noise_ms)
     for i in range(at + 1, len(counts)):
-        if counts[i] != counts[i - 1] + 1 or not _same_or_cheaper(m, se, at, i):
+        if counts[i] != counts[i - 1] + 1 or level[i] > level[at] + tol:
             break
         best = i
     return counts[best]
@@ -213,10 +246,11 @@ def snap_settings(family, cfg: ViTConfig, settings: dict, staircase: Staircase) 
     if not before:
         return settings, None
     limits = [snap(staircase, t) for t in before]
-    snapped = family.with_budget_tokens(cfg, settings, limits)
+    snapped = settings if limits == before else family.with_budget_tokens(cfg, settings, limits)
     after = family.budget_tokens(cfg, snapped)
-    m = dict(zip(staircase.counts, staircase.median_ms))
-    return snapped, {"tokens_before": before, "step_tops": limits, "tokens_after": after,
+    m = dict(zip(staircase.counts, staircase.level_ms))
+    too_noisy = any(staircase.noise_ms > MAX_NOISE * m[t] for t in before)
+    return snapped, {"tokens_before": before, "step_tops": limits, "tokens_after": after, "too_noisy": too_noisy,
                      "stack_ms_before": [m[t] for t in before], "stack_ms_after": [m.get(t) for t in after]}
 
 
@@ -248,12 +282,14 @@ def markdown(record: dict, plot_name: str | None) -> str:
              f"{stair['rounds']} interleaved rounds, medians. Rule: {stair['rule']} (se: standard error of the "
              "median from the MAD); a budget moves up to the last count on its step or cheaper, never across an "
              "unmeasured count. Each snapped candidate is measured beside its original above.", "",
-             "| candidate tokens per step | snapped to | blocks' median ms before → after |", "|---|---|---|"]
+             f"Noise (median standard error of a count's median): {stair['noise_ms']:.4f} ms.", "",
+             "| candidate tokens per step | snapped to | blocks' level ms before → after |", "|---|---|---|"]
     for move in record["moves"]:
         if move is None:
             continue
         after_ms = " ".join("—" if v is None else f"{v:.3f}" for v in move["stack_ms_after"])
-        lines.append(f"| {','.join(map(str, move['tokens_before']))} | {','.join(map(str, move['tokens_after']))} | "
+        moved = ",".join(map(str, move["tokens_after"])) + (" (too noisy to snap)" if move["too_noisy"] else "")
+        lines.append(f"| {','.join(map(str, move['tokens_before']))} | {moved} | "
                      f"{' '.join(f'{v:.3f}' for v in move['stack_ms_before'])} → {after_ms} |")
     if plot_name:
         lines += ["", f"![staircase]({plot_name})"]
@@ -291,16 +327,20 @@ def plot(staircase: dict, path: Path, marks: list[dict] = (), title: str = "") -
     import io
 
     counts = np.asarray(staircase["counts"])
-    m, se = np.asarray(staircase["median_ms"]), np.asarray(staircase["stderr_ms"])
+    m, level = np.asarray(staircase["median_ms"]), np.asarray(staircase["level_ms"])
+    tol = _tolerance(staircase["noise_ms"])
     figure = Figure(figsize=(7, 4), dpi=110)
     axes = figure.add_subplot()
-    axes.fill_between(counts, m - Z * se, m + Z * se, color="C0", alpha=0.2, label=f"±{Z:g} s.e.")
-    axes.plot(counts, m, ".", color="C0", markersize=3, label="median")
-    for i, step in enumerate(staircase["steps"]):
+    axes.fill_between(counts, level - tol, level + tol, color="C0", alpha=0.2, label="level ± step tolerance")
+    axes.plot(counts, m, ".", color="0.5", markersize=3, label="median per count")
+    axes.plot(counts, level, "-", color="C0", linewidth=1, label=f"level (running median of {SMOOTH})")
+    labelled = False
+    for step in staircase["steps"]:
         if step["last"] > step["first"]:
             axes.hlines(step["median_ms"], step["first"], step["last"], colors="C1", linewidth=2,
-                        label="step" if i == 0 or "step" not in axes.get_legend_handles_labels()[1] else None)
-    by_count = dict(zip(counts.tolist(), m.tolist()))
+                        label=None if labelled else "step")
+            labelled = True
+    by_count = dict(zip(counts.tolist(), level.tolist()))
     for mark in marks or ():
         for before, after in zip(mark["tokens_before"], mark["tokens_after"]):
             if after != before and before in by_count and after in by_count:
