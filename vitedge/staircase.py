@@ -266,7 +266,7 @@ def add_snapped(family, cfg: ViTConfig, candidates: list[dict], calibrated: list
         if move is not None and move["tokens_after"] != move["tokens_before"]:
             out.append(after)
             out_calibrated.append({**calib, "snapped_from": move["tokens_before"]})
-            move["settings"] = after
+            move["settings"], move["original"] = after, before
     if log:
         moved = sum(1 for m in record["moves"] if m and m["tokens_after"] != m["tokens_before"])
         log(f"snapped {moved} of {len(candidates)} candidate(s) to the top of their latency steps")
