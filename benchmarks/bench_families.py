@@ -65,6 +65,7 @@ from bench_token_pruning import (  # noqa: E402
     write_doc_section,
 )
 from vitedge.backbone import ARCHS, dense_flops  # noqa: E402
+from vitedge.errors import VitedgeError  # noqa: E402
 from vitedge.export import export_onnx  # noqa: E402
 from vitedge.families import get_family  # noqa: E402
 from vitedge.families.tome import (  # noqa: E402
@@ -238,7 +239,13 @@ def run_family(name: str, args, tmp: Path) -> dict:
             exports[exporter] = entry
             if entry["exported"]:
                 paths[exporter] = entry["path"]
-        runners = {variant: ort_runner(path, images, args.threads) for variant, path in paths.items()}
+        runners = {}
+        for variant, path in paths.items():
+            try:
+                runners[variant] = ort_runner(path, images, args.threads)
+            except VitedgeError as exc:  # a plain graph ONNX Runtime refuses to load is a result too
+                exports[variant].update(exported=False, error=f"exports, but {exc}"[:300])
+        paths = {variant: path for variant, path in paths.items() if variant in runners}
         with torch.inference_mode():
             expected = reference(example).numpy()
         fidelity = {variant: float(np.abs(runner()[0] - expected).max()) for variant, runner in runners.items()
@@ -279,7 +286,7 @@ def run_family(name: str, args, tmp: Path) -> dict:
 def fmt_ratio(row: dict, variant: str) -> str:
     r = row["ratios"].get(variant)
     if r is None:
-        return "no export"
+        return "no runnable export"
     lint = "" if row["exports"][variant]["check_passed"] else " (lint fails)"
     return f"{r['vs_dense']:.3f} [{r['vs_dense_ci95'][0]:.3f}, {r['vs_dense_ci95'][1]:.3f}]{lint}"
 
