@@ -384,6 +384,9 @@ def main(argv=None) -> None:
         results = {name: run_family(name, args, Path(tmp)) for name in args.families}
     env["wall_s"] = round(time.perf_counter() - started, 1)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if not args.quick and target.exists():  # a subset run replaces its own rows and keeps the others
+        earlier = json.loads(target.read_text()).get("families", {})
+        results = {name: results.get(name, earlier.get(name)) for name in ROWS if name in results or name in earlier}
     target.write_text(json.dumps({"environment": env, "families": results}, indent=2, default=str) + "\n")
     section = markdown(env, results)
     if not args.quick:
