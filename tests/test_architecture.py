@@ -25,7 +25,7 @@ LAYERS = [
     ("export", {"export"}),
     ("check/validate", {"check", "validate", "artifact_export"}),
     ("quantize", {"quantize"}),
-    ("build/profile", {"build", "profile"}),
+    ("build/profile", {"build", "profile", "staircase"}),
     ("tune/bundle", {"tune", "bundle"}),
     ("orchestration", {"pipeline"}),
     ("cli", {"cli", "setting_options", "__init__", "__main__"}),

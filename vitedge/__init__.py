@@ -28,12 +28,14 @@ from .pipeline import check, export, inspect, predict, predict_file, predict_ima
 from .profile import profile  # noqa: E402
 from .quantize import quantize, validate_quantized  # noqa: E402
 from .rewrite import to_static  # noqa: E402
+from .staircase import profile_tokens  # noqa: E402
 from .tune import tune  # noqa: E402
 from .validate import Thresholds, validate  # noqa: E402
 
 __all__ = [
     "BackendMissing", "BudgetMissed", "BuildFailed", "available_devices", "build", "get_device",
     "Artifact", "available_families", "calibrate", "check", "export", "get_family", "inspect", "load_model", "predict",
-    "predict_file", "predict_images", "profile", "quantize", "to_static", "tune", "validate", "Thresholds", "ValidationFailed",
+    "predict_file", "predict_images", "profile", "profile_tokens", "quantize", "to_static", "tune", "validate", "Thresholds",
+    "ValidationFailed",
     "VitedgeError", "export_bundle", "load_bundle", "profile_bundle", "select", "validate_quantized",
 ]

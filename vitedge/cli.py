@@ -464,10 +464,12 @@ def predict(outdir, inputs, output_npy, save_input, top, as_json):
 @click.option("--iterations", type=int, default=50, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--snap-budgets", is_flag=True,
+              help="Also try each candidate with its token budgets raised to the top of their measured latency step.")
 @setting_options(many=True)
 @friendly
 def tune(checkpoint, outdir, latency_budget_ms, family, arch, calib, backend, data, limit, shuffle_seed, skip_bad_images,
-         batch, statistic, iterations, warmup, threads, settings, grid):
+         batch, statistic, iterations, warmup, threads, snap_budgets, settings, grid):
     """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does).
 
     Candidates: the family's grid, or every combination of the values its list flags give (see 'vitedge families')."""
@@ -475,7 +477,7 @@ def tune(checkpoint, outdir, latency_budget_ms, family, arch, calib, backend, da
                            candidates=candidate_grid(grid) if grid else None, settings=settings,
                            backend=backend, data=None if data == "default" else data, limit=limit, batch=batch,
                            statistic=statistic, iterations=iterations, warmup=warmup, threads=threads, log=log, calib=calib,
-                           shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images)
+                           shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images, snap_budgets=snap_budgets)
     chosen = summary["chosen"]
     click.echo(json.dumps({"outdir": outdir, "chosen": chosen["settings"], "accuracy": chosen["accuracy"],
                            f"{statistic}_ms": chosen["latency_ms"], "budget_ms": latency_budget_ms}))
@@ -579,6 +581,60 @@ def families():
             flags = ", ".join(a.flag for a in setting.aliases)
             click.echo(f"  {setting.name:16s} {setting.describe()}{default}: {setting.help}"
                        + (f" (flags: {flags})" if flags else ""))
+
+
+def _number_list(kind):
+    """click callback: ``"16,20,24"`` → [16, 20, 24] (None stays None)."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [kind(item) for item in value.split(",") if item.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+    return parse
+
+
+def _token_range(ctx, param, value):
+    """click callback: ``"8:197"`` → (8, 197); None stays None (every count the blocks can see)."""
+    if value is None:
+        return None
+    try:
+        low, high = (int(part) for part in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"expected LOW:HIGH token counts such as 8:197, got {value!r}") from None
+    return low, high
+
+
+@main.command("profile-tokens")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Folder for staircase.json and staircase.png.")
+@click.option("--family", help="Model family; read from vitedge checkpoints.")
+@click.option("--arch", help="Named architecture; default: inferred from the weights.")
+@click.option("--tokens", "token_range", callback=_token_range, help="Range LOW:HIGH of token counts (default: 1:all).")
+@click.option("--step", type=int, default=8, show_default=True, help="Profile every multiple of STEP in the range.")
+@click.option("--near", callback=_number_list(int), help="Also every count from each of these to --window above it.")
+@click.option("--window", type=int, default=16, show_default=True)
+@click.option("--snap", "snap_tokens", callback=_number_list(int),
+              help="Token counts to snap to the top of their latency step (profiled with their window).")
+@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--rounds", type=int, default=20, show_default=True, help="Interleaved rounds (each times every count once).")
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@friendly
+def profile_tokens(checkpoint, outdir, family, arch, token_range, step, near, window, snap_tokens, backend, batch,
+                   rounds, warmup, threads):
+    """Latency of CHECKPOINT's blocks against the token count: steps found, budgets snapped."""
+    low, high = token_range or (None, None)
+    result = vitedge.profile_tokens(checkpoint, outdir, family=family, arch=arch, low=low, high=high, step=step,
+                                    near=near, window=window, snap_tokens=snap_tokens, batch=batch, backend=backend,
+                                    threads=threads, rounds=rounds, warmup=warmup, log=log)
+    click.echo(json.dumps({"outdir": outdir, "steps": [[s["first"], s["last"]] for s in result["steps"]],
+                           "snapped": result["snapped"]}))
 
 
 if __name__ == "__main__":

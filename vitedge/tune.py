@@ -112,6 +112,7 @@ def tune(
     settings: dict | None = None,
     shuffle_seed: int | None = None,
     skip_bad_images: bool = False,
+    snap_budgets: bool = False,
 ) -> dict:
     """Search the family's token budgets; OUTDIR gets the winning artifact plus tune.json/.md/.png.
 
@@ -122,7 +123,9 @@ def tune(
     Fashion-MNIST for grey models, the bundled samples for RGB ones (which hold no labels of
     the model's classes). ``calib`` is the calibration set (a name in calibration/ or a YAML file)
     that data-dependent settings (``Family.calibrated_settings``) are resolved on (None: the
-    model's default set); it must not hold the ``data`` images.
+    model's default set); it must not hold the ``data`` images. ``snap_budgets`` measures the
+    latency staircase and adds, after each candidate, the same candidate with its token budgets
+    raised to the top of their latency step (vitedge.staircase).
     """
     _check_arguments(latency_budget_ms, backend, statistic, batch, limit)
     load_dataset(data, limit, shuffle_seed=shuffle_seed, skip_bad=skip_bad_images)  # checks the source and limit first
@@ -148,6 +151,14 @@ def tune(
         grid = loaded.family.calibrate_candidates(loaded.model, loaded.cfg, resolved, images)
         calibrated = [{k: v for k, v in after.items() if before.get(k) != v} for before, after in zip(resolved, grid)]
     graphs = grid if calibration is not None else resolved  # what each candidate exports, defaults filled in
+    snapping = None
+    if snap_budgets:
+        from .staircase import add_snapped
+
+        grid, calibrated, snapping = add_snapped(loaded.family, loaded.cfg, graphs, calibrated, batch, backend, threads,
+                                                 log=log)
+        graphs = grid
+        labels = _with_snapped_labels(labels, calibrated)
     grid, labels, calibrated, same_graph = _drop_repeats(grid, labels, graphs, calibrated,
                                                          loaded.family.calibrated_settings)
     for label, first in same_graph.items():
@@ -184,13 +195,30 @@ def tune(
         if same_graph:
             summary["same_graph_as"] = same_graph
         summary["plot"] = TUNE_PLOT if plot_pareto(summary, stage / TUNE_PLOT) else None
+        markdown = render_markdown(summary)
+        if snapping is not None:
+            from .staircase import STAIRCASE_PLOT, markdown as staircase_markdown, plot as plot_staircase
+
+            shown = plot_staircase(snapping["staircase"], stage / STAIRCASE_PLOT, [m for m in snapping["moves"] if m],
+                                   f"{loaded.family.name}: latency staircase and snapped budgets")
+            snapping["plot"] = STAIRCASE_PLOT if shown else None
+            summary["snapping"] = snapping
+            markdown += staircase_markdown(snapping, snapping["plot"])
         write_json_atomic(stage / TUNE_JSON, summary)
-        write_text_atomic(stage / TUNE_MD, render_markdown(summary))
+        write_text_atomic(stage / TUNE_MD, markdown)
         keys = ("budget_ms", "statistic", "backend", "chosen", "calibration")
         Artifact(stage).update_report("tune", {k: summary[k] for k in keys if k in summary})
     log(f"chose {chosen.label}: accuracy {chosen.accuracy:.4f}, {statistic} {chosen.latency_ms:.2f} ms "
         f"(budget {latency_budget_ms:g} ms); table in {Path(outdir) / TUNE_MD}")
     return summary
+
+
+def _with_snapped_labels(labels: list[str], calibrated: list[dict]) -> list[str]:
+    """Labels for a grid where each snapped candidate (``snapped_from`` in its record) follows its original."""
+    out, originals = [], iter(labels)
+    for record in calibrated:
+        out.append(f"{out[-1]} snapped" if "snapped_from" in record else next(originals))
+    return out
 
 
 def _drop_repeats(grid: list[dict], labels: list[str], graphs: list[dict], calibrated: list[dict],

@@ -293,6 +293,17 @@ class Family:
         """Validation thresholds these settings call for, when the recipe gives none (A-ViT budgets)."""
         return {}
 
+    def budget_tokens(self, cfg: ViTConfig, settings: dict) -> list[int] | None:
+        """Tokens the blocks see after each budgeted step of these settings (what
+        ``vitedge tune --snap-budgets`` may raise to the top of its latency step); None where
+        the settings fix no token budget."""
+        return None
+
+    def with_budget_tokens(self, cfg: ViTConfig, settings: dict, limits: list[int]) -> dict:
+        """Settings whose ``budget_tokens`` are as large as possible but at most ``limits``
+        (one per step) and never below those of ``settings``."""
+        raise VitedgeError(f"family '{self.name}' has no token budget to set")
+
     def kept_summary(self, reference_kept: list) -> dict:
         """Statistics of the reference's kept tokens [images, k] per selection for the validation
         report (A-ViT: blocks run per token, live tokens per block); none by default."""

@@ -256,6 +256,38 @@ class ATSViT(VisionTransformer):
 # ---------------------------------------------------------------- static form (K masked slots)
 
 
+def static_policy_softmax(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``policy_softmax`` with the same float results and two cheaper passes over [B, H, N, N].
+
+    Masked keys get ``MASKED_LOGIT`` added (an Add) instead of written (a Where): live logits
+    are unchanged (+ 0) and a masked one still underflows to exactly 0 after the row max is
+    taken off, since the class token's finite logit is in every row. The row max is a
+    ReduceMax instead of a TopK of 1: the same values, without ONNX Runtime's TopK kernel.
+    """
+    if valid is None:
+        weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        return (weights + SOFTMAX_EPS / logits.shape[-1]) / (weights.sum(dim=-1, keepdim=True) + SOFTMAX_EPS)
+    keys = valid[:, None, None, :]
+    logits = logits + torch.where(keys, 0.0, MASKED_LOGIT)
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+    live = valid.sum(dim=1, dtype=logits.dtype).reshape(-1, 1, 1, 1)
+    share = torch.where(keys, SOFTMAX_EPS / live, torch.zeros_like(live))
+    return (weights + share) / (weights.sum(dim=-1, keepdim=True) + SOFTMAX_EPS)
+
+
+class StaticATSPlainBlock(nn.Module):
+    """ATSPlainBlock with ``static_policy_softmax``."""
+
+    def __init__(self, block: ATSPlainBlock):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        logits, v = attention_logits(self.attn, self.norm1(x))
+        x = x + self.attn.merge_heads(static_policy_softmax(logits, valid) @ v)
+        return x + self.mlp(self.norm2(x))
+
+
 def sample_slots(attn, v, valid, points: int, out_slots: int):
     """Static sampler: for ``out_slots`` patch slots, the input patch slot each takes and whether it is live.
 
@@ -303,7 +335,7 @@ class StaticATSBlock(nn.Module):
 
     def forward(self, x, valid, positions):
         logits, v = attention_logits(self.attn, self.norm1(x))
-        attn = policy_softmax(logits, valid)
+        attn = static_policy_softmax(logits, valid)
         slot_index, slot_live = sample_slots(attn, v, valid, self.points, self.out_slots - 1)
         rows = torch.cat([torch.zeros_like(slot_index[:, :1]), slot_index + 1], dim=1)
         heads_out = (attn @ v).transpose(1, 2).flatten(2)
@@ -324,7 +356,8 @@ class StaticATSViT(nn.Module):
         self.norm, self.head = model.norm, model.head
         slots = {step["block"]: step["tokens_after"] for step in plan.selections}
         self.blocks = nn.ModuleList(
-            StaticATSBlock(block, slots[i]) if isinstance(block, ATSBlock) else block for i, block in enumerate(model.blocks)
+            StaticATSBlock(block, slots[i]) if isinstance(block, ATSBlock) else StaticATSPlainBlock(block)
+            for i, block in enumerate(model.blocks)
         )
 
     embed = VisionTransformer.embed

@@ -147,6 +147,20 @@ class AViT(VisionTransformer):
         return logits, kept
 
 
+def static_masked_block(block: Block, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """``masked_block`` without zeroing the halted rows: the same values on every live row.
+
+    Halted tokens are invisible as keys (the -1000 key bias: exp underflows to exactly 0), and
+    nothing reads their rows again: the logits take the class token's ACT sum, whose weight
+    is 0 once it halts, and a halted token's cumulative score only grows. So the four
+    multiplications by the mask per block (over [B, N, C]) change only rows no output reads;
+    without them ONNX Runtime also fuses each residual Add into its LayerNorm.
+    """
+    key_bias = (~active).to(x.dtype) * MASK_BIAS
+    x = x + masked_attention(block.attn, block.norm1(x), key_bias)
+    return x + block.mlp(block.norm2(x))
+
+
 class StaticAViT(nn.Module):
     """A-ViT with a constant token budget per block (the masked form: every budget = all tokens)."""
 
@@ -182,7 +196,7 @@ class StaticAViT(nn.Module):
                 c_class, remainder, _, weight = act_weights(c[:, 0], remainder, torch.ones_like(c[:, 0]), self.eps)
                 output = output + x[:, 0] * weight.unsqueeze(-1)
                 break
-            x = masked_block(block, x, active)
+            x = static_masked_block(block, x, active)
             if i == len(self.blocks) - 1:
                 h = torch.ones_like(c)
             else:
@@ -403,6 +417,17 @@ class AViTFamily(Family):
 
     def reference(self, cfg: ViTConfig, settings: dict) -> AViT:
         return AViT(cfg, settings["gate_scale"], settings["gate_center"])
+
+    def budget_tokens(self, cfg: ViTConfig, settings: dict) -> list[int] | None:
+        return list(settings["token_budgets"]) if settings.get("token_budgets") else None
+
+    def with_budget_tokens(self, cfg: ViTConfig, settings: dict, limits: list[int]) -> dict:
+        """Each block's budget raised to its limit, never growing from block to block."""
+        budgets, previous = [], cfg.num_patches + 1
+        for budget, limit in zip(settings["token_budgets"], limits):
+            previous = min(previous, max(budget, limit))
+            budgets.append(previous)
+        return self.resolve_settings(cfg, {**settings, "token_budgets": budgets})
 
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         tokens = cfg.num_patches + 1

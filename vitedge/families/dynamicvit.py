@@ -168,6 +168,23 @@ class DynamicViTFamily(Family):
     def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
         return keep_rate_candidates()
 
+    def budget_tokens(self, cfg: ViTConfig, settings: dict) -> list[int]:
+        return [1 + k for k in kept_counts(cfg.num_patches, settings["keep_rate"], len(settings["prune_blocks"]))]
+
+    def with_budget_tokens(self, cfg: ViTConfig, settings: dict, limits: list[int]) -> dict:
+        """The largest base rate rho (4 decimals, never below the given one) whose kept counts
+        int(N rho^s) + 1 all stay within ``limits``: one knob moves every step together."""
+        steps, rate = len(settings["prune_blocks"]), settings["keep_rate"]
+        best = rate
+        for i in range(1, 10001):
+            trial = round(rate + i * 1e-4, 4)
+            if trial > 1.0:
+                break
+            if any(1 + k > limit for k, limit in zip(kept_counts(cfg.num_patches, trial, steps), limits)):
+                break
+            best = trial
+        return self.resolve_settings(cfg, {**settings, "keep_rate": best})
+
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         kept = kept_counts(cfg.num_patches, settings["keep_rate"], len(settings["prune_blocks"]))
         tokens = cfg.sequence_length

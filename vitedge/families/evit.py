@@ -161,6 +161,23 @@ class EViTFamily(Family):
     def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
         return keep_rate_candidates()
 
+    def budget_tokens(self, cfg: ViTConfig, settings: dict) -> list[int]:
+        return [step["tokens_after"] for step in self.token_plan(cfg, settings).selections]
+
+    def with_budget_tokens(self, cfg: ViTConfig, settings: dict, limits: list[int]) -> dict:
+        """Per-block keep rates that keep as many patches as ``limits`` allow (class and fused
+        token included), each rate the midpoint of its ceil interval so it rounds back exactly."""
+        tokens, rates = cfg.num_patches + 1, []
+        for limit in limits:
+            keep = min(tokens - 1, limit - 1 - (1 if settings["fuse_token"] else 0))
+            if limit >= tokens or keep >= tokens - 1:
+                rates.append(1.0)
+                continue
+            rate = round((keep - 0.5) / (tokens - 1), 4)
+            rates.append(rate if kept_count(rate, tokens) == keep else (keep - 0.5) / (tokens - 1))
+            tokens = 1 + keep + (1 if settings["fuse_token"] else 0)
+        return self.resolve_settings(cfg, {**settings, "keep_rate": rates})
+
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
         rates = dict(zip(settings["prune_blocks"], settings["keep_rate"]))
         tokens = cfg.num_patches + 1
