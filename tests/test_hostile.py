@@ -674,7 +674,7 @@ def test_hostile_checkpoints_in_a_real_process(hostile_checkpoints, tmp_path, ca
 def test_controls_succeed(evit_artifact, evit_ckpt, tmp_path):
     art = shutil.copytree(evit_artifact, tmp_path / "art")
     meta = json.loads((art / "vitedge.json").read_text())
-    meta["input"]["transform"] = {"resize": 28}  # another tool's section
+    meta["input"]["vendor_notes"] = {"resize": 28}  # another tool's section
     (art / "vitedge.json").write_text(json.dumps(meta))
     (art / "report.json").write_bytes(b"\xff not a report")  # unreadable report: regenerated, not fatal
     np.save(tmp_path / "in.npy", NPY_GOOD)

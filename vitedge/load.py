@@ -77,6 +77,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
         sha256 = file_sha256(path)
+    unknown = sorted(set(metadata.get("arch") or {}) - {f.name for f in dataclasses.fields(ViTConfig)})
+    if unknown:  # the schema types the fields; which fields exist is the backbone config's business
+        raise VitedgeError(f"checkpoint metadata of {path}: field 'arch' has unknown key(s) {', '.join(unknown)}; "
+                           "re-save it with this vitedge")
     state = _unwrap(state, path)
     return Checkpoint(path, state, sha256, metadata)
 
@@ -106,12 +110,7 @@ def resolve_config(
         if num_heads:
             cfg = ViTConfig(**{**cfg.to_dict(), "num_heads": num_heads})
     elif "arch" in checkpoint.metadata and not num_heads:
-        arch = checkpoint.metadata["arch"]
-        unknown = sorted(set(arch) - {f.name for f in dataclasses.fields(ViTConfig)})
-        if unknown:
-            raise VitedgeError(f"checkpoint metadata of {checkpoint.path}: field 'arch' has unknown key(s) "
-                               f"{', '.join(unknown)}; re-save it with this vitedge or pass --arch")
-        cfg = ViTConfig(**arch)
+        cfg = ViTConfig(**checkpoint.metadata["arch"])
     else:
         state = adapt_backbone_keys(checkpoint.state_dict)
         state = fam.config_state_dict(state) if fam else state
