@@ -36,7 +36,6 @@ import numpy as np  # noqa: E402
 
 import vitedge  # noqa: E402
 from bench_token_pruning import interleaved, ort_runner, ratio_ci, write_doc_section  # noqa: E402
-from vitedge.tune import _label  # noqa: E402  (the label tune gives a candidate's settings)
 
 RESULTS = ROOT / "benchmarks" / "results" / "tune_staircase.json"
 QUICK_RESULTS = ROOT / "benchmarks" / "results" / "tune_staircase_quick.json"
@@ -49,14 +48,19 @@ def quiet(_message: str) -> None:
     """Per-candidate logs are noise here."""
 
 
+def _key(settings: dict) -> str:
+    """A candidate's identity in tune.json: its full settings (labels come from the family's schema)."""
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
 def pairs(summary: dict) -> list[tuple[dict, dict, dict]]:
     """(original, snapped, move) for every candidate that snapping moved and that both validated."""
-    measured = {c["label"]: c for c in summary["candidates"] if c["error"] is None}
+    measured = {_key(c["settings"]): c for c in summary["candidates"] if c["error"] is None}
     out = []
     for move in summary["snapping"]["moves"]:
         if not move or move["tokens_after"] == move["tokens_before"]:
             continue
-        original, snapped = measured.get(_label(move["original"])), measured.get(_label(move["settings"]))
+        original, snapped = measured.get(_key(move["original"])), measured.get(_key(move["settings"]))
         if original and snapped:
             out.append((original, snapped, move))
     return out
