@@ -73,24 +73,7 @@ def make_state_dict(family: str = "evit", cfg: ViTConfig = FMNIST, seed: int = 0
     uniform: with near-ties, float rounding (not vitedge) would decide which token is kept.
     """
     shapes = official_dynamicvit_keys(cfg) if family == "dynamicvit" else official_vit_keys(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in shapes.items():
-        if key.endswith(("norm1.weight", "norm2.weight", "norm.weight", "in_conv.0.weight")):
-            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        elif key.endswith("bias"):
-            value = 0.02 * torch.randn(shape, generator=gen)
-        elif key in ("pos_embed", "cls_token"):
-            value = POS_SCALE * torch.randn(shape, generator=gen)
-        elif "attn.qkv" in key or "patch_embed" in key:
-            value = QKV_SCALE * torch.randn(shape, generator=gen)
-        elif key.startswith("score_predictor."):
-            # spread the keep scores: near log(0.5) everywhere, float32 ties would decide selections
-            value = 0.2 * torch.randn(shape, generator=gen)
-        else:
-            value = 0.05 * torch.randn(shape, generator=gen)
-        state[key] = value.contiguous()
-    return state
+    return random_state(shapes, seed)
 
 
 def quiet(_message: str) -> None:
@@ -388,8 +371,8 @@ def lvvit_keys(embed_dim=64, depth=16, patch=4, img=28, in_chans=1, num_classes=
 
 
 def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights for any of the layouts above, scaled as ``make_state_dict`` scales them
-    (far from ties); LayerScale gains ~0.5 so the branches matter, BatchNorm statistics non-trivial."""
+    """Random weights for any of the layouts above, far from ties (``make_state_dict`` uses it for
+    timm/DynamicViT keys); LayerScale gains ~0.5 so the branches matter, BatchNorm statistics non-trivial."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in shapes.items():
@@ -414,6 +397,7 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str,
         elif "attn.qkv" in key or "patch_embed" in key:
             value = QKV_SCALE * torch.randn(shape, generator=gen)
         elif key.startswith("score_predictor."):
+            # spread the keep scores: near log(0.5) everywhere, float32 ties would decide selections
             value = 0.2 * torch.randn(shape, generator=gen)
         else:
             value = 0.05 * torch.randn(shape, generator=gen)
