@@ -194,7 +194,7 @@ def main():
 @click.option("--no-validate", is_flag=True, help="Skip the quick validation.")
 @click.option("--transform", metavar="PRESET|KEY=VALUE,...",
               help="Evaluation transform recorded in vitedge.json: a preset (deit, deit-384, lvvit, lvvit-384, levit, mae, "
-                   "vit, fashion-mnist) and/or crop_pct=, interpolation=, crop=, mean=a/b/c, std=a/b/c, channels=.")
+                   "vit, swag, fashion-mnist) and/or crop_pct=, interpolation=, crop=, mean=a/b/c, std=a/b/c, channels=.")
 @click.option("--calib", help="Calibration images for data-dependent settings given here: any --data source or a name "
                               "in calibration/ (default: fmnist-train-512 for grey models, samples for RGB ones).")
 @setting_options(from_file=True)

@@ -56,7 +56,7 @@ def to_pixels(tensor: np.ndarray, transform: Transform) -> np.ndarray:
 @pytest.mark.parametrize("fmt", ["jpg", "png"])
 @pytest.mark.parametrize("grey", [False, True], ids=["rgb", "grey"])
 @pytest.mark.parametrize("shape", [(150, 100), (100, 150)], ids=["portrait", "landscape"])
-@pytest.mark.parametrize("preset", ["deit", "deit-384", "lvvit", "fashion-mnist"])
+@pytest.mark.parametrize("preset", ["deit", "deit-384", "lvvit", "swag", "fashion-mnist"])
 def test_transform_equals_the_pil_reference(tmp_path, fmt, grey, shape, preset):
     pixels = photo_like(*shape, seed=shape[0] + grey)
     path = tmp_path / f"image.{fmt}"
@@ -189,3 +189,18 @@ def test_a_calibration_set_yaml_is_a_data_source():
     dataset = load_dataset("fmnist-train-512")
     assert len(dataset) == 512 and dataset.domain == "fashion-mnist" and dataset.labels_for(10) is not None
     assert len(load_dataset(str(SET_DIR / "fmnist-train-512.yaml"), limit=40)) == 40
+
+
+def test_swag_preset_is_swags_eval_transform(tmp_path):
+    """facebookresearch/SWAG imagenet_1k_eval.py: Resize(r, bicubic), CenterCrop(r), ImageNet mean/std, at r = 384."""
+    path = tmp_path / "wide.png"
+    Image.fromarray(photo_like(300, 500, seed=7)).save(path)
+    transform = make_transform(384, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), {"preset": "swag"})
+    assert (transform.resize, transform.interpolation, transform.mean, transform.std) == (384, "bicubic", *IMAGENET)
+    with Image.open(path) as image:
+        out = transform(image)
+    assert out.shape == (3, 384, 384)
+    assert np.abs(to_pixels(out, transform) - reference_pixels(path, 384, 1.0, "bicubic", False)).max() <= 1 / 255
+    deit = make_transform(384, 3, *IMAGENET, {"preset": "deit"})  # a 0.875 crop margin: another picture
+    with Image.open(path) as image:
+        assert np.abs(deit(image) - out).max() > 0.5

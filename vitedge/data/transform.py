@@ -48,6 +48,10 @@ PRESETS: dict[str, dict] = {
     # The original ViT / AugReg weights (timm vit _cfg): crop_pct 0.9, bicubic, mean = std = 0.5.
     "vit": {"crop_pct": 0.9, "interpolation": "bicubic", "crop": "center", "channels": "RGB",
             "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    # SWAG (facebookresearch/SWAG imagenet_1k_eval.py): Resize(resolution, bicubic) + CenterCrop(resolution)
+    # at the fine-tuned 384/512/518 px, ImageNet mean/std.
+    "swag": {"crop_pct": 1.0, "interpolation": "bicubic", "crop": "center", "channels": "RGB",
+             "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
     # vitedge's Fashion-MNIST models: native 28 px grey, no crop margin (a 28 x 28 image passes unchanged).
     "fashion-mnist": {"crop_pct": 1.0, "interpolation": "bilinear", "crop": "center", "channels": "L"},
 }
