@@ -403,3 +403,54 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str,
             value = 0.05 * torch.randn(shape, generator=gen)
         state[key] = value.contiguous()
     return state
+
+
+# --- torchvision / SWAG ViTs (torchvision models/vision_transformer.py; facebookresearch/SWAG
+# --- models/vision_transformer.py, the torch-hub models): names, shapes and each one's timm twin.
+
+def torchvision_vit_layout(embed_dim=32, depth=4, patch=4, img=28, in_chans=1, num_classes=10, mlp_ratio=4.0,
+                           layout="torchvision", class_token=True, old_mlp=False) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{official name: (the timm name of the same tensor, official shape)}``.
+
+    torchvision: ``encoder.layers.encoder_layer_{i}``, ``MLPBlock`` as ``mlp.0`` / ``mlp.3`` (``old_mlp``:
+    ``mlp.linear_1`` / ``linear_2``, before torchvision 0.12), ``encoder.pos_embedding`` [1, S, D],
+    ``heads.head``. SWAG: ``encoder.layers.layer_{i}``, ``mlp.linear_1`` / ``linear_2``, the table
+    sequence-first [S, 1, D], ``head.layers.head``; ``class_token=False`` is SWAG's ``classifier="gap"``.
+    """
+    d, hidden = embed_dim, int(embed_dim * mlp_ratio)
+    seq = (img // patch) ** 2 + int(class_token)
+    swag = layout == "swag"
+    keys = {
+        "conv_proj.weight": ("patch_embed.proj.weight", (d, in_chans, patch, patch)),
+        "conv_proj.bias": ("patch_embed.proj.bias", (d,)),
+        "encoder.pos_embedding": ("pos_embed", (seq, 1, d) if swag else (1, seq, d)),
+    }
+    if class_token:
+        keys["class_token"] = ("cls_token", (1, 1, d))
+    fc1, fc2 = ("mlp.linear_1", "mlp.linear_2") if swag or old_mlp else ("mlp.0", "mlp.3")
+    for i in range(depth):
+        p, t = (f"encoder.layers.layer_{i}." if swag else f"encoder.layers.encoder_layer_{i}."), f"blocks.{i}."
+        keys.update({
+            p + "ln_1.weight": (t + "norm1.weight", (d,)), p + "ln_1.bias": (t + "norm1.bias", (d,)),
+            p + "self_attention.in_proj_weight": (t + "attn.qkv.weight", (3 * d, d)),
+            p + "self_attention.in_proj_bias": (t + "attn.qkv.bias", (3 * d,)),
+            p + "self_attention.out_proj.weight": (t + "attn.proj.weight", (d, d)),
+            p + "self_attention.out_proj.bias": (t + "attn.proj.bias", (d,)),
+            p + "ln_2.weight": (t + "norm2.weight", (d,)), p + "ln_2.bias": (t + "norm2.bias", (d,)),
+            p + fc1 + ".weight": (t + "mlp.fc1.weight", (hidden, d)), p + fc1 + ".bias": (t + "mlp.fc1.bias", (hidden,)),
+            p + fc2 + ".weight": (t + "mlp.fc2.weight", (d, hidden)), p + fc2 + ".bias": (t + "mlp.fc2.bias", (d,)),
+        })
+    head = "head.layers.head" if swag else "heads.head"
+    keys.update({"encoder.ln.weight": ("norm.weight", (d,)), "encoder.ln.bias": ("norm.bias", (d,)),
+                 head + ".weight": ("head.weight", (num_classes, d)), head + ".bias": ("head.bias", (num_classes,))})
+    return keys
+
+
+def torchvision_vit_state(layout: dict[str, tuple[str, tuple[int, ...]]], seed: int = 0) -> tuple[dict, dict]:
+    """(official state dict, the same tensors under timm names), drawn by ``random_state`` on the timm
+    names so that the weight-scaling rules apply (LayerNorm gains ~1, spread positions and attention)."""
+    timm_shapes = {timm: shape for timm, shape in layout.values()}
+    timm_shapes["pos_embed"] = (1, max(layout["encoder.pos_embedding"][1][:2]), layout["encoder.pos_embedding"][1][2])
+    timm = random_state(timm_shapes, seed)
+    official = {name: timm[twin].reshape(shape).contiguous() for name, (twin, shape) in layout.items()}
+    return official, timm

@@ -216,8 +216,9 @@ def test_position_table_that_fits_no_layout_is_refused():
     ("DeiT-256", dict(embed_dim=256, depth=12, patch=16, img=224), (224, 16, 4)),
     ("AugReg ViT-B/32", dict(embed_dim=768, depth=12, patch=32, img=224), (224, 32, 12)),
     ("ViT-L/16 @ 384", dict(embed_dim=1024, depth=24, patch=16, img=384), (384, 16, 16)),
-    ("MAE ViT-H/14", dict(embed_dim=1280, depth=32, patch=14, img=224, fc_norm=True), (224, 14, 20)),
-    ("ViT-H/14 @ 518", dict(embed_dim=1280, depth=32, patch=14, img=518), (518, 14, 20)),
+    # ViT-H/14: 16 heads of 80 (MAE models_vit.py vit_huge_patch14, timm vit_huge_patch14_224), not 64 per head
+    ("MAE ViT-H/14", dict(embed_dim=1280, depth=32, patch=14, img=224, fc_norm=True), (224, 14, 16)),
+    ("ViT-H/14 @ 518", dict(embed_dim=1280, depth=32, patch=14, img=518), (518, 14, 16)),
     ("DeiT-III-B @ 384", dict(embed_dim=768, depth=12, patch=16, img=384, layer_scale=True, no_embed_class=True),
      (384, 16, 12)),
 ])

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import VitedgeError
 from . import lvvit, vit
+from . import torchvision_vit  # torchvision / SWAG layouts, renamed to timm keys
 from .vit import ViTConfig
 
 # What each name in ``ViTConfig.features`` means, for the messages of a refused pair.
@@ -37,8 +38,9 @@ def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = No
 
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Backbone key renames every family shares (DeiT-III's ``gamma_1`` → timm's ``ls1.gamma``)."""
-    return vit.remap_layer_scale(state_dict)
+    """Backbone key renames every family shares (DeiT-III's ``gamma_1`` → timm's ``ls1.gamma``;
+    torchvision's and SWAG's ViTs → timm keys)."""
+    return vit.remap_layer_scale(torchvision_vit.to_timm_keys(state_dict))
 
 
 def prepare_for_export(model: torch.nn.Module) -> torch.nn.Module:

@@ -135,11 +135,17 @@ def default_normalization(in_chans: int) -> tuple[tuple[float, ...], tuple[float
     return IMAGENET_MEAN, IMAGENET_STD
 
 
+# (embed_dim, depth) -> heads of the released ViTs whose heads are not 64 channels wide: ViT-H/14
+# (timm vit_huge_patch14, MAE, torchvision vit_h_14 and SWAG: 16 heads of 80).
+RELEASED_HEADS = {(1280, 32): 16}
+
+
 def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = None, **stem) -> ViTConfig:
     """Read a timm ViT's shape off its weights.
 
     The head count is not visible in the weights; DeiT uses 64 channels per head, which is
-    the default here (at least one head), and ``num_heads`` overrides it. Pooling follows
+    the default here (at least one head) except for the released shapes in ``RELEASED_HEADS``,
+    and ``num_heads`` overrides it. Pooling follows
     timm: ``fc_norm`` present (and no ``norm``) means global average pooling, as MAE's
     fine-tuned models and timm's ``global_pool="avg"`` save it; no class token means average
     pooling too. ``stem`` carries what another backbone's stem fixes (LV-ViT's conv stem).
@@ -161,7 +167,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = No
     no_embed_class, num_patches = _position_layout(positions, prefix)
     grid = math.isqrt(num_patches)
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-    heads = num_heads or max(1, embed_dim // 64)
+    heads = num_heads or RELEASED_HEADS.get((embed_dim, depth)) or max(1, embed_dim // 64)
     if embed_dim % heads:
         raise VitedgeError(f"embed dim {embed_dim} is not divisible by {heads} heads; pass --num-heads")
     fc_norm = "fc_norm.weight" in state_dict
