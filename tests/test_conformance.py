@@ -29,6 +29,7 @@ from support import (
     same_sets,
     timm_vit_keys,
 )
+from support import torchvision_vit_layout
 
 import vitedge
 from vitedge.errors import VitedgeError
@@ -69,7 +70,23 @@ BACKBONES = {
     "vit_p7": (timm_vit_keys(DIM, 4, patch=7, mlp_ratio=3.0, qkv_bias=False), {"eps": 1e-6, "patch": 7}),
     # LV-ViT-S's layout at 32 dims, 16 blocks (TokenLabeling lvvit_s: skip_lam 2, LayerNorm eps 1e-5)
     "lvvit": (lvvit_keys(DIM, 16), {"eps": 1e-5, "skip_lam": 2.0}),
+    # torchvision VisionTransformer (its vit_* weights, SWAG's end-to-end ones) and SWAG's torch-hub models
+    # (sequence-first [S, 1, D] position table, patches of 7 px like ViT-H/14's odd grid): the timm twins of
+    # the tensors here; the checkpoint is saved under the official names (``_official_layout``)
+    "torchvision": (timm_vit_keys(DIM, 4), {"eps": 1e-6, "layout": "torchvision"}),
+    "swag": (timm_vit_keys(DIM, 4, patch=7), {"eps": 1e-6, "patch": 7, "layout": "swag"}),
 }
+
+
+def _official_layout(backbone: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict under the backbone's own names: torchvision's / SWAG's for those layouts (a bare
+    state dict, as their files hold it), else ``{"model": state}`` as the timm-based repos save."""
+    fixed = BACKBONES[backbone][1]
+    if "layout" not in fixed:
+        return {"model": state}
+    layout = torchvision_vit_layout(DIM, 4, patch=fixed.get("patch", 4), layout=fixed["layout"])
+    assert {twin for twin, _ in layout.values()} == set(state)
+    return {name: state[twin].reshape(shape).contiguous() for name, (twin, shape) in layout.items()}
 
 
 def official_keys(family: str, backbone: str) -> dict[str, tuple[int, ...]]:
@@ -119,6 +136,9 @@ SPECS = [
     Spec("deit", "lvvit"),
     Spec("dynamicvit", "lvvit", {"keep_rate": 0.7}),  # dylvvit: pruning before blocks 4, 8, 12 of 16
     Spec("supervit", "lvvit", {"keep_rate": 0.7, "resolution": 28, "resolutions": list(SUPERVIT_SIZES)}),
+    Spec("deit", "swag"),
+    Spec("tome", "swag", {"merge_count": 2}),  # tome.patch.swag: the timm patch's merging on SWAG's blocks
+    Spec("evit", "torchvision", {"keep_rate": 0.7}),
 ]
 
 # Pairs the official code does not define: refused at load in one line naming what is supported.
@@ -363,7 +383,7 @@ def _state(family: str, backbone: str, seed: int = 5):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """One official-layout ``{"model": state_dict}`` .pth per (family, backbone) spec, made on demand."""
+    """One official-layout checkpoint (``_official_layout``) per (family, backbone) spec, made on demand."""
     folder = tmp_path_factory.mktemp("conformance")
     made = {}
 
@@ -371,7 +391,7 @@ def checkpoints(tmp_path_factory):
         if (family, backbone) not in made:
             state = _state(family, backbone)
             path = folder / f"{family}-{backbone}.pth"
-            torch.save({"model": state}, path)
+            torch.save(_official_layout(backbone, state), path)
             made[family, backbone] = (path, state)
         return made[family, backbone]
 
