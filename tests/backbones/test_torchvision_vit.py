@@ -8,6 +8,8 @@ runs), so neither the rename nor timm's qkv reshape is taken on trust.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from vitedge.backbones import adapt_state_dict, infer_config
 from vitedge.load import load_model
 
 HEADS = 2
+D = 32  # the width of the checkpoints below
 
 
 @torch.no_grad()
@@ -94,9 +97,10 @@ def test_released_swag_shapes_read_off_the_weights(name, shape, want):
     assert (cfg.mlp_ratio, cfg.num_classes, cfg.features, cfg.norm_eps) == (4.0, 1000, frozenset(), 1e-6)
 
 
-def _rgb_checkpoint(tmp_path, layout: str, img: int, patch: int, **change):
-    official, _ = torchvision_vit_state(torchvision_vit_layout(32, 2, patch=patch, img=img, in_chans=3, layout=layout),
-                                        seed=9)
+def _rgb_checkpoint(tmp_path, layout: str, img: int, patch: int, depth: int = 2, **change):
+    """A 32-wide RGB checkpoint at ``img`` px, ``change`` applied (None: drop the keys with that prefix)."""
+    shape = torchvision_vit_layout(32, depth, patch=patch, img=img, in_chans=3, layout=layout)
+    official, _ = torchvision_vit_state(shape, seed=9)
     for key, value in change.items():
         if value is None:
             official = {k: v for k, v in official.items() if not k.startswith(key)}
@@ -116,7 +120,7 @@ def test_cli_exports_checks_and_validates_at_the_released_sizes(layout, img, pat
     out = tmp_path / "out"
     result = run_cli("export", path, "-o", out, *family, "--num-heads", HEADS, "--transform", "swag", "--limit", 8)
     assert result.exit_code == 0, result.output
-    summary = read_json_line(result.stdout)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["check"] and summary["top1_agreement"] == 1.0
     metadata = read_json(out / "vitedge.json")
     assert metadata["arch"]["img_size"] == img and metadata["arch"]["patch_size"] == patch
@@ -127,13 +131,6 @@ def test_cli_exports_checks_and_validates_at_the_released_sizes(layout, img, pat
     assert validate.exit_code == 0, validate.output
 
 
-def read_json_line(stdout: str) -> dict:
-    import json
-
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-D = 32
 BAD = [
     ("a missing layer", {"encoder.layers.layer_0.": None},
      "has layers up to encoder.layers.layer_1 but not encoder.layers.layer_0; is the file truncated?"),
@@ -160,8 +157,20 @@ def test_bad_swag_checkpoints_are_one_line_and_write_nothing(what, change, messa
     assert message in line, line
 
 
-def test_a_torchvision_table_off_the_grid_is_one_line(tmp_path):
-    path = _rgb_checkpoint(tmp_path, "torchvision", 518, 14, **{"encoder.pos_embedding": torch.zeros(1, 1 + 37 * 37 - 1, D)})
-    line = assert_clean_failure(run_cli("export", path, "-o", tmp_path / "out", "--family", "tome", "--num-heads", HEADS),
-                                tmp_path / "out")
-    assert "encoder.pos_embedding with 1369 positions: not the class token plus a square grid" in line, line
+TORCHVISION_BAD = [
+    ("a position table off the grid", {"encoder.pos_embedding": torch.zeros(1, 1 + 37 * 37 - 1, D)},
+     "encoder.pos_embedding with 1369 positions: not the class token plus a square grid of patches (e.g. 1 + 37 x 37 = 1370)"),
+    ("a pre-logits layer", {"heads.pre_logits.weight": torch.zeros(D, D), "heads.pre_logits.bias": torch.zeros(D)},
+     "has a pre-logits layer (heads.pre_logits + tanh, torchvision's representation_size)"),
+    ("a missing middle layer", {"encoder.layers.encoder_layer_1.": None},
+     "has layers up to encoder.layers.encoder_layer_2 but not encoder.layers.encoder_layer_1"),
+    ("timm keys mixed in", {"blocks.0.norm1.weight": torch.ones(D)}, "mixes torchvision ViT keys (encoder.*) with timm keys"),
+]
+
+
+@pytest.mark.parametrize("what, change, message", TORCHVISION_BAD, ids=[b[0] for b in TORCHVISION_BAD])
+def test_bad_torchvision_checkpoints_are_one_line_and_write_nothing(what, change, message, tmp_path):
+    path = _rgb_checkpoint(tmp_path, "torchvision", 518, 14, depth=3, **change)
+    out = tmp_path / "out"
+    line = assert_clean_failure(run_cli("export", path, "-o", out, "--family", "tome", "--num-heads", HEADS), out)
+    assert message in line, line
