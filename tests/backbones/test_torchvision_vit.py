@@ -164,6 +164,7 @@ TORCHVISION_BAD = [
      "has a pre-logits layer (heads.pre_logits + tanh, torchvision's representation_size)"),
     ("a missing middle layer", {"encoder.layers.encoder_layer_1.": None},
      "has layers up to encoder.layers.encoder_layer_2 but not encoder.layers.encoder_layer_1"),
+    ("no position table", {"encoder.pos_embedding": None}, "torchvision ViT checkpoint lacks encoder.pos_embedding"),
     ("timm keys mixed in", {"blocks.0.norm1.weight": torch.ones(D)}, "mixes torchvision ViT keys (encoder.*) with timm keys"),
 ]
 

@@ -115,7 +115,7 @@ def _refuse_what_timm_lacks(state_dict: dict[str, torch.Tensor], layout: str) ->
             f"{layout} ViT checkpoint has no classification head ({names['head']}): a pretrained trunk "
             "(SWAG vit_b16, not vit_b16_in1k) gives features, not logits; export a fine-tuned classifier"
         )
-    missing = [k for k in ("conv_proj.weight", "conv_proj.bias", "encoder.ln.weight", "encoder.ln.bias",
+    missing = [k for k in ("conv_proj.weight", "conv_proj.bias", SIGNATURE_KEY, "encoder.ln.weight", "encoder.ln.bias",
                            f"{names['head']}.weight", f"{names['head']}.bias") if k not in state_dict]
     if missing:
         raise VitedgeError(f"{layout} ViT checkpoint lacks {', '.join(missing)}; is the file complete?")
