@@ -73,10 +73,13 @@ BACKBONES = {
     "lvvit": (lvvit_keys(DIM, 16), {"eps": 1e-5, "skip_lam": 2.0}),
     # Evo-LeViT (levit/evo_levit.py) shaped like 128 (a selection in every stage) at 32/48/64 dims, key dim 8,
     # 3/2/2 blocks, 128 px (8x8 -> 4x4 -> 2x2 tokens): stage 1's two heads are the suite's HEADS
-    "levit": (evo_levit_keys(), {"eps": 1e-5, "img": 128}),
+    "levit": (evo_levit_keys(), {"eps": 1e-5, "img": 128, "shape": {}}),
+    # shaped like 128S (stage 1 dense, no StageModule there) at 112 px: odd grids as at 224 px (7x7 -> 4x4 -> 2x2)
+    "levit_128s": (evo_levit_keys(depths=(2, 3, 2), img=112),
+                   {"eps": 1e-5, "img": 112, "shape": {"depths": (2, 3, 2), "img": 112}}),
 }
 # The backbone module each name loads as (``ViTConfig.backbone``).
-BACKBONE_KIND = {"lvvit": "lvvit", "levit": "levit"}
+BACKBONE_KIND = {"lvvit": "lvvit", "levit": "levit", "levit_128s": "levit"}
 
 
 def official_keys(family: str, backbone: str) -> dict[str, tuple[int, ...]]:
@@ -127,6 +130,7 @@ SPECS = [
     Spec("dynamicvit", "lvvit", {"keep_rate": 0.7}),  # dylvvit: pruning before blocks 4, 8, 12 of 16
     Spec("supervit", "lvvit", {"keep_rate": 0.7, "resolution": 28, "resolutions": list(SUPERVIT_SIZES)}),
     Spec("evovit", "levit"),  # Evo-LeViT: prune_ratio_list [[1, 1, 0.5, ...], [0.5, 0.5, 0.5]]
+    Spec("evovit", "levit_128s", {"keep_rate": 0.6}),
 ]
 
 # Pairs the official code does not define: refused at load in one line naming what is supported.
@@ -493,8 +497,8 @@ ORACLES = {"deit": oracle_dense, "tome": oracle_tome, "evit": oracle_evit, "dyna
 # ---------------------------------------------------------------- fixtures
 
 def _state(family: str, backbone: str, seed: int = 5):
-    if backbone == "levit":  # each stage_blocks.* tensor is its blocks.* twin, as the official model saves them
-        return evo_levit_state(seed=seed)
+    if BACKBONE_KIND.get(backbone) == "levit":  # each stage_blocks.* tensor is its blocks.* twin, as saved officially
+        return evo_levit_state(seed=seed, **BACKBONES[backbone][1]["shape"])
     return random_state(official_keys(family, backbone), seed=seed)
 
 
