@@ -474,17 +474,21 @@ def evo_levit_keys(dims=(32, 48, 64), key_dim=8, heads=(2, 3, 4), depths=(3, 2, 
 
 def evo_levit_state(seed: int = 0, **shape) -> dict[str, torch.Tensor]:
     """Random weights in ``evo_levit_keys``' layout with every ``stage_blocks.*`` tensor its ``blocks.*`` twin,
-    as the official model saves them (one module under two names); attention projections scaled up so that
-    class attention is far from uniform (selections far from ties)."""
+    as the official model saves them (one module under two names); every layer of unit gain (activations stay
+    O(1) at any width) and attention sharp enough that class attention is far from uniform."""
     keys = evo_levit_keys(**shape)
     state = random_state({k: v for k, v in keys.items() if not k.startswith("stage_blocks.")}, seed=seed)
-    for key in state:
-        if key.endswith(("qkv.c.weight", "kv.c.weight", "q.1.c.weight")):
-            state[key] = state[key] * 6
-        elif key.endswith(("head.l.weight", "head_dist.l.weight")):
-            state[key] = state[key] * 10
+    gen = torch.Generator().manual_seed(seed + 1)
+    for key, value in state.items():
+        if key.endswith("c.weight") or key.endswith("l.weight"):
+            # unit gain per layer (BatchNorm's fixed statistics do not renormalise); attention sharp, not saturated
+            fan_in = int(torch.tensor(value.shape[1:]).prod())
+            gain = 2.5 if key.endswith(("qkv.c.weight", "kv.c.weight", "q.1.c.weight")) else 3.0 if key.endswith("l.weight") else 1.0
+            state[key] = gain * torch.randn(value.shape, generator=gen) / fan_in**0.5
+        elif key.endswith(("m.2.bn.weight", "m.proj.1.bn.weight")):  # residual branch outputs: small, as trained
+            state[key] = 0.3 + 0.05 * torch.randn(value.shape, generator=gen)
         elif key.endswith("learn_tradeoff"):
-            state[key] = state[key] * 20
+            state[key] = 2.0 * torch.randn(value.shape, generator=gen)
     blocks = [k for k in keys if k.startswith("blocks.")]
     stages = [k for k in keys if k.startswith("stage_blocks.")]
     # same modules in the same order: pair each stage_blocks tensor with the blocks tensor it names
