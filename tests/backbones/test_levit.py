@@ -12,6 +12,7 @@ from support import assert_clean_failure, evo_levit_keys, evo_levit_state, run_c
 
 from vitedge.backbones import FEATURE_NAMES, dense_flops, infer_config, levit
 from vitedge.errors import VitedgeError
+from vitedge.families import available_families
 from vitedge.load import load_model
 
 # specification in levit/evo_levit.py (C, D, N, X) and LeViT's paper FLOPs (M, Table 3; 224 px, no class token)
@@ -107,7 +108,7 @@ def test_cli_refuses_blocks_and_stage_blocks_that_differ(tmp_path):
     assert f"{key} differs from blocks." in line and "re-save" in line
 
 
-@pytest.mark.parametrize("family", ["evit", "tome", "dynamicvit", "deit"])
+@pytest.mark.parametrize("family", [name for name in available_families() if name != "evovit"])
 def test_cli_refuses_levit_for_a_family_without_it(family, tmp_path):
     out = tmp_path / "out"
     line = assert_clean_failure(run_cli("export", _save(tmp_path, evo_levit_state()), "-o", out, "--family", family,

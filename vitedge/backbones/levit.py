@@ -129,7 +129,7 @@ def _split_block(name: str, keys: dict) -> list[tuple[str, dict]]:
 def _split_stage_block(name: str, keys: dict) -> list[tuple[str, dict]]:
     """A ``StageModule`` (``m.<j>.m.*``: its residual blocks) is one unit per block."""
     if keys and all(re.match(r"^m\.\d+\.m\.", k) for k in keys):
-        inner = _block_index_keys({f"m.{k[2:]}": v for k, v in keys.items()}, "m")
+        inner = _block_index_keys(keys, "m")
         return [(f"{name}.m.{j}", inner[j]) for j in sorted(inner)]
     return [(name, keys)]
 
