@@ -426,9 +426,10 @@ class EvoViTFamily(Family):
 
     settings = (
         keep_rate_setting(0.5, ONE_OR_LIST, "slow (updated) share of the patch tokens from each split block on"),
-        block_list_setting("split_blocks", "blocks where tokens are re-sorted into slow and fast (default: depth/3, 2/3)"),
+        block_list_setting("split_blocks", "blocks where tokens are re-sorted into slow and fast (default: depth/3, "
+                           "2/3; LeViT: where each stage's selection starts, its first block from block 2 on)"),
         Setting("tradeoff", float, "EMA coefficient of the class-attention score: one for the blocks from the first "
-                "split on, or one per block", OFFICIAL_TRADEOFF, ONE_OR_LIST, minimum=0.0, maximum=1.0),
+                "split on, or one per block (LeViT learns it: not settable)", OFFICIAL_TRADEOFF, ONE_OR_LIST, minimum=0.0, maximum=1.0),
     )
 
     def combine_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
