@@ -454,3 +454,117 @@ def torchvision_vit_state(layout: dict[str, tuple[str, tuple[int, ...]]], seed: 
     timm = random_state(timm_shapes, seed)
     official = {name: timm[twin].reshape(shape).contiguous() for name, (twin, shape) in layout.items()}
     return official, timm
+
+
+def evo_levit_keys(dims=(32, 48, 64), key_dim=8, heads=(2, 3, 4), depths=(3, 2, 2), img=128, in_chans=1,
+                   num_classes=10, prune_ratio=None, training_heads=True) -> dict[str, tuple[int, ...]]:
+    """Evo-LeViT ``LeViT`` (levit/evo_levit.py ``model_factory``: ``b16`` stem, attn_ratio 2, mlp_ratio 2,
+    ``down_ops`` Subsample(D, C_i // D heads, attn_ratio 4, mlp_ratio 2, stride 2), distillation) state dict
+    names and shapes: ``blocks.*`` (one ``CatModule`` m1/m2 per attention block, then ``AttentionSubsample``
+    and its ``Residual`` MLP) and ``stage_blocks.*`` (the same modules: blocks of ratio 1 alone, the others
+    of a stage in one ``StageModule.m``); ``prune_ratio`` is the first list of ``prune_ratio_list``
+    (default: 1, 1, then 0.5); ``training_heads``: ``head_cls`` / ``head_cls_dist``."""
+    prune_ratio = prune_ratio or [1, 1] + [0.5] * (sum(depths) - 2)
+
+    def linear_bn(prefix, a, b):
+        keys = {prefix + "c.weight": (b, a)}
+        keys.update({prefix + f"bn.{p}": (b,) for p in ("weight", "bias", "running_mean", "running_var")})
+        keys[prefix + "bn.num_batches_tracked"] = ()
+        return keys
+
+    def residual_mlp(prefix, d):
+        return {**linear_bn(prefix + "m.0.", d, 2 * d), **linear_bn(prefix + "m.2.", 2 * d, d)}
+
+    def residual_attention(prefix, d, h):
+        qkv = h * (key_dim + key_dim + 2 * key_dim)
+        return {**linear_bn(prefix + "m.qkv.", d, qkv), **linear_bn(prefix + "m.proj.1.", h * 2 * key_dim, d),
+                prefix + "m.learn_tradeoff": (1,)}
+
+    keys: dict[str, tuple[int, ...]] = {"cls_token": (1, 1, dims[0])}
+    widths = [in_chans, dims[0] // 8, dims[0] // 4, dims[0] // 2, dims[0]]
+    for i in range(4):
+        p = f"patch_embed.{2 * i}."
+        keys[p + "c.weight"] = (widths[i + 1], widths[i], 3, 3)
+        keys.update({p + f"bn.{q}": (widths[i + 1],) for q in ("weight", "bias", "running_mean", "running_var")})
+        keys[p + "bn.num_batches_tracked"] = ()
+    resolution = img // 16
+    keys["poss"] = (1, resolution**2 + 1, dims[0])
+    blocks, stage, layer = [], [], 0  # (module keys without prefix) in blocks / stage_blocks order
+    for s, (d, depth, h) in enumerate(zip(dims, depths, heads)):
+        sub = []
+        for _ in range(depth):
+            m1, m2 = residual_attention("", d, h), residual_mlp("", d)
+            blocks.append({**{"m1." + k: v for k, v in m1.items()}, **{"m2." + k: v for k, v in m2.items()}})
+            if prune_ratio[layer] == 1:
+                stage += [m1, m2]
+            else:
+                sub += [m1, m2]
+            layer += 1
+        if sub:
+            stage.append({f"m.{j}.{k}": v for j, module in enumerate(sub) for k, v in module.items()})
+        if s + 1 < len(dims):
+            nh = d // key_dim
+            out = dims[s + 1]
+            subsample = {**linear_bn("kv.", d, nh * (key_dim + 4 * key_dim)), **linear_bn("q.1.", d, nh * key_dim),
+                         **linear_bn("proj.1.", nh * 4 * key_dim, out), "poss": (1, resolution**2 + 1, d),
+                         "learn_tradeoff": (1,)}
+            ffn = residual_mlp("", out)
+            blocks += [subsample, ffn]
+            stage += [subsample, ffn]
+            resolution = (resolution - 1) // 2 + 1
+    for name, modules in (("blocks", blocks), ("stage_blocks", stage)):
+        for index, module in enumerate(modules):
+            keys.update({f"{name}.{index}.{k}": v for k, v in module.items()})
+    heads_ = ("head", "head_dist") + (("head_cls", "head_cls_dist") if training_heads else ())
+    for name in heads_:
+        keys.update({f"{name}.bn.{q}": (dims[-1],) for q in ("weight", "bias", "running_mean", "running_var")})
+        keys[f"{name}.bn.num_batches_tracked"] = ()
+        keys.update({f"{name}.l.weight": (num_classes, dims[-1]), f"{name}.l.bias": (num_classes,)})
+    return keys
+
+
+def evo_levit_state(seed: int = 0, **shape) -> dict[str, torch.Tensor]:
+    """Random weights in ``evo_levit_keys``' layout with every ``stage_blocks.*`` tensor its ``blocks.*`` twin,
+    as the official model saves them (one module under two names); every layer of unit gain (activations stay
+    O(1) at any width) and attention sharp enough that class attention is far from uniform."""
+    keys = evo_levit_keys(**shape)
+    state = random_state({k: v for k, v in keys.items() if not k.startswith("stage_blocks.")}, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for key, value in state.items():
+        if key.endswith("c.weight") or key.endswith("l.weight"):
+            # unit gain per layer (BatchNorm's fixed statistics do not renormalise); attention sharp, not saturated
+            fan_in = int(torch.tensor(value.shape[1:]).prod())
+            gain = 2.5 if key.endswith(("qkv.c.weight", "kv.c.weight", "q.1.c.weight")) else 3.0 if key.endswith("l.weight") else 1.0
+            state[key] = gain * torch.randn(value.shape, generator=gen) / fan_in**0.5
+        elif key.endswith(("m.2.bn.weight", "m.proj.1.bn.weight")):  # residual branch outputs: small, as trained
+            state[key] = 0.3 + 0.05 * torch.randn(value.shape, generator=gen)
+        elif key.endswith("learn_tradeoff"):
+            state[key] = 2.0 * torch.randn(value.shape, generator=gen)
+    blocks = [k for k in keys if k.startswith("blocks.")]
+    stages = [k for k in keys if k.startswith("stage_blocks.")]
+    # same modules in the same order: pair each stage_blocks tensor with the blocks tensor it names
+    block_units = _evo_levit_units(blocks, "blocks")
+    stage_units = _evo_levit_units(stages, "stage_blocks")
+    for (b_prefix, b_keys), (s_prefix, _) in zip(block_units, stage_units, strict=True):
+        for suffix in b_keys:
+            state[f"{s_prefix}.{suffix}"] = state[f"{b_prefix}.{suffix}"]
+    return {k: state[k] for k in keys}
+
+
+def _evo_levit_units(keys: list[str], name: str) -> list[tuple[str, list[str]]]:
+    """(prefix, suffixes) of each residual / subsampling module, in order (CatModule m1/m2, StageModule m.j)."""
+    units: dict[str, list[str]] = {}
+    for key in keys:
+        parts = key[len(name) + 1:].split(".")
+        if parts[1] in ("m1", "m2"):
+            prefix, rest = f"{name}.{parts[0]}.{parts[1]}", parts[2:]
+        elif parts[1] == "m" and parts[2].isdigit() and parts[3] == "m":
+            prefix, rest = f"{name}.{parts[0]}.m.{parts[2]}", parts[3:]
+        else:
+            prefix, rest = f"{name}.{parts[0]}", parts[1:]
+        units.setdefault(prefix, []).append(".".join(rest))
+
+    def order(prefix: str):
+        return [int(p) if p.isdigit() else p for p in prefix.split(".")[1:]]
+
+    return sorted(units.items(), key=lambda item: order(item[0]))

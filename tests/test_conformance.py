@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from support import (
     assert_clean_failure,
     copy_artifact,
+    evo_levit_keys,
+    evo_levit_state,
     lvvit_keys,
     random_state,
     read_json,
@@ -75,7 +77,15 @@ BACKBONES = {
     # the tensors here; the checkpoint is saved under the official names (``_official_layout``)
     "torchvision": (timm_vit_keys(DIM, 4), {"eps": 1e-6, "layout": "torchvision"}),
     "swag": (timm_vit_keys(DIM, 4, patch=7), {"eps": 1e-6, "patch": 7, "layout": "swag"}),
+    # Evo-LeViT (levit/evo_levit.py) shaped like 128 (a selection in every stage) at 32/48/64 dims, key dim 8,
+    # 3/2/2 blocks, 128 px (8x8 -> 4x4 -> 2x2 tokens): stage 1's two heads are the suite's HEADS
+    "levit": (evo_levit_keys(), {"eps": 1e-5, "img": 128, "shape": {}}),
+    # shaped like 128S (stage 1 dense, no StageModule there) at 112 px: odd grids as at 224 px (7x7 -> 4x4 -> 2x2)
+    "levit_128s": (evo_levit_keys(depths=(2, 3, 2), img=112),
+                   {"eps": 1e-5, "img": 112, "shape": {"depths": (2, 3, 2), "img": 112}}),
 }
+# The backbone module each name loads as (``ViTConfig.backbone``).
+BACKBONE_KIND = {"lvvit": "lvvit", "levit": "levit", "levit_128s": "levit"}
 
 
 def _official_layout(backbone: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,6 +149,8 @@ SPECS = [
     Spec("deit", "swag"),
     Spec("tome", "swag", {"merge_count": 2}),  # tome.patch.swag: the timm patch's merging on SWAG's blocks
     Spec("evit", "torchvision", {"keep_rate": 0.7}),
+    Spec("evovit", "levit"),  # Evo-LeViT: prune_ratio_list [[1, 1, 0.5, ...], [0.5, 0.5, 0.5]]
+    Spec("evovit", "levit_128s", {"keep_rate": 0.6}),
 ]
 
 # Pairs the official code does not define: refused at load in one line naming what is supported.
@@ -150,6 +162,10 @@ REFUSED = [
     ("avit", "deit3", "LayerScale"),
     ("ats", "mae", "global average pooling"),
     ("dynamicvit", "distilled", "a distillation token"),
+    ("evit", "levit", "the LeViT backbone"),
+    ("deit", "levit", "the LeViT backbone"),
+    ("tome", "levit", "the LeViT backbone"),
+    ("evovit", "lvvit", "the LV-ViT backbone"),
 ]
 
 
@@ -371,13 +387,138 @@ def oracle_supervit(sd, images, fixed, settings):
     return _head(sd, x, fixed, aux_weight=0.25), kept
 
 
+def _bn(sd, prefix, x):
+    """BatchNorm at eval over the last axis (``Linear_BN``'s BatchNorm1d on flattened tokens) or axis 1 (2-D)."""
+    return F.batch_norm(x, sd[prefix + "running_mean"], sd[prefix + "running_var"], sd[prefix + "weight"],
+                        sd[prefix + "bias"], training=False, eps=1e-5)
+
+
+def _linear_bn(sd, prefix, x):
+    y = F.linear(x, sd[prefix + "c.weight"])
+    return _bn(sd, prefix + "bn.", y.flatten(0, 1)).reshape_as(y)
+
+
+def _levit_mlp(sd, prefix, x):
+    return _linear_bn(sd, prefix + "m.2.", F.hardswish(_linear_bn(sd, prefix + "m.0.", x)))
+
+
+def _subsample(x, resolution):
+    batch, _, channels = x.shape
+    return x.view(batch, resolution, resolution, channels)[:, ::2, ::2].reshape(batch, -1, channels)
+
+
+@torch.no_grad()
+def oracle_evovit(sd, images, fixed, settings):
+    """Evo-LeViT ``LeViT.forward`` at eval (``stage_wise_prune``, ``learn_tradeoff_mode``): the ``stage_blocks``
+    path with its global ``global_attn`` / ``ori_indices`` and in-place writes, StageModules at the stage's ratio;
+    key dim 8 as in ``BACKBONES``. Per StageModule: the stage-grid indices it keeps (``ori_indices`` of stage 1,
+    then ranks in each later grid)."""
+    key_dim = 8
+    x = images
+    for i in range(4):
+        if i:
+            x = F.hardswish(x)
+        x = _bn(sd, f"patch_embed.{2 * i}.bn.", F.conv2d(x, sd[f"patch_embed.{2 * i}.c.weight"], stride=2, padding=1))
+    x = x.flatten(2).transpose(1, 2)
+    state = {"ga": 0, "oi": torch.arange(x.shape[1]).unsqueeze(0).expand(x.shape[0], -1)}
+    x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + sd["poss"]
+    resolution = math.isqrt(x.shape[1] - 1)
+    kept = []
+
+    def attention(prefix, x):
+        batch, tokens, _ = x.shape
+        heads = sd[prefix + "m.proj.1.c.weight"].shape[1] // (2 * key_dim)
+        q, k, v = _linear_bn(sd, prefix + "m.qkv.", x).view(batch, tokens, heads, -1).split([key_dim, key_dim, 2 * key_dim], 3)
+        attn = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)) * key_dim**-0.5).softmax(-1)
+        tradeoff = torch.sigmoid(sd[prefix + "m.learn_tradeoff"])
+        ga = state["ga"]
+        if isinstance(ga, int):
+            state["ga"] = attn[:, :, 0, 1:].mean(1)
+        elif ga.shape[1] - tokens + 2 == 1:
+            state["ga"] = (1 - tradeoff) * ga + tradeoff * attn[:, :, 0, 1:].mean(1)
+        else:
+            ga = ga.clone()
+            ga[:, : tokens - 2] = (1 - tradeoff) * ga[:, : tokens - 2] + tradeoff * attn[:, :, 0, 1:-1].mean(1)
+            state["ga"] = ga
+        out = (attn @ v.transpose(1, 2)).transpose(1, 2).reshape(batch, tokens, -1)
+        raw = _linear_bn(sd, prefix + "m.proj.1.", F.hardswish(out))
+        return x + raw, raw
+
+    def residual(prefix, x):
+        if prefix + "m.qkv.c.weight" in sd:
+            return attention(prefix, x)
+        raw = _levit_mlp(sd, prefix, x)
+        return x + raw, raw
+
+    def sort_by_score(x):
+        order = torch.argsort(state["ga"], dim=1, descending=True, stable=True)
+        state["ga"], state["oi"] = state["ga"].gather(1, order), state["oi"].gather(1, order)
+        return torch.cat([x[:, :1], _gather(x[:, 1:], order)], dim=1)
+
+    index = 0
+    while any(k.startswith(f"stage_blocks.{index}.") for k in sd):
+        prefix = f"stage_blocks.{index}."
+        if prefix + "kv.c.weight" in sd:  # AttentionSubsample
+            old = state["ga"].sum(1, keepdim=True)
+            order = torch.argsort(state["oi"], dim=1)
+            x = torch.cat([x[:, :1], _gather(x[:, 1:], order)], dim=1)
+            ga = _subsample(state["ga"].gather(1, order).unsqueeze(-1), resolution)[..., 0]
+            state["oi"] = _subsample(state["oi"].gather(1, order).unsqueeze(-1).float(), resolution)[..., 0].long()
+            x = x + sd[prefix + "poss"]
+            batch, tokens, _ = x.shape
+            heads = sd[prefix + "q.1.c.weight"].shape[0] // key_dim
+            k, v = _linear_bn(sd, prefix + "kv.", x).view(batch, tokens, heads, -1).split([key_dim, 4 * key_dim], 3)
+            q_in = torch.cat([x[:, :1], _subsample(x[:, 1:], resolution)], dim=1)
+            q = _linear_bn(sd, prefix + "q.1.", q_in).view(batch, q_in.shape[1], heads, key_dim).transpose(1, 2)
+            attn = ((q @ k.transpose(1, 2).transpose(-2, -1)) * key_dim**-0.5).softmax(-1)
+            cls_attn = _subsample(attn[:, :, 0, 1:].mean(1).unsqueeze(-1), resolution)[..., 0]
+            tradeoff = torch.sigmoid(sd[prefix + "learn_tradeoff"])
+            ga = (1 - tradeoff) * ga + tradeoff * cls_attn
+            state["ga"] = ga * (old / ga.sum(1, keepdim=True))
+            out = (attn @ v.transpose(1, 2)).transpose(1, 2).reshape(batch, q_in.shape[1], -1)
+            x = _linear_bn(sd, prefix + "proj.1.", F.hardswish(out))
+            resolution = (resolution - 1) // 2 + 1
+        elif prefix + "m.0.m.qkv.c.weight" in sd:  # StageModule
+            x = sort_by_score(x)
+            n = x.shape[1] - 1
+            n_ = int(n * settings.get("keep_rate", 0.5))
+            kept.append(_grid_rank(state["oi"][:, :n_], state["oi"]))
+            x_drop = x[:, n_ + 1:]
+            weight = state["ga"][:, n_:] / state["ga"][:, n_:].sum(1, keepdim=True)
+            y = torch.cat([x[:, : n_ + 1], (weight.unsqueeze(-1) * x_drop).sum(1, keepdim=True)], dim=1)
+            raw_total = 0
+            j = 0
+            while f"{prefix}m.{j}.m.0.c.weight" in sd or f"{prefix}m.{j}.m.qkv.c.weight" in sd:
+                y, raw = residual(f"{prefix}m.{j}.", y)
+                raw_total = raw_total + raw[:, -1:]
+                j += 1
+            x = torch.cat([y[:, :-1], x_drop + raw_total], dim=1)
+        else:
+            x = residual(prefix, x)[0]
+        index += 1
+    pooled = x[:, 1:].mean(1)
+
+    def bn_linear(name):
+        return _lin(sd, f"{name}.l", _bn(sd, f"{name}.bn.", pooled))
+
+    return (bn_linear("head") + bn_linear("head_dist")) / 2, kept
+
+
+def _grid_rank(kept_ids, all_ids):
+    """``ori_indices`` after a subsampling hold first-grid indices: a token's position in its stage's grid is
+    its rank among the stage's ``ori_indices``."""
+    return torch.searchsorted(all_ids.sort(dim=1).values.contiguous(), kept_ids.contiguous())
+
+
 ORACLES = {"deit": oracle_dense, "tome": oracle_tome, "evit": oracle_evit, "dynamicvit": oracle_dynamicvit,
-           "supervit": oracle_supervit}
+           "supervit": oracle_supervit, "evovit": oracle_evovit}
 
 
 # ---------------------------------------------------------------- fixtures
 
 def _state(family: str, backbone: str, seed: int = 5):
+    if BACKBONE_KIND.get(backbone) == "levit":  # each stage_blocks.* tensor is its blocks.* twin, as saved officially
+        return evo_levit_state(seed=seed, **BACKBONES[backbone][1]["shape"])
     return random_state(official_keys(family, backbone), seed=seed)
 
 
@@ -420,8 +561,11 @@ def exported(tmp_path_factory, checkpoints):
 STRICT = {"min_top1_agreement": 1.0, "min_kept_agreement": 1.0, "max_abs_logit_diff": 1e-4}
 
 
-def _images(fmnist_batch, n=16):
-    return torch.from_numpy(fmnist_batch[0][:n])
+def _images(fmnist_batch, n=16, backbone=None):
+    """Fashion-MNIST images, upsampled where the backbone's stem needs more than 28 px (LeViT's 16 px per token)."""
+    images = torch.from_numpy(fmnist_batch[0][:n])
+    size = BACKBONES[backbone][1].get("img") if backbone else None
+    return F.interpolate(images, (size, size), mode="bilinear", align_corners=False) if size else images
 
 
 # ---------------------------------------------------------------- the suite
@@ -431,17 +575,18 @@ def test_official_layout_loads_every_key(spec, checkpoints):
     path, state = checkpoints(spec.family, spec.backbone)
     loaded = load_model(path, family=spec.family, num_heads=HEADS, settings=spec.settings)
     ours = loaded.model.state_dict()
-    assert set(ours) == set(state)
+    twins = {k for k in state if k.startswith("stage_blocks.")}  # Evo-LeViT: checked equal to blocks.*, not kept
+    assert set(ours) == set(state) - twins - set(loaded.dropped_keys)
     for key, value in ours.items():
         assert torch.equal(value, state[key]), key
-    assert loaded.cfg.backbone == ("lvvit" if spec.backbone == "lvvit" else "vit")
+    assert loaded.cfg.backbone == BACKBONE_KIND.get(spec.backbone, "vit")
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
 def test_reference_equals_the_official_eval_code(spec, checkpoints, fmnist_batch):
     path, state = checkpoints(spec.family, spec.backbone)
     loaded = load_model(path, family=spec.family, num_heads=HEADS, settings=spec.settings)
-    images = _images(fmnist_batch)
+    images = _images(fmnist_batch, backbone=spec.backbone)
     with torch.no_grad():
         logits, kept = loaded.model.forward_tokens(images)
     want_logits, want_kept = ORACLES[spec.family](state, images, BACKBONES[spec.backbone][1], spec.settings)
@@ -459,8 +604,9 @@ def test_static_equals_reference(spec, checkpoints, fmnist_batch):
     path, _ = checkpoints(spec.family, spec.backbone)
     loaded = load_model(path, family=spec.family, num_heads=HEADS, settings=spec.settings)
     static = to_static(loaded.model, loaded.plan)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in static.modules())  # LV-ViT's stem is folded
-    images = _images(fmnist_batch)
+    # LV-ViT's stem and every LeViT BatchNorm are folded
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in static.modules())
+    images = _images(fmnist_batch, backbone=spec.backbone)
     with torch.no_grad():
         ref_logits, ref_kept = loaded.model.forward_tokens(images)
         st_logits, st_kept = static.forward_tokens(images)
@@ -477,7 +623,7 @@ def test_onnx_is_checked_validated_and_equals_static(spec, exported, checkpoints
     path, _ = checkpoints(spec.family, spec.backbone)
     loaded = load_model(path, family=spec.family, num_heads=HEADS, settings=spec.settings)
     static = to_static(loaded.model, loaded.plan)
-    images = fmnist_batch[0][:8]
+    images = _images(fmnist_batch, 8, spec.backbone).numpy()
     onnx_logits = run_batched(ort_session(out / "model.onnx", 1), images, 1)[0]
     with torch.no_grad():
         st_logits = static(torch.from_numpy(images)).numpy()

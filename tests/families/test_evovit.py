@@ -4,6 +4,8 @@ its ONNX graph in ONNX Runtime, the token plan, and the family's bad inputs."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -377,3 +379,80 @@ def test_bundled_fmnist_model_is_in_our_layout_and_trained(fmnist_batch):
         static_logits, _ = to_static(loaded.model, loaded.plan).forward_tokens(images)
     assert torch.equal(logits.argmax(1), static_logits.argmax(1))
     assert (logits.argmax(1) == labels).float().mean() > 0.7
+
+
+# --- Evo-LeViT (levit/evo_levit.py, evo_levit_384.py): stage-wise selection on the LeViT backbone
+
+
+def _levit_cfg(dims, key_dim, heads, depths, img):
+    from support import evo_levit_keys
+
+    from vitedge.backbones import infer_config
+
+    keys = evo_levit_keys(dims=dims, key_dim=key_dim, heads=heads, depths=depths, img=img, in_chans=3, num_classes=1000)
+    return infer_config({k: torch.empty(s, device="meta") for k, s in keys.items()})
+
+
+@pytest.mark.parametrize("img, kept", [(224, (98, 24, 8)), (384, (288, 72, 18))])
+def test_levit_plans_are_the_official_prune_ratio_lists(img, kept):
+    """prune_ratio_list [[1, 1, 0.5, ...], [0.5, 0.5, 0.5]]: blocks 0-1 dense, every later block of a stage selected
+    (EvoLeViT_128 has a StageModule in all three stages; 128S's first stage is blocks 0-1 only)."""
+    cfg = _levit_cfg((128, 256, 384), 16, (4, 8, 12), (4, 4, 4), img)
+    settings = EVOVIT.resolve_settings(cfg, {})
+    assert settings == {"keep_rate": [0.5, 0.5, 0.5], "split_blocks": [2, 4, 8]}
+    plan = EVOVIT.token_plan(cfg, settings)
+    assert [s["kept_patches"] for s in plan.selections] == list(kept)
+    grid = [g * g + 1 for g in cfg.stage_grids]
+    assert [b.attention for b in plan.blocks] == [grid[0]] * 2 + [kept[0] + 2] * 2 + [kept[1] + 2] * 4 + [kept[2] + 2] * 4
+    small = _levit_cfg((128, 256, 384), 16, (4, 6, 8), (2, 3, 4), img)
+    assert EVOVIT.resolve_settings(small, {})["split_blocks"] == [2, 5]
+    assert EVOVIT.token_plan(small, EVOVIT.resolve_settings(small, {})).flops(small) < dense_flops(small)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"split_blocks": [2, 3]}, "split blocks 2 and 3 are both in stage 1"),
+    ({"tradeoff": 0.5}, "learns its EMA coefficient per attention"),
+    ({"keep_rate": 0.01}, "at block 4 keeps int(49 x 0.01) = 0 of stage 2's 49 tokens"),
+    ({"keep_rate": 1.0}, "keeps at least 1 and drops at least 1"),
+    ({"split_blocks": [0, 4, 8]}, "the first split block must be >= 1"),
+])
+def test_levit_bad_settings(overrides, message):
+    cfg = _levit_cfg((128, 256, 384), 16, (4, 8, 12), (4, 4, 4), 224)
+    with pytest.raises(VitedgeError, match=re.escape(message)):
+        EVOVIT.resolve_settings(cfg, overrides)
+
+
+def test_levit_cli_bad_setting_is_one_line_and_writes_nothing(tmp_path):
+    from support import evo_levit_state
+
+    path = tmp_path / "levit.pth"
+    torch.save({"model": evo_levit_state()}, path)
+    out = tmp_path / "out"
+    line = assert_clean_failure(run_cli("export", path, "-o", out, "--family", "evovit", "--num-heads", HEADS,
+                                        "--set", "split_blocks=1,2"), out)
+    assert "both in stage 1" in line
+
+
+def test_levit_checkpoint_without_training_heads_or_twins_loads_the_same(tmp_path, fmnist_batch):
+    """``remove_cls()`` drops head_cls*; a state dict of ``blocks.*`` alone is the same model."""
+    from support import evo_levit_state
+
+    state = evo_levit_state(seed=2)
+    full, trimmed = tmp_path / "full.pth", tmp_path / "trimmed.pth"
+    torch.save({"model": state}, full)
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith(("head_cls", "stage_blocks."))}}, trimmed)
+    a = load_model(full, family="evovit", num_heads=HEADS)
+    b = load_model(trimmed, family="evovit", num_heads=HEADS)
+    assert sorted(a.dropped_keys) == sorted(k for k in state if k.startswith("head_cls"))
+    images = F.interpolate(torch.from_numpy(fmnist_batch[0][:4]), (128, 128), mode="bilinear")
+    with torch.no_grad():
+        assert torch.equal(a.model(images), b.model(images))
+    assert detect_family(state) == "evovit"  # stage_blocks.* is Evo-LeViT's alone
+
+
+def test_levit_tuning_never_offers_a_rate_that_drops_nothing():
+    cfg = _levit_cfg((128, 256, 384), 16, (4, 6, 8), (2, 3, 4), 224)
+    rates = [c["keep_rate"] for c in EVOVIT.tuning_candidates(cfg, {})]
+    assert 1.0 not in rates and rates
+    for rate in rates:
+        EVOVIT.resolve_settings(cfg, {"keep_rate": rate})

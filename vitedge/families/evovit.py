@@ -20,6 +20,9 @@ Checkpoints keep the official parameter names, which this module's models use as
 ``qks.i.qk`` (q and k, [2C, C]), ``vs.i.v``, ``norms.i`` (the pre-attention norm),
 ``projs.i``, ``blocks.i.norm2`` / ``blocks.i.mlp``.
 
+On LeViT (``levit/evo_levit.py``, ``evo_levit_384.py``: Evo-LeViT) the official code selects per
+stage instead (``StageModule``, see ``EvoLeViT``); its static form is ``StaticEvoLeViT``.
+
 The static form fixes the slow-token counts: the sort is a TopK with K = all patches (a
 constant), the slow tokens a prefix of the sorted tokens, and the write-back a Concat of the
 updated prefix with the untouched placeholders, so the graph holds no scatter at all. q, k and
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from ..backbone import Mlp, ViTConfig, VisionTransformer, _init_weights
+from ..backbones.levit import LeViT, LeViTConfig, is_levit, subsample_grid
 from ..errors import VitedgeError
 from ..rewrite import rewrites
 from ..tokens import gather_tokens, patch_positions, record_topk_margin, top_tokens
@@ -48,7 +52,7 @@ from . import (
     keep_rate_setting,
 )
 
-TRAINING_ONLY_PREFIXES = ("head_cls.", "norm_cls.")
+TRAINING_ONLY_PREFIXES = ("head_cls.", "norm_cls.", "head_cls_dist.")
 OFFICIAL_TRADEOFF = 0.5  # the EMA coefficient of the official models from block 4 on
 
 
@@ -220,6 +224,184 @@ def _static_evovit(model: EvoViT, plan: TokenPlan) -> StaticEvoViT:
     return StaticEvoViT(model, plan)
 
 
+# ---------------------------------------------------------------- Evo-LeViT
+
+
+def levit_default_split_blocks(cfg: LeViTConfig) -> list[int]:
+    """The official ``prune_ratio_list``: blocks 0 and 1 dense, every later block of each stage selected,
+    so each stage's selection starts at its first block from block 2 on (128S: 2, 5; the others: 2, 4, 8)."""
+    starts, first = [], 0
+    for depth in cfg.stage_depths:
+        start = max(first, 2)
+        if start < first + depth:
+            starts.append(start)
+        first += depth
+    return starts
+
+
+def fuse_dropped(dropped: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``merge_tokens``: the dropped tokens [B, M, C] as one token, weighted by their normalised scores [B, M]."""
+    weights = scores / scores.sum(dim=1, keepdim=True)
+    return weights.unsqueeze(1) @ dropped
+
+
+def level_class_attention(attn: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The class token's attention to the first ``tokens`` patch tokens, averaged over heads (Evo-LeViT: mean, not sum)."""
+    return attn[:, :, 0, 1 : 1 + tokens].mean(dim=1)
+
+
+class EvoLeViT(LeViT):
+    """Reference model: Evo-LeViT's eval forward (``stage_wise_prune``, ``learn_tradeoff_mode``) without in-place writes.
+
+    - Every attention updates the global score ``s`` over the current stage's patch tokens:
+      block 0 sets it to the class attention (head mean), later blocks mix it in with
+      ``t = sigmoid(learn_tradeoff)``: ``s = (1 - t) s + t a``.
+    - At a stage's split block the patch tokens and scores are sorted by ``s`` (descending);
+      the first ``k = int(N * keep_rate)`` run through the rest of the stage with one extra
+      token, the other N - k fused into it by their normalised scores; inside the stage the
+      EMA updates the first k scores only (all N where one token was dropped: the fused token
+      is then that token). The fused token's residual updates (attention and MLP of every
+      block) are added to every dropped token at the end of the stage (the fast update).
+    - Each subsampling restores the grid order, subsamples the scores with the grid, mixes in
+      its own class attention (subsampled the same way) with its ``learn_tradeoff`` and
+      rescales the scores to the sum they had.
+    - Logits: the head average on the mean of the patch tokens.
+    """
+
+    def __init__(self, cfg: LeViTConfig, keep_rates: list[float], split_blocks: list[int]):
+        super().__init__(cfg)
+        self.keep_rates = list(keep_rates)
+        self.split_blocks = list(split_blocks)
+        self.slow = [levit_slow_count(cfg, block, rate) for block, rate in zip(split_blocks, keep_rates)]
+
+    def sort_tokens(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(scores, dim=1, descending=True, stable=True)
+
+    def grid_order(self, positions: torch.Tensor) -> torch.Tensor:
+        """The permutation that puts tokens at ``positions`` back into grid order."""
+        return torch.argsort(positions, dim=1)
+
+    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.embed(images)
+        scores, kept, block_index = None, [], 0
+        for stage, (pairs, sub) in enumerate(self.stage_layout):
+            positions = patch_positions(x.shape[0], x.shape[1] - 1, x.device)
+            dropped = update = None
+            for pair in pairs:
+                block = self.blocks[pair]
+                if block_index in self.split_blocks:
+                    slow = self.slow[self.split_blocks.index(block_index)]
+                    record_topk_margin(scores, slow)
+                    order = self.sort_tokens(scores)
+                    scores, positions = gather_tokens(scores, order), gather_tokens(positions, order)
+                    patches = gather_tokens(x[:, 1:], order)
+                    dropped, update = patches[:, slow:], 0
+                    kept.append(positions[:, :slow])
+                    x = torch.cat([x[:, :1], patches[:, :slow], fuse_dropped(dropped, scores[:, slow:])], dim=1)
+                x, attn_update, attn = block.attention(x)
+                tradeoff = torch.sigmoid(block.m1.m.learn_tradeoff)
+                if scores is None:
+                    scores = level_class_attention(attn, x.shape[1] - 1)
+                elif scores.shape[1] == x.shape[1] - 1:  # every token its own: dense, or one token dropped
+                    scores = ema(scores, level_class_attention(attn, x.shape[1] - 1), tradeoff)
+                else:
+                    slow = x.shape[1] - 2
+                    scores = torch.cat([ema(scores[:, :slow], level_class_attention(attn, slow), tradeoff),
+                                        scores[:, slow:]], dim=1)
+                mlp_update = block.m2.m(x)
+                x = x + mlp_update
+                if dropped is not None:
+                    update = update + attn_update[:, -1:] + mlp_update[:, -1:]
+                block_index += 1
+            if dropped is not None:
+                x = torch.cat([x[:, :-1], dropped + update], dim=1)
+            if sub is not None:
+                if dropped is not None:
+                    order = self.grid_order(positions)
+                    x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], order)], dim=1)
+                    scores = gather_tokens(scores, order)
+                x, scores = self.subsample(sub, x, scores)
+        return x, kept
+
+    def subsample(self, index: int, x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``AttentionSubsample`` and its MLP on tokens in grid order; the score follows the grid."""
+        sub = self.blocks[index]
+        total = scores.sum(dim=1, keepdim=True)
+        out, attn = sub.forward_with_attn(x)
+        row = subsample_grid(attn[:, :, 0, 1:].mean(dim=1), sub.grid)
+        scores = ema(subsample_grid(scores, sub.grid), row, torch.sigmoid(sub.learn_tradeoff))
+        scores = scores * (total / scores.sum(dim=1, keepdim=True))
+        return self.blocks[index + 1](out), scores
+
+    def forward_tokens(self, images):
+        x, kept = self.forward_features(images)
+        return self.classify(x), kept
+
+
+class StaticEvoLeViT(EvoLeViT):
+    """Same weights; constant slow counts, the sort and the grid restore as TopK with constant K."""
+
+    def __init__(self, model: EvoLeViT, plan: TokenPlan):
+        super().__init__(model.cfg, model.keep_rates, model.split_blocks)
+        self.load_state_dict(model.state_dict())
+        self.slow = [step["kept_patches"] for step in plan.selections]
+
+    def sort_tokens(self, scores: torch.Tensor) -> torch.Tensor:
+        return top_tokens(scores, scores.shape[1])
+
+    def grid_order(self, positions: torch.Tensor) -> torch.Tensor:
+        return torch.topk(positions.float(), positions.shape[1], dim=1, largest=False, sorted=True).indices
+
+
+@rewrites(EvoLeViT)
+def _static_evolevit(model: EvoLeViT, plan: TokenPlan) -> StaticEvoLeViT:
+    return StaticEvoLeViT(model, plan)
+
+
+def levit_slow_count(cfg: LeViTConfig, block: int, keep_rate: float) -> int:
+    """Tokens a split at ``block`` keeps of its stage's grid, as ``StageModule`` rounds (int, down)."""
+    return int(cfg.stage_grids[cfg.stage_of_block[block]] ** 2 * keep_rate)
+
+
+def levit_settings(cfg: LeViTConfig, overrides: dict) -> dict:
+    """Split blocks (one per stage at most: its ``StageModule``) and their keep rates; the EMA coefficient is learned."""
+    if overrides.get("tradeoff") is not None:
+        raise VitedgeError("Evo-LeViT learns its EMA coefficient per attention (learn_tradeoff); "
+                           "the tradeoff setting applies to the DeiT models only: drop it")
+    blocks, rates = blocks_and_keep_rates(overrides.get("split_blocks") or levit_default_split_blocks(cfg),
+                                          overrides.get("keep_rate", 0.5), cfg.depth)
+    if blocks[0] < 1:
+        raise VitedgeError("split block 0 has no class attention to sort by yet; the first split block must be >= 1")
+    stages = [cfg.stage_of_block[b] for b in blocks]
+    for first, second in zip(blocks, blocks[1:]):
+        if cfg.stage_of_block[first] == cfg.stage_of_block[second]:
+            raise VitedgeError(f"split blocks {first} and {second} are both in stage {cfg.stage_of_block[first] + 1}; "
+                               "Evo-LeViT selects once per stage: give at most one split block per stage")
+    for block, rate, stage in zip(blocks, rates, stages):
+        tokens = cfg.stage_grids[stage] ** 2
+        slow = levit_slow_count(cfg, block, rate)
+        if not 1 <= slow < tokens:
+            raise VitedgeError(f"keep rate {rate:g} at block {block} keeps int({tokens} x {rate:g}) = {slow} of stage "
+                               f"{stage + 1}'s {tokens} tokens; Evo-LeViT keeps at least 1 and drops at least 1")
+    return {"keep_rate": rates, "split_blocks": blocks}
+
+
+def levit_token_plan(cfg: LeViTConfig, settings: dict) -> TokenPlan:
+    splits = dict(zip(settings["split_blocks"], settings["keep_rate"]))
+    blocks, selections, stage_tokens = [], [], None
+    for block, stage in enumerate(cfg.stage_of_block):
+        patches = cfg.stage_grids[stage] ** 2
+        if block == 0 or stage != cfg.stage_of_block[block - 1]:
+            stage_tokens = patches + 1
+        if block in splits:
+            slow = levit_slow_count(cfg, block, splits[block])
+            stage_tokens = slow + 2  # class token, the slow tokens, the fused token
+            selections.append({"block": block, "kept_patches": slow, "tokens_after": stage_tokens,
+                               "placeholders": patches - slow, "stage": stage})
+        blocks.append(BlockTokens(stage_tokens, stage_tokens))
+    return TokenPlan(tuple(blocks), tuple(selections))
+
+
 def _check_tradeoff(value, depth: int) -> list[float] | float:
     values = value if isinstance(value, (list, tuple)) else [value]
     try:
@@ -239,16 +421,20 @@ def _check_tradeoff(value, depth: int) -> list[float] | float:
 class EvoViTFamily(Family):
     summary = "slow-fast token evolution: top class-attention tokens updated, the rest kept as placeholders"
     paper = "Xu et al., Evo-ViT: Slow-Fast Token Evolution for Dynamic Vision Transformer, AAAI 2022"
-    signature_keys = ("qks.", "vs.0.v.")
+    signature_keys = ("qks.", "vs.0.v.", "stage_blocks.")
+    backbone_features = frozenset({"levit"})  # Evo-LeViT (levit/evo_levit.py)
 
     settings = (
         keep_rate_setting(0.5, ONE_OR_LIST, "slow (updated) share of the patch tokens from each split block on"),
-        block_list_setting("split_blocks", "blocks where tokens are re-sorted into slow and fast (default: depth/3, 2/3)"),
+        block_list_setting("split_blocks", "blocks where tokens are re-sorted into slow and fast (default: depth/3, "
+                           "2/3; LeViT: where each stage's selection starts, its first block from block 2 on)"),
         Setting("tradeoff", float, "EMA coefficient of the class-attention score: one for the blocks from the first "
-                "split on, or one per block", OFFICIAL_TRADEOFF, ONE_OR_LIST, minimum=0.0, maximum=1.0),
+                "split on, or one per block (LeViT learns it: not settable)", OFFICIAL_TRADEOFF, ONE_OR_LIST, minimum=0.0, maximum=1.0),
     )
 
     def combine_settings(self, cfg: ViTConfig, overrides: dict) -> dict:
+        if is_levit(cfg):
+            return levit_settings(cfg, overrides)
         blocks, rates = blocks_and_keep_rates(
             overrides.get("split_blocks") or default_split_blocks(cfg.depth), overrides.get("keep_rate", 0.5), cfg.depth
         )
@@ -266,7 +452,10 @@ class EvoViTFamily(Family):
         return {"keep_rate": rates, "split_blocks": blocks, "tradeoff": tradeoff}
 
     def tuning_candidates(self, cfg: ViTConfig, settings: dict) -> list[dict]:
-        """The slow (updated) share of the patch tokens; 1.0 updates every token like a dense block."""
+        """The slow (updated) share of the patch tokens; 1.0 updates every token like a dense block
+        (not on LeViT, whose stage selection drops at least one token)."""
+        if is_levit(cfg):
+            return keep_rate_candidates((0.8, 0.7, 0.6, 0.5, 0.4, 0.3))
         return keep_rate_candidates((1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3))
 
     def adapt_state_dict(self, state_dict):
@@ -283,10 +472,14 @@ class EvoViTFamily(Family):
                 view[f"blocks.0.attn.qkv.{suffix}"] = torch.cat([qk, v])
         return view
 
-    def reference(self, cfg: ViTConfig, settings: dict) -> EvoViT:
+    def reference(self, cfg: ViTConfig, settings: dict) -> EvoViT | EvoLeViT:
+        if is_levit(cfg):
+            return EvoLeViT(cfg, settings["keep_rate"], settings["split_blocks"])
         return EvoViT(cfg, settings["keep_rate"], settings["split_blocks"], settings["tradeoff"])
 
     def token_plan(self, cfg: ViTConfig, settings: dict) -> TokenPlan:
+        if is_levit(cfg):
+            return levit_token_plan(cfg, settings)
         splits = dict(zip(settings["split_blocks"], settings["keep_rate"]))
         tokens = cfg.num_patches + 1
         blocks, selections = [], []
