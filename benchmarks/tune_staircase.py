@@ -1,19 +1,23 @@
 """Snapped budgets on the bundled Fashion-MNIST models: more tokens for the same latency?
 
-Per family (EViT, DynamicViT, A-ViT by default): ``vitedge.tune(..., snap_budgets=True)`` over the
-family's grid (A-ViT calibrated on the default calibration set, accuracy on test images), which
-measures the latency staircase of the model's blocks and adds each candidate's snapped form
-beside it. Then every (original, snapped) pair is exported again and timed in one interleaved
-run (benchmarks/bench_token_pruning.py's harness): the snapped graph's latency over the
-original's with a 95 % bootstrap interval, next to the tokens and the accuracy each kept.
-"Within noise" means the interval reaches down to 1 or below (not measurably slower).
+Per family (EViT, DynamicViT, A-ViT by default; ``--families avit`` runs one alone):
+``vitedge.tune(..., snap_budgets=True)`` over the family's grid (A-ViT: its budget quantiles
+without the masked graph, calibrated on the default calibration set; accuracy on test images),
+which measures the latency staircase of the model's blocks and adds each candidate's snapped
+form beside it. Then every
+(original, snapped) pair of graphs that tune exported and validated is timed again in one
+interleaved run (benchmarks/bench_token_pruning.py's harness): the snapped graph's latency over
+the original's with a 95 % bootstrap interval, next to the tokens and the accuracy each kept.
+"Within noise" means the interval reaches down to 1 or below (not measurably slower). Progress
+lines carry the seconds since start; each section says what a reduced run left out and how
+long the family took.
 
 Writes benchmarks/results/tune_staircase.json, a section per family in docs/tune.md and
 docs/tune_staircase_<family>.png (``--quick``: benchmarks/results/tune_staircase_quick.json
 only, two candidates per family, few images and rounds).
 
 Usage: python benchmarks/tune_staircase.py [--quick] [--families evit dynamicvit avit] [--batch 16]
-       [--limit 2000] [--rounds 40] [--threads 2]
+       [--limit 2000] [--rounds 40] [--threads 2] [--avit-quantiles 1,0.99,0.98,0.95,0.93]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see tune_fmnist.py
@@ -36,16 +41,24 @@ import numpy as np  # noqa: E402
 
 import vitedge  # noqa: E402
 from bench_token_pruning import interleaved, ort_runner, ratio_ci, write_doc_section  # noqa: E402
+from vitedge.families.avit import TUNING_QUANTILES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tune_staircase.json"
 QUICK_RESULTS = ROOT / "benchmarks" / "results" / "tune_staircase_quick.json"
 DOC = ROOT / "docs" / "tune.md"
 QUICK_GRID = {"evit": [{"keep_rate": 0.7}, {"keep_rate": 0.5}], "dynamicvit": [{"keep_rate": 0.7}, {"keep_rate": 0.5}],
               "avit": [{"budget_quantile": 0.99}, {"budget_quantile": 0.95}]}
+# A-ViT's own grid is the masked graph (no budget: nothing to snap) and its quantiles; the masked
+# graph is left out (--avit-quantiles changes the quantiles).
+AVIT_QUANTILES = TUNING_QUANTILES
 
 
-def quiet(_message: str) -> None:
-    """Per-candidate logs are noise here."""
+STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """tune's per-candidate lines, with the seconds since start (which phase a long run is in)."""
+    print(f"[{time.perf_counter() - STARTED:6.0f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _key(settings: dict) -> str:
@@ -53,9 +66,10 @@ def _key(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True, default=str)
 
 
-def pairs(summary: dict) -> list[tuple[dict, dict, dict]]:
-    """(original, snapped, move) for every candidate that snapping moved and that both validated."""
-    measured = {_key(c["settings"]): c for c in summary["candidates"] if c["error"] is None}
+def pairs(summary: dict) -> list[tuple[tuple[int, dict], tuple[int, dict], dict]]:
+    """((index, original), (index, snapped), move) for every candidate that snapping moved and that
+    both validated; index: the candidate's place in tune's list (its folder under candidates/)."""
+    measured = {_key(c["settings"]): (i, c) for i, c in enumerate(summary["candidates"]) if c["error"] is None}
     out = []
     for move in summary["snapping"]["moves"]:
         if not move or move["tokens_after"] == move["tokens_before"]:
@@ -66,28 +80,39 @@ def pairs(summary: dict) -> list[tuple[dict, dict, dict]]:
     return out
 
 
+def grid(family: str, args) -> tuple[list[dict] | None, str]:
+    """The candidates tune tries for ``family`` (None: the family's own grid) and what was left out."""
+    if args.quick:
+        return QUICK_GRID[family], "quick smoke setting: two candidates, 200 images, 5 rounds"
+    if family == "avit":
+        return ([{"budget_quantile": q} for q in args.avit_quantiles],
+                f"budget quantiles {', '.join(f'{q:g}' for q in args.avit_quantiles)}; the masked graph is left out "
+                "(it has no budget to snap)")
+    return None, ""
+
+
 def run_family(family: str, args, tmp: Path) -> dict:
+    started = time.perf_counter()
     checkpoint = ROOT / "models" / f"fmnist-{family}.safetensors"
     outdir = tmp / family
-    print(f"{family}: tune --snap-budgets", file=sys.stderr, flush=True)
-    summary = vitedge.tune(checkpoint, outdir, 1e6, candidates=QUICK_GRID[family] if args.quick else None,
-                           limit=args.limit, batch=args.batch, iterations=args.iterations, threads=args.threads,
-                           log=quiet, snap_budgets=True)
+    candidates, reduced = grid(family, args)
+    progress(f"{family}: tune --snap-budgets" + (f" ({reduced})" if reduced else ""))
+    summary = vitedge.tune(checkpoint, outdir, 1e6, candidates=candidates, limit=args.limit, batch=args.batch,
+                           iterations=args.iterations, threads=args.threads, log=progress, snap_budgets=True,
+                           keep_candidates=True)
     found = pairs(summary)
     runners, rows = {}, []
     images = np.random.default_rng(0).standard_normal((args.batch, 1, 28, 28), dtype=np.float32)
-    for i, (original, snapped, move) in enumerate(found):
-        for kind, candidate in (("original", original), ("snapped", snapped)):
-            folder = tmp / f"{family}-{i}-{kind}"
-            vitedge.export(checkpoint, folder, settings=candidate["settings"], batch_size=args.batch,
-                           validate_data=None, log=quiet)
-            runners[f"{i}/{kind}"] = ort_runner(folder / "model.onnx", images, args.threads)
+    for i, ((first, original), (second, snapped), move) in enumerate(found):
+        # the graphs tune exported (batch args.batch) and validated: timed again, not exported again
+        for kind, index in (("original", first), ("snapped", second)):
+            runners[f"{i}/{kind}"] = ort_runner(outdir / "candidates" / str(index) / "model.onnx", images, args.threads)
         rows.append({"original": original["label"], "snapped": snapped["label"],
                      "tokens_before": move["tokens_before"], "tokens_after": move["tokens_after"],
                      "accuracy_before": original["accuracy"], "accuracy_after": snapped["accuracy"],
                      "flops_before": original["flops_ratio"], "flops_after": snapped["flops_ratio"]})
     if runners:
-        print(f"{family}: timing {len(rows)} pair(s) x {args.rounds} rounds", file=sys.stderr, flush=True)
+        progress(f"{family}: timing {len(rows)} pair(s) x {args.rounds} rounds")
         samples, _ = interleaved(runners, args.rounds, args.warmup)
         for i, row in enumerate(rows):
             a, b = f"{i}/snapped", f"{i}/original"
@@ -98,8 +123,9 @@ def run_family(family: str, args, tmp: Path) -> dict:
     if not args.quick and plot.is_file():
         shutil.copy(plot, ROOT / "docs" / f"tune_staircase_{family}.png")
     return {"date": datetime.date.today().isoformat(), "load_average": os.getloadavg()[0], "batch": args.batch,
-            "threads": args.threads, "rounds": args.rounds, "staircase": summary["snapping"]["staircase"],
-            "pairs": rows}
+            "threads": args.threads, "rounds": args.rounds, "images": summary["data"]["images"],
+            "seconds": round(time.perf_counter() - started), "reduced": reduced,
+            "staircase": summary["snapping"]["staircase"], "pairs": rows}
 
 
 def section(family: str, run: dict) -> str:
@@ -108,7 +134,10 @@ def section(family: str, run: dict) -> str:
              f"Measured {run['date']} (load average {run['load_average']:.2f}), ORT CPU, batch {run['batch']}, "
              f"{run['threads']} threads. Staircase: {stair['blocks']} blocks at {len(stair['counts'])} token counts, "
              f"{stair['rounds']} rounds, noise {stair['noise_ms']:.4f} ms. Pairs timed in one interleaved run of "
-             f"{run['rounds']} rounds; latency = snapped / original with its 95 % interval.", "",
+             f"{run['rounds']} rounds; latency = snapped / original with its 95 % interval."
+             + (f" Accuracy on {run['images']} test images." if "images" in run else "")
+             + (f" Reduced run: {run['reduced']}." if run.get("reduced") else "")
+             + (f" The family took {run['seconds']} s." if "seconds" in run else ""), "",
              "| original | tokens per step | accuracy | snapped tokens | accuracy | latency snapped / original [95 % CI] | within noise |",
              "|---|---|---|---|---|---|---|"]
     for row in run["pairs"]:
@@ -132,6 +161,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--avit-quantiles", type=lambda text: [float(q) for q in text.split(",")],
+                        default=list(AVIT_QUANTILES), help="A-ViT budget quantiles tried, comma-separated")
     parser.add_argument("--quick", action="store_true", help="two candidates per family, 200 images, 5 rounds; JSON only")
     args = parser.parse_args()
     if args.quick:

@@ -63,6 +63,19 @@ def test_the_written_artifact_is_the_winner_with_the_measured_accuracy(tuned):
     assert (outdir / "tune_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_keep_candidates_leaves_every_candidates_graph_beside_the_winner(tmp_path):
+    outdir = tmp_path / "out"
+    summary = vitedge.tune(EVIT, outdir, 1e6, candidates=[{"keep_rate": 0.4}, {"keep_rate": 1.0}], keep_candidates=True,
+                           **FAST)
+    graphs = [(outdir / "candidates" / str(i) / "model.onnx").read_bytes() for i in range(2)]
+    assert graphs[0] != graphs[1]  # each folder holds its own candidate, in the summary's order
+    chosen = [c["settings"] for c in summary["candidates"]].index(summary["chosen"]["settings"])
+    assert (outdir / "model.onnx").read_bytes() == graphs[chosen]
+    for i, candidate in enumerate(summary["candidates"]):
+        meta = read_json(outdir / "candidates" / str(i) / "vitedge.json")
+        assert meta["settings"] == candidate["settings"]
+
+
 def test_candidates_with_the_same_graph_are_measured_once(tmp_path):
     messages = []
     summary = vitedge.tune(EVIT, tmp_path / "out", 1e6, candidates=[{"keep_rate": 0.7}, {"keep_rate": [0.7, 0.7, 0.7]}],

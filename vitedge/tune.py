@@ -113,6 +113,7 @@ def tune(
     shuffle_seed: int | None = None,
     skip_bad_images: bool = False,
     snap_budgets: bool = False,
+    keep_candidates: bool = False,
 ) -> dict:
     """Search the family's token budgets; OUTDIR gets the winning artifact plus tune.json/.md/.png.
 
@@ -125,7 +126,9 @@ def tune(
     that data-dependent settings (``Family.calibrated_settings``) are resolved on (None: the
     model's default set); it must not hold the ``data`` images. ``snap_budgets`` measures the
     latency staircase and adds, after each candidate, the same candidate with its token budgets
-    raised to the top of their latency step (vitedge.staircase).
+    raised to the top of their latency step (vitedge.staircase). ``keep_candidates`` keeps every
+    candidate's artifact in OUTDIR/candidates/<i>/ (i: its place in ``candidates`` of the summary),
+    for a benchmark that times the graphs again without exporting them again.
     """
     _check_arguments(latency_budget_ms, backend, statistic, batch, limit)
     load_dataset(data, limit, shuffle_seed=shuffle_seed, skip_bad=skip_bad_images)  # checks the source and limit first
@@ -186,8 +189,12 @@ def tune(
             raise BudgetMissed(_missed_message(results, statistic, latency_budget_ms, backend))
         winner = stage / "candidates" / str(results.index(chosen))
         for item in winner.iterdir():
-            shutil.move(str(item), stage / item.name)
-        shutil.rmtree(stage / "candidates")
+            if keep_candidates:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(str(item), str(stage / item.name))
+            else:
+                shutil.move(str(item), stage / item.name)
+        if not keep_candidates:
+            shutil.rmtree(stage / "candidates")
         summary = _summary(loaded.family.name, results, chosen, latency_budget_ms, statistic, backend, batch,
                            threads, dataset)
         if calibration is not None:

@@ -71,7 +71,9 @@ def masked_attention(attn, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Ten
     path matches ONNX Runtime to 7e-6 on all of them.
     """
     q, k, v = attn.qkv_heads(x)
-    logits = (q * attn.scale) @ k.transpose(-2, -1) + key_bias[:, None, None, :]
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if key_bias is not None:  # None: no key has halted (the static form's first block), adding 0 is a no-op
+        logits = logits + key_bias[:, None, None, :]
     return attn.merge_heads(logits.softmax(dim=-1) @ v)
 
 
@@ -147,18 +149,33 @@ class AViT(VisionTransformer):
         return logits, kept
 
 
-def static_masked_block(block: Block, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+def static_masked_block(block: Block, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
     """``masked_block`` without zeroing the halted rows: the same values on every live row.
 
-    Halted tokens are invisible as keys (the -1000 key bias: exp underflows to exactly 0), and
+    Halted tokens are invisible as keys (``key_bias`` -1000: exp underflows to exactly 0), and
     nothing reads their rows again: the logits take the class token's ACT sum, whose weight
     is 0 once it halts, and a halted token's cumulative score only grows. So the four
     multiplications by the mask per block (over [B, N, C]) change only rows no output reads;
     without them ONNX Runtime also fuses each residual Add into its LayerNorm.
     """
-    key_bias = (~active).to(x.dtype) * MASK_BIAS
     x = x + masked_attention(block.attn, block.norm1(x), key_bias)
     return x + block.mlp(block.norm2(x))
+
+
+def key_bias_of(active: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 for running keys, -1000 for halted ones [B, N]: one Where (``masked_block``'s
+    (1 - keep) * -1000 is the same value, -0.0 for +0.0, in three ops)."""
+    return torch.where(active, torch.zeros((), dtype=dtype), torch.full((), MASK_BIAS, dtype=dtype))
+
+
+def act_step(active, running, reached, remainder, h):
+    """``act_weights`` from comparisons the static loop makes anyway: ``active`` / ``running``
+    are c < 1 - eps before / after the block, ``reached`` is c + h > 1 - eps. ``running`` and
+    ``reached`` exclude each other, so ``act_weights``' where(reached, R, 0) + where(running, h, 0)
+    is one nested Where, the same floats. Returns (new remainder, weight of this block's output)."""
+    h_running = torch.where(running, h, torch.zeros_like(h))
+    weight = torch.where(reached & active, remainder, h_running)
+    return remainder - h_running, weight
 
 
 class StaticAViT(nn.Module):
@@ -176,35 +193,46 @@ class StaticAViT(nn.Module):
     embed = VisionTransformer.embed
 
     def forward_tokens(self, images):
+        """The reference's halting with the bookkeeping shared: c grows by h for every token
+        (the class token's ACT step gives the same c + h), each block's "still running"
+        comparison is the next block's "active" (recomputed only after a budget's gather), and
+        the ACT step runs on every token's row, of which the class token's weight is read."""
         x = self.embed(images)
         batch = x.shape[0]
+        threshold = 1 - self.eps
         positions = patch_positions(batch, self.cfg.num_patches, x.device)
         c = x.new_zeros(batch, x.shape[1])
-        remainder = x.new_ones(batch)
+        remainder = x.new_ones(batch, x.shape[1])
         output = x.new_zeros(batch, x.shape[-1])
+        active = c < threshold
         kept = []
         for i, (block, budget) in enumerate(zip(self.blocks, self.budgets)):
             if budget < x.shape[1]:
                 index = top_tokens(-c[:, 1:], budget - 1)  # least halted first
                 x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], index)], dim=1)
                 c = torch.cat([c[:, :1], gather_tokens(c[:, 1:], index)], dim=1)
+                remainder = remainder[:, : x.shape[1]]  # only the class token's column is read
                 positions = gather_tokens(positions, index)
-            active = c < 1 - self.eps
+                active = c < threshold
             kept.append(torch.where(active[:, 1:], positions, HALTED_POSITION))
             if i == len(self.blocks) - 1 and self.class_only_last_block:
                 x = class_token_block(block, x, active)
-                c_class, remainder, _, weight = act_weights(c[:, 0], remainder, torch.ones_like(c[:, 0]), self.eps)
+                c_class, _, _, weight = act_weights(c[:, 0], remainder[:, 0], torch.ones_like(c[:, 0]), self.eps)
                 output = output + x[:, 0] * weight.unsqueeze(-1)
                 break
-            x = static_masked_block(block, x, active)
+            # Before the first block c = 0 everywhere: nothing has halted, so no key bias to add.
+            x = static_masked_block(block, x, key_bias_of(active, x.dtype) if i else None)
             if i == len(self.blocks) - 1:
                 h = torch.ones_like(c)
             else:
                 h = halting_score(x, self.gate_scale, self.gate_center)
-            # Only the class token's ACT sum reaches the logits; the other tokens need c alone.
-            c_class, remainder, _, weight = act_weights(c[:, 0], remainder, h[:, 0], self.eps)
-            output = output + x[:, 0] * weight.unsqueeze(-1)
-            c = torch.cat([c_class.unsqueeze(1), c[:, 1:] + h[:, 1:]], dim=1)
+            c = c + h
+            running = c < threshold
+            # Only the class token's ACT sum reaches the logits: its weight is computed with every
+            # token's (elementwise over [B, N], fewer nodes than slicing out the class column) and read alone.
+            remainder, weight = act_step(active, running, c > threshold, remainder, h)
+            output = output + x[:, 0] * weight[:, :1]
+            active = running
         return self.head(self.norm(output)), kept
 
     def forward(self, images):
