@@ -614,6 +614,7 @@ def _token_range(ctx, param, value):
               help="Folder for staircase.json and staircase.png.")
 @click.option("--family", help="Model family; read from vitedge checkpoints.")
 @click.option("--arch", help="Named architecture; default: inferred from the weights.")
+@click.option("--num-heads", type=int, help="Attention heads, when not 64 channels per head.")
 @click.option("--tokens", "token_range", callback=_token_range, help="Range LOW:HIGH of token counts (default: 1:all).")
 @click.option("--step", type=int, default=8, show_default=True, help="Profile every multiple of STEP in the range.")
 @click.option("--near", callback=_number_list(int), help="Also every count from each of these to --window above it.")
@@ -626,11 +627,11 @@ def _token_range(ctx, param, value):
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @friendly
-def profile_tokens(checkpoint, outdir, family, arch, token_range, step, near, window, snap_tokens, backend, batch,
+def profile_tokens(checkpoint, outdir, family, arch, num_heads, token_range, step, near, window, snap_tokens, backend, batch,
                    rounds, warmup, threads):
     """Latency of CHECKPOINT's blocks against the token count: steps found, budgets snapped."""
     low, high = token_range or (None, None)
-    result = vitedge.profile_tokens(checkpoint, outdir, family=family, arch=arch, low=low, high=high, step=step,
+    result = vitedge.profile_tokens(checkpoint, outdir, family=family, arch=arch, num_heads=num_heads, low=low, high=high, step=step,
                                     near=near, window=window, snap_tokens=snap_tokens, batch=batch, backend=backend,
                                     threads=threads, rounds=rounds, warmup=warmup, log=log)
     click.echo(json.dumps({"outdir": outdir, "steps": [[s["first"], s["last"]] for s in result["steps"]],

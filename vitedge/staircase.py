@@ -358,7 +358,8 @@ def plot(staircase: dict, path: Path, marks: list[dict] = (), title: str = "") -
     return True
 
 
-def profile_tokens(checkpoint, outdir, family: str | None = None, arch: str | None = None, low: int | None = None,
+def profile_tokens(checkpoint, outdir, family: str | None = None, arch: str | None = None,
+                   num_heads: int | None = None, low: int | None = None,
                    high: int | None = None, step: int = DEFAULT_STEP, near: list[int] | None = None,
                    window: int = DEFAULT_WINDOW, snap_tokens: list[int] | None = None, batch: int = 1,
                    backend: str = "ort", threads: int = 2, rounds: int = 20, warmup: int = 2, log=None) -> dict:
@@ -370,7 +371,10 @@ def profile_tokens(checkpoint, outdir, family: str | None = None, arch: str | No
     """
     from .load import load_model
 
-    loaded = load_model(checkpoint, family=family, arch=arch)
+    loaded = load_model(checkpoint, family=family, arch=arch, num_heads=num_heads)
+    if not loaded.cfg.uniform_width:
+        raise VitedgeError("profile-tokens times a stack of equal-width blocks, but this checkpoint's blocks change "
+                           "width from stage to stage; time the exported model with `vitedge profile` instead")
     top = loaded.cfg.num_patches + 1
     near = list(near or []) + list(snap_tokens or [])
     if not near:

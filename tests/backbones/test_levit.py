@@ -151,3 +151,10 @@ def load_model_from(state, **options):
         path = Path(folder) / "levit.pth"
         torch.save({"model": state}, path)
         return load_model(path, family="evovit", **options)
+
+
+def test_profile_tokens_refuses_a_backbone_whose_width_changes(tmp_path):
+    out = tmp_path / "staircase"
+    line = assert_clean_failure(run_cli("profile-tokens", _save(tmp_path, evo_levit_state()), "-o", out,
+                                        "--family", "evovit", "--num-heads", "2", "--tokens", "8:16"), out)
+    assert "change width from stage to stage" in line and "vitedge profile" in line

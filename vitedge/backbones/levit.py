@@ -69,6 +69,10 @@ class LeViTConfig(ViTConfig):
         return frozenset({"levit"})
 
     @property
+    def uniform_width(self) -> bool:
+        return False
+
+    @property
     def stage_grids(self) -> list[int]:
         """Side of each stage's token grid: 14, 7, 4 at 224 px (each subsampling: ceil(n / 2))."""
         grids = [self.grid_size]

@@ -95,6 +95,11 @@ class ViTConfig:
         return frozenset(found)
 
     @property
+    def uniform_width(self) -> bool:
+        """Every block sees tokens of ``embed_dim`` channels (what a token-count timing of one block stack models)."""
+        return True
+
+    @property
     def mlp_hidden(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
