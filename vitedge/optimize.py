@@ -106,13 +106,14 @@ def _scalar(index: GraphIndex, name: str) -> float | None:
     return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
-def _replace(graph: onnx.GraphProto, removed: list[onnx.NodeProto], anchor: onnx.NodeProto, new: onnx.NodeProto) -> None:
-    """Put ``new`` where ``anchor`` was (its inputs exist before it, its readers come after) and drop ``removed``."""
+def _replace(graph: onnx.GraphProto, removed: list[onnx.NodeProto], anchor: onnx.NodeProto, new) -> None:
+    """Put ``new`` (a node or a list) where ``anchor`` was (its inputs exist before it, its readers come
+    after) and drop ``removed``."""
     ids = {id(n) for n in removed}
     nodes = []
     for node in graph.node:
         if node is anchor:
-            nodes.append(new)
+            nodes.extend(new if isinstance(new, list) else [new])
         elif id(node) not in ids:
             nodes.append(node)
     del graph.node[:]
@@ -160,13 +161,16 @@ def _tiny_term(index: GraphIndex, ranks: dict, node: onnx.NodeProto, base: str) 
 def _tiny_bound(index: GraphIndex, ranks: dict, name: str) -> float | None:
     """An upper bound in [0, TINY] of tensor ``name`` that holds for every input, or None.
 
-    Either a constant, or an eps share over the live entries of a mask M [B, N]:
+    Either a constant (or one expanded to a shape), or an eps share over the live entries of a mask M [B, N]:
     ``Where(M, k / count(M), z)`` with k, z constants and count(M) the number of true entries
     of M per image (>= 1 wherever M is true, so the share is <= k there).
     """
     value = index.value(name)
     if value is not None:
         return float(value.max()) if value.size and (value >= 0).all() and value.max() <= TINY else None
+    expand = index.node(name, "Expand")
+    if expand is not None:
+        return _tiny_bound(index, ranks, expand.input[0])
     where = index.node(name, "Where")
     if where is None:
         return None
@@ -269,18 +273,37 @@ def _unpacked(index: GraphIndex, name: str) -> tuple[str, int, list] | None:
     return slice_node.input[0], start, [squeeze, slice_node]
 
 
+def _scores_side(index: GraphIndex, name: str) -> bool:
+    """``name`` is q k^T (a MatMul with a transposed right side), maybe scaled by a scalar constant."""
+    node = index.producer.get(name)
+    while node is not None and node.op_type in ("Mul", "Div") and any(_scalar(index, i) is not None for i in node.input):
+        node = index.producer.get(next(i for i in node.input if _scalar(index, i) is None))
+    return node is not None and node.op_type == "MatMul" and index.node(node.input[1], "Transpose") is not None
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
 def fuse_attention(model: onnx.ModelProto) -> int:
     """Packed-QKV self-attention blocks whose inner tensors nobody else reads → ``com.microsoft.Attention``."""
-    graph, fused = model.graph, 0
+    graph, fused, shapes = model.graph, 0, _shapes(model)
     while True:
         index = GraphIndex.of(graph)
         for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
-            match = _match_attention(index, softmax)
+            match = _match_attention(index, softmax, shapes)
             if match:
-                inputs, heads, scale, output, removed, anchor = match
+                inputs, heads, scale, output, removed, anchor, extra = match
                 node = helper.make_node("Attention", inputs, [output], name=f"{softmax.name or output}_fused_attention",
                                         domain=MS_DOMAIN, num_heads=heads, scale=scale)
-                _replace(graph, removed, anchor, node)
+                _replace(graph, removed, anchor, [*extra, node])
                 fused += 1
                 break
         else:
@@ -290,7 +313,7 @@ def fuse_attention(model: onnx.ModelProto) -> int:
     return fused
 
 
-def _match_attention(index: GraphIndex, softmax: onnx.NodeProto):
+def _match_attention(index: GraphIndex, softmax: onnx.NodeProto, shapes: dict):
     if _attr(softmax, "axis", -1) not in (-1, 3):
         return None
     probs = softmax.output[0]
@@ -306,20 +329,25 @@ def _match_attention(index: GraphIndex, softmax: onnx.NodeProto):
         return None
     flatten = flat[0]
     removed = [softmax, context, merge[0], flatten]
-    scale = 1.0
+    scale, key_bias = 1.0, None
     logits = index.producer.get(softmax.input[0])
-    while logits is not None and logits.op_type in ("Mul", "Add", "Div"):
+    while logits is not None and logits.op_type in ("Mul", "Add", "Div") and logits.domain in ("", "ai.onnx"):
         constant = next((i for i in logits.input if index.value(i) is not None), None)
-        if constant is None:
-            return None
-        value = index.value(constant)
-        other = logits.input[1] if logits.input[0] == constant else logits.input[0]
-        if logits.op_type == "Add":
-            if value.any():  # an additive mask or bias: not this pattern
+        value = index.value(constant) if constant is not None else None
+        if logits.op_type == "Add" and (value is None or value.any()):
+            # an additive bias on the logits (a key mask, a log token size): Attention's attention_bias,
+            # only outside every scale (s * (q k^T + b) would scale it) and only one
+            sides = [i for i in logits.input if _scores_side(index, i)]
+            if key_bias is not None or scale != 1.0 or len(sides) != 1:
                 return None
-        elif value.size != 1 or (logits.op_type == "Div" and logits.input[1] != constant):
+            other = sides[0]
+            key_bias = logits.input[1] if logits.input[0] == other else logits.input[0]
+        elif logits.op_type == "Add":
+            other = logits.input[1] if logits.input[0] == constant else logits.input[0]
+        elif value is None or value.size != 1 or (logits.op_type == "Div" and logits.input[1] != constant):
             return None
         else:
+            other = logits.input[1] if logits.input[0] == constant else logits.input[0]
             scale = scale * float(value.ravel()[0]) if logits.op_type == "Mul" else scale / float(value.ravel()[0])
         removed.append(logits)
         logits = index.producer.get(other)
@@ -376,11 +404,28 @@ def _match_attention(index: GraphIndex, softmax: onnx.NodeProto):
     inner = [t for n in removed if n is not flatten for t in n.output]
     if not index.private(inner, removed):
         return None
+    extra, inputs = [], [x, weight, bias]
+    if key_bias is not None:  # Attention takes a bias of shape [B or 1, H or 1, S, T]
+        tokens = int(shape[1])
+        dims = shapes.get(key_bias)
+        if (tokens < 1 or dims is None or len(dims) != 4 or dims[1] not in (1, heads) or dims[2] not in (1, tokens)
+                or dims[3] != tokens):
+            return None
+        attention_bias = key_bias
+        if dims[2] == 1:
+            rows = f"{key_bias}_rows_shape"
+            if rows not in index.constants:
+                index.graph.initializer.append(numpy_helper.from_array(np.array([1, 1, tokens, 1], np.int64), rows))
+                index.constants[rows] = index.graph.initializer[-1]
+            attention_bias = f"{key_bias}_rows_{softmax.name or softmax.output[0]}"
+            extra.append(helper.make_node("Expand", [key_bias, rows], [attention_bias], name=f"{attention_bias}_expand"))
+        inputs = [x, weight, None, "", "", attention_bias]
     if bias is None:
         bias = f"{weight}_zero_bias"
         if bias not in index.constants:
             index.graph.initializer.append(numpy_helper.from_array(np.zeros(weights.shape[1], weights.dtype), bias))
-    return [x, weight, bias], heads, scale, flatten.output[0], removed, flatten
+    inputs[2] = bias
+    return inputs, heads, scale, flatten.output[0], removed, flatten, extra
 
 
 # The passes in the order they run: the softmax fusion first, so the attention blocks it
