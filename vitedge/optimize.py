@@ -547,9 +547,7 @@ def optimize(outdir, data: str | None = "default", limit: int | None = 1000, rou
                                                                  "max_abs_logit_diff", "passed") if k in section}
                 else:
                     entry["fidelity"] = None
-                batch = meta["input"]["batch"] if isinstance(meta["input"]["batch"], int) else 1
-                if graph_batch(ort_session(source, 1)) not in (None, batch):
-                    batch = graph_batch(ort_session(source, 1))
+                batch = graph_batch(ort_session(source, 1)) or 1  # the graph's fixed batch, else 1
                 log(f"timing model.onnx against {OPTIMIZED_ORT}: {rounds} interleaved rounds, batch {batch}, {threads} threads")
                 timing = interleaved_timing(source, target, batch, threads, rounds, size=meta["input"]["shape"][2])
                 entry["timing"] = timing
