@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 import vitedge  # noqa: E402
 from vitedge.optimize import optimize  # noqa: E402
 
@@ -95,6 +97,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="images (default: all 10,000)")
     parser.add_argument("--models", nargs="+", default=bundled(), choices=bundled())
     args = parser.parse_args()
+    # The reference runs image by image on tiny tensors (no op is large enough to split): one torch
+    # thread; two on a shared, loaded 2-core machine made every op wait for a time slice (70x slower).
+    torch.set_num_threads(1)
     rows = []
     for family in args.models:
         print(f"{family}: export, optimise, validate", file=sys.stderr, flush=True)

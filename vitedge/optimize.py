@@ -398,8 +398,8 @@ def _match_attention(index: GraphIndex, softmax: onnx.NodeProto, shapes: dict):
         return None
     x, weight = linear.input
     weights = index.value(weight)
-    if weights is None or weights.ndim != 2 or weights.shape[1] != 3 * heads * head_dim:
-        return None
+    if weights is None or weights.ndim != 2 or weights.shape[1] != 3 * heads * head_dim or len(shapes.get(x) or []) != 3:
+        return None  # Attention takes [B, N, C] tokens and a [C, 3 H D] weight
     removed.append(linear)
     inner = [t for n in removed if n is not flatten for t in n.output]
     if not index.private(inner, removed):
@@ -486,8 +486,9 @@ def interleaved_timing(reference: Path, candidate: Path, batch: int, threads: in
                 sessions[which].run(None, feed)
             samples[which].append((time.perf_counter() - start) * 1000.0 / runs)
     reference_ms, candidate_ms = (float(np.median(s)) for s in samples)
-    paired = np.asarray(samples[1]) / np.asarray(samples[0])
-    boot = np.random.default_rng(1).choice(paired, (1000, len(paired))).mean(axis=1)
+    # 95 % interval of the ratio of medians: rounds resampled with their pairs kept
+    picks = np.random.default_rng(1).integers(0, rounds, (1000, rounds))
+    boot = np.median(np.asarray(samples[1])[picks], axis=1) / np.median(np.asarray(samples[0])[picks], axis=1)
     return {"reference_ms": reference_ms, "optimized_ms": candidate_ms, "ratio": candidate_ms / reference_ms,
             "ratio_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
             "rounds": rounds, "runs_per_round": runs, "batch": batch, "threads": threads}
