@@ -322,3 +322,14 @@ def test_a_locked_folder_is_refused(deit_artifact, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_export_with_optimize_records_the_decision(tmp_path):
+    outdir = tmp_path / "deit"
+    result = run_cli("export", REPO / "models" / "fmnist-deit.safetensors", "-o", outdir, "--limit", "16", "--optimize")
+    assert result.exit_code == 0, result.output
+    entry = read_json(outdir / "vitedge.json")["optimized"]["ort"]
+    assert json.loads(result.stdout)["ort_optimized"] == entry["written"]
+    assert entry["passes"]["attention"] == 12 and entry["fidelity"]["passed"] and entry["fidelity"]["images"] == 16
+    assert (outdir / OPTIMIZED_ORT).is_file() == entry["written"]  # written exactly when it was faster
+    assert entry["written"] == (entry["timing"]["ratio"] < 1.0)
