@@ -333,3 +333,12 @@ def test_export_with_optimize_records_the_decision(tmp_path):
     assert entry["passes"]["attention"] == 12 and entry["fidelity"]["passed"] and entry["fidelity"]["images"] == 16
     assert (outdir / OPTIMIZED_ORT).is_file() == entry["written"]  # written exactly when it was faster
     assert entry["written"] == (entry["timing"]["ratio"] < 1.0)
+
+
+def test_an_unproven_graph_is_run_only_when_asked_for(deit_artifact, tmp_path):
+    outdir = _copy(deit_artifact, tmp_path / "deit")
+    entry = optimize(outdir, data=None, rounds=2, force=True, log=quiet)
+    assert entry["written"] and entry["fidelity"] is None
+    artifact = vitedge.Artifact(outdir)
+    assert artifact.ort_model("auto")[1] == "portable"
+    assert artifact.ort_model("optimized") == (outdir / OPTIMIZED_ORT, "optimized")

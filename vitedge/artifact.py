@@ -298,12 +298,14 @@ class Artifact:
     def ort_model(self, graph: str = "auto") -> tuple[Path, str]:
         """The FP32 graph ONNX Runtime runs, and which one it is: ``portable`` (model.onnx) or
         ``optimized`` (model.ort.onnx). ``auto`` takes the optimised one where 'vitedge optimize'
-        wrote it for this model.onnx (its source hash matches), else model.onnx."""
+        wrote it for this model.onnx (its source hash matches) and it passed the fidelity check
+        (one written with --no-validate runs only when asked for), else model.onnx."""
         if graph not in GRAPHS:
             raise VitedgeError(f"unknown graph '{graph}'; use one of {', '.join(GRAPHS)}")
         entry = self.metadata.get("optimized", {}).get("ort") or {}
         path = self.root / entry.get("model", OPTIMIZED_ORT)
-        if graph == "portable" or (graph == "auto" and not (entry.get("written") and path.is_file())):
+        proven = bool((entry.get("fidelity") or {}).get("passed"))
+        if graph == "portable" or (graph == "auto" and not (entry.get("written") and proven and path.is_file())):
             return self.model_path, "portable"
         if not entry.get("written") or not path.is_file():
             why = entry.get("reason", "not optimised yet")

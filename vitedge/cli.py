@@ -283,7 +283,7 @@ def quantize(outdir, precision, calib, method, exclude, include_selection, keep_
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False))
 @data_options(1000, ("--limit", "--validate-limit"), "the fidelity check of the optimised graph")
-@click.option("--no-validate", is_flag=True, help="Skip the fidelity check (the graph is then unproven; not recommended).")
+@click.option("--no-validate", is_flag=True, help="Skip the fidelity check: the graph is unproven, so --graph auto keeps model.onnx (--graph optimized runs it).")
 @click.option("--rounds", type=int, default=30, show_default=True, help="Interleaved timing rounds against model.onnx.")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--force", is_flag=True, help="Write model.ort.onnx even when it is not faster than model.onnx.")
