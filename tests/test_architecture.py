@@ -24,6 +24,8 @@ LAYERS = [
     ("load", {"families", "load", "calibrate", "recipe"}),
     ("export", {"export"}),
     ("check/validate", {"check", "validate", "artifact_export"}),
+    # ONNX Runtime graph passes, re-validated with validate's check (model.ort.onnx)
+    ("optimize", {"optimize"}),
     ("quantize", {"quantize"}),
     ("build/profile", {"build", "profile", "staircase"}),
     ("tune/bundle", {"tune", "bundle"}),

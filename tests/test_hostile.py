@@ -414,6 +414,9 @@ ARTIFACT_DAMAGE = {
     "checkpoint-list": _put([], "checkpoint"),
     "thresholds-strings": _put({"min_top1_agreement": "high"}, "validation"),
     "quantized-list": _put([], "quantized"),
+    "optimized-list": _put([], "optimized"),
+    "optimized-written-string": _put({"ort": {"model": "model.ort.onnx", "written": "yes", "passes": {}}}, "optimized"),
+    "optimized-model-outside": _put({"ort": {"model": "../model.ort.onnx", "written": True, "passes": {}}}, "optimized"),
     "mismatch-input-name": _put("pixels", "input", "name"),
     "mismatch-input-shape": _put([1, 1, 32, 32], "input", "shape"),
     "mismatch-outputs": _put(["logits"], "outputs"),
@@ -435,6 +438,7 @@ ARTIFACT_COMMANDS = {
     "profile": ["profile", "{art}", "--iterations", "2", "--warmup", "0"],
     "predict": ["predict", "{art}", "{npy}", "-o", "{root}/logits.npy"],
     "quantize": ["quantize", "{art}", "--precision", "fp16", "--no-validate"],
+    "optimize": ["optimize", "{art}", "--no-validate", "--rounds", "1"],
     "build": ["build", "{art}"],
 }
 

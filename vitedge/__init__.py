@@ -24,6 +24,7 @@ from .devices import available_devices, get_device  # noqa: E402
 from .errors import BackendMissing, BudgetMissed, BuildFailed, ValidationFailed, VitedgeError  # noqa: E402
 from .families import available_families, get_family  # noqa: E402
 from .load import load_model  # noqa: E402
+from .optimize import optimize  # noqa: E402
 from .pipeline import check, export, inspect, predict, predict_file, predict_images  # noqa: E402
 from .profile import profile  # noqa: E402
 from .quantize import quantize, validate_quantized  # noqa: E402
@@ -34,7 +35,7 @@ from .validate import Thresholds, validate  # noqa: E402
 
 __all__ = [
     "BackendMissing", "BudgetMissed", "BuildFailed", "available_devices", "build", "get_device",
-    "Artifact", "available_families", "calibrate", "check", "export", "get_family", "inspect", "load_model", "predict",
+    "Artifact", "available_families", "calibrate", "check", "export", "get_family", "inspect", "load_model", "optimize", "predict",
     "predict_file", "predict_images", "profile", "profile_tokens", "quantize", "to_static", "tune", "validate", "Thresholds",
     "ValidationFailed",
     "VitedgeError", "export_bundle", "load_bundle", "profile_bundle", "select", "validate_quantized",

@@ -22,6 +22,9 @@ METADATA = "vitedge.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 MODEL = "model.onnx"
+# model.onnx rewritten for ONNX Runtime (fused attention; vitedge optimize), where it pays
+OPTIMIZED_ORT = "model.ort.onnx"
+GRAPHS = ("auto", "portable", "optimized")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -291,6 +294,34 @@ class Artifact:
         if not path.is_file():
             raise VitedgeError(f"{path} is missing; re-run 'vitedge quantize {self.root} --precision {precision}'")
         return path
+
+    def ort_model(self, graph: str = "auto") -> tuple[Path, str]:
+        """The FP32 graph ONNX Runtime runs, and which one it is: ``portable`` (model.onnx) or
+        ``optimized`` (model.ort.onnx). ``auto`` takes the optimised one where 'vitedge optimize'
+        wrote it for this model.onnx (its source hash matches) and it passed the fidelity check
+        (one written with --no-validate runs only when asked for), else model.onnx."""
+        if graph not in GRAPHS:
+            raise VitedgeError(f"unknown graph '{graph}'; use one of {', '.join(GRAPHS)}")
+        entry = self.metadata.get("optimized", {}).get("ort") or {}
+        path = self.root / entry.get("model", OPTIMIZED_ORT)
+        proven = bool((entry.get("fidelity") or {}).get("passed"))
+        if graph == "portable" or (graph == "auto" and not (entry.get("written") and proven and path.is_file())):
+            return self.model_path, "portable"
+        if not entry.get("written") or not path.is_file():
+            why = entry.get("reason", "not optimised yet")
+            raise VitedgeError(f"{self.root} has no {OPTIMIZED_ORT} ({why}); run 'vitedge optimize {self.root}' "
+                               "(--force writes it even when it is not faster) or use --graph portable")
+        import hashlib
+
+        digest = hashlib.sha256()
+        with open(self.model_path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != entry.get("source_sha256"):
+            if graph == "auto":
+                return self.model_path, "portable"
+            raise VitedgeError(f"{path} was made from another model.onnx; run 'vitedge optimize {self.root}' again")
+        return path, "optimized"
 
     def precisions(self) -> list[str]:
         """fp32 and every precision 'vitedge quantize' added."""

@@ -197,11 +197,13 @@ def main():
                    "vit, swag, fashion-mnist) and/or crop_pct=, interpolation=, crop=, mean=a/b/c, std=a/b/c, channels=.")
 @click.option("--calib", help="Calibration images for data-dependent settings given here: any --data source or a name "
                               "in calibration/ (default: fmnist-train-512 for grey models, samples for RGB ones).")
+@click.option("--optimize", "optimize_ort", is_flag=True,
+              help="Then run 'vitedge optimize': model.ort.onnx for ONNX Runtime where it passes and pays (default: off).")
 @setting_options(from_file=True)
 @friendly
 def export(checkpoint, outdir, family, arch, img_size, num_heads, recipe, opset, batch_size, dynamic_batch,
-           dynamic_resolution, data, limit, shuffle_seed, skip_bad_images, no_validate, transform, calib, settings,
-           calibration):
+           dynamic_resolution, data, limit, shuffle_seed, skip_bad_images, no_validate, transform, calib, optimize_ort,
+           settings, calibration):
     """Load CHECKPOINT, rewrite it to a static graph, export, check and validate it."""
     report = vitedge.export(
         checkpoint, outdir, family=family, arch=arch, img_size=img_size, recipe=recipe,
@@ -215,6 +217,12 @@ def export(checkpoint, outdir, family, arch, img_size, num_heads, recipe, opset,
     if "validate" in report:
         summary["top1_agreement"] = report["validate"]["top1_agreement"]
         summary["kept_agreement"] = report["validate"]["kept_agreement"]
+    if optimize_ort:
+        from vitedge.optimize import optimize as run_optimize
+
+        entry = run_optimize(outdir, None if no_validate else data, limit, log=log, shuffle_seed=shuffle_seed,
+                             skip_bad_images=skip_bad_images)
+        summary["ort_optimized"] = entry["written"]
     click.echo(json.dumps(summary))
 
 
@@ -274,6 +282,31 @@ def quantize(outdir, precision, calib, method, exclude, include_selection, keep_
 
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False))
+@data_options(1000, ("--limit", "--validate-limit"), "the fidelity check of the optimised graph")
+@click.option("--no-validate", is_flag=True, help="Skip the fidelity check: the graph is unproven, so --graph auto keeps model.onnx (--graph optimized runs it).")
+@click.option("--rounds", type=int, default=30, show_default=True, help="Interleaved timing rounds against model.onnx.")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--force", is_flag=True, help="Write model.ort.onnx even when it is not faster than model.onnx.")
+@friendly
+def optimize(outdir, data, limit, shuffle_seed, skip_bad_images, no_validate, rounds, threads, force):
+    """Write OUTDIR/model.ort.onnx (fused attention and softmax for ONNX Runtime) when it passes the
+    fidelity check and is faster than model.onnx; profile and predict then use it on ORT."""
+    from vitedge.optimize import optimize as run_optimize
+
+    entry = run_optimize(outdir, None if no_validate else data, limit, rounds, threads, force, log=log,
+                         shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images)
+    summary = {"model": entry["model"] if entry["written"] else None, "written": entry["written"], "reason": entry["reason"],
+               "passes": entry["passes"]}
+    if entry.get("timing"):
+        summary["ratio"] = entry["timing"]["ratio"]
+    if entry.get("fidelity"):
+        summary["top1_agreement"] = entry["fidelity"]["top1_agreement"]
+        summary["kept_agreement"] = entry["fidelity"]["kept_agreement"]
+    click.echo(json.dumps(summary))
+
+
+@main.command()
+@click.argument("outdir", type=click.Path(file_okay=False))
 @data_options(None)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Where the source checkpoint is now, if it moved.")
@@ -284,10 +317,14 @@ def quantize(outdir, precision, calib, method, exclude, include_selection, keep_
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="fp16/int8: compare that model with the FP32 graph (accuracy, agreement, first disagreement).")
 @click.option("--max-accuracy-drop", type=float, help="fp16/int8: largest accuracy drop allowed (0.005 = half a point).")
+@click.option("--graph", type=click.Choice(["portable", "optimized"]), default="portable", show_default=True,
+              help="fp32: model.onnx (portable) or model.ort.onnx from 'vitedge optimize' (report section validate_ort).")
 @friendly
 def validate(outdir, data, limit, shuffle_seed, skip_bad_images, batch_size, checkpoint, min_top1_agreement,
-             min_kept_agreement, max_abs_logit_diff, img_size, precision, max_accuracy_drop):
+             min_kept_agreement, max_abs_logit_diff, img_size, precision, max_accuracy_drop, graph):
     """Compare OUTDIR/model.onnx (ONNX Runtime) with the reference model on real images."""
+    if precision != "fp32" and graph != "portable":
+        raise VitedgeError("--graph optimized validates the FP32 model.ort.onnx; drop --precision")
     if precision != "fp32":
         from vitedge.quantize import validate_quantized
 
@@ -302,7 +339,7 @@ def validate(outdir, data, limit, shuffle_seed, skip_bad_images, batch_size, che
                  "max_abs_logit_diff": max_abs_logit_diff}
     thresholds.update({k: v for k, v in overrides.items() if v is not None})
     result = vitedge.validate(outdir, data, limit, thresholds, batch_size, checkpoint, log=log, img_size=img_size,
-                              shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images)
+                              shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images, graph=graph)
     keys = ("images", "top1_agreement", "kept_agreement", "max_abs_logit_diff", "budget_exceeded", "halting", "in_domain",
             "skipped_images", "passed")
     click.echo(json.dumps({k: result[k] for k in keys if k in result}))
@@ -322,15 +359,18 @@ def validate(outdir, data, limit, shuffle_seed, skip_bad_images, batch_size, che
               help="Which end-to-end latency statistic the budget applies to.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="Which model file to time (ort backend).")
+@click.option("--graph", type=click.Choice(["auto", "portable", "optimized"]), default="auto", show_default=True,
+              help="ONNX Runtime graph: model.ort.onnx where 'vitedge optimize' wrote it (auto), model.onnx (portable) "
+                   "or model.ort.onnx (optimized).")
 @friendly
 def profile(outdir, backend, batch, iterations, warmup, threads, device, devices_dir, latency_budget_ms, budget_stat,
-            precision):
+            precision, graph):
     """Latency percentiles and throughput of OUTDIR on a backend, pass/fail against a latency budget."""
     section = backend if precision == "fp32" else f"{backend}-{precision}"
     try:
         result = vitedge.profile(outdir, backend, batch, iterations, warmup, threads, log=log, device=device,
                                  latency_budget_ms=latency_budget_ms, budget_stat=budget_stat, devices_dir=devices_dir,
-                                 precision=precision)
+                                 precision=precision, graph=graph)
     except vitedge.BudgetMissed:
         _echo_profile(vitedge.Artifact(outdir).report()["profile"][section])
         raise
@@ -426,19 +466,22 @@ def inspect(outdir, as_json):
 @click.option("--save-input", type=click.Path(dir_okay=False), help="With image files: write the preprocessed NCHW tensor (.npy).")
 @click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Classes to print per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--graph", type=click.Choice(["auto", "portable", "optimized"]), default="auto", show_default=True,
+              help="ONNX Runtime graph: model.ort.onnx where 'vitedge optimize' wrote it (auto), model.onnx (portable) "
+                   "or model.ort.onnx (optimized).")
 @friendly
-def predict(outdir, inputs, output_npy, save_input, top, as_json):
+def predict(outdir, inputs, output_npy, save_input, top, as_json, graph):
     """Top classes for image files (preprocessed with OUTDIR's recorded transform), or logits for one
     INPUT.npy (NCHW float32, normalised) saved to -o OUTPUT.npy."""
     if all(str(path).endswith(".npy") for path in inputs):
         if len(inputs) != 1 or output_npy is None:
             raise VitedgeError("a .npy input takes exactly one file and -o OUTPUT.npy; image files print their top classes")
-        logits = vitedge.predict_file(outdir, inputs[0], output_npy)
+        logits = vitedge.predict_file(outdir, inputs[0], output_npy, graph=graph, log=log)
         click.echo(json.dumps({"output": output_npy, "shape": list(logits.shape), "top1": logits.argmax(1).tolist()[:16]}))
         return
     if output_npy is not None:
         raise VitedgeError("-o writes logits of a .npy input; for image files use --save-input FILE.npy or --json")
-    results = vitedge.predict_images(outdir, inputs, top=top, save_input=save_input)
+    results = vitedge.predict_images(outdir, inputs, top=top, save_input=save_input, graph=graph, log=log)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

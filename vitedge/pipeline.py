@@ -63,8 +63,11 @@ def inspect(outdir) -> dict:
     }
 
 
-def predict(outdir, images: np.ndarray, threads: int = 2) -> np.ndarray:
-    """Logits for ``images`` (NCHW float32, already normalised as vitedge.json says) via ONNX Runtime."""
+def predict(outdir, images: np.ndarray, threads: int = 2, graph: str = "auto", log=None) -> np.ndarray:
+    """Logits for ``images`` (NCHW float32, already normalised as vitedge.json says) via ONNX Runtime.
+
+    ``graph``: model.ort.onnx where 'vitedge optimize' wrote it ("auto"), or force "portable" / "optimized".
+    """
     artifact = Artifact(outdir)
     expected = artifact.metadata["input"]["shape"][1:]
     images = np.asarray(images)
@@ -74,16 +77,19 @@ def predict(outdir, images: np.ndarray, threads: int = 2) -> np.ndarray:
         raise VitedgeError(f"input dtype is {images.dtype}; this model takes float32 (normalised as in vitedge.json)")
     if len(images) == 0:
         raise VitedgeError("input holds no images (shape [0, ...])")
-    session = ort_session(artifact.model_path, threads)
+    model_path, _ = artifact.ort_model(graph)
+    if log:
+        log(f"running {model_path.name} on ONNX Runtime")
+    session = ort_session(model_path, threads)
     return run_batched(session, images)[0]
 
 
-def predict_file(outdir, input_path, output_path) -> np.ndarray:
+def predict_file(outdir, input_path, output_path, graph: str = "auto", log=None) -> np.ndarray:
     """``predict`` from one .npy file to another (written atomically)."""
     import io
 
     images = read_npy(input_path, "input file")
-    logits = predict(outdir, images)
+    logits = predict(outdir, images, graph=graph, log=log)
     buffer = io.BytesIO()
     np.save(buffer, logits)
     output_path = Path(output_path)
@@ -105,7 +111,8 @@ def class_names_for(metadata: dict) -> list[str] | None:
     return None
 
 
-def predict_images(outdir, image_paths, top: int = 5, save_input=None, threads: int = 2) -> list[dict]:
+def predict_images(outdir, image_paths, top: int = 5, save_input=None, threads: int = 2, graph: str = "auto",
+                   log=None) -> list[dict]:
     """Top-``top`` classes (with names where known) for image files, preprocessed with the artifact's recorded
     transform; ``save_input`` writes the preprocessed NCHW tensor (.npy) as well."""
     import io
@@ -128,7 +135,7 @@ def predict_images(outdir, image_paths, top: int = 5, save_input=None, threads: 
         buffer = io.BytesIO()
         np.save(buffer, images)
         write_bytes_atomic(save_input, buffer.getvalue())
-    logits = predict(outdir, images, threads)
+    logits = predict(outdir, images, threads, graph, log)
     names = class_names_for(artifact.metadata)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)

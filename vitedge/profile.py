@@ -76,14 +76,17 @@ def torch_runner(model, shape, threads: int):
 
 def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: int = 50, warmup: int = 10, threads: int = 2, log=None,
             device: str | None = None, latency_budget_ms: float | None = None, budget_stat: str = "p99",
-            devices_dir=None, histogram: bool = True, precision: str = "fp32") -> dict:
+            devices_dir=None, histogram: bool = True, precision: str = "fp32", graph: str = "auto") -> dict:
     """Time the artifact on ``backend``; writes report.json["profile"][backend] and profile_<backend>.png.
 
     ``precision`` fp16/int8 times a quantized ONNX model (section ``<backend>-<precision>``).
     With a budget (``latency_budget_ms``, else the device profile's), the ``budget_stat``
     percentile of end-to-end latency is compared with it; a miss raises BudgetMissed after
-    everything is written.
+    everything is written. ``graph`` (ort, fp32): model.ort.onnx where 'vitedge optimize' wrote it
+    ("auto"), or "portable" (model.onnx) / "optimized"; the report says which one ran.
     """
+    if graph == "optimized" and (precision != "fp32" or backend != "ort"):
+        raise VitedgeError("--graph optimized is the FP32 graph for ONNX Runtime: use --backend ort without --precision")
     if precision != "fp32" and backend != "ort":
         raise VitedgeError(f"--precision {precision} times a quantized ONNX model: use --backend ort")
     if backend not in BACKENDS:
@@ -115,8 +118,12 @@ def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: 
     if backend == "trt":
         return _finish(artifact, backend, batch, threads, _profile_trt(artifact, batch, iterations, warmup, profile_device, log),
                        profile_device, latency_budget_ms, budget_stat, histogram, log)
+    graph_used = None
     if backend == "ort":
-        run = ort_runner(artifact.model_for(precision), batch, threads, meta["input"]["shape"][2])
+        model_path, graph_used = artifact.ort_model(graph) if precision == "fp32" else (artifact.model_for(precision), "portable")
+        if log and precision == "fp32":
+            log(f"timing {model_path.name} ({graph_used} graph{'; --graph portable times model.onnx' if graph_used == 'optimized' else ''})")
+        run = ort_runner(model_path, batch, threads, meta["input"]["shape"][2])
     else:
         from .load import reference_from_metadata
 
@@ -126,7 +133,7 @@ def profile(outdir, backend: str = "ort", batch: int | None = None, iterations: 
         log(f"profiling {backend} batch {batch}: {warmup} warm-up + {iterations} timed runs on {threads} threads")
     samples = time_callable(run, iterations, warmup)
     return _finish(artifact, backend, batch, threads, {"end_to_end": samples}, profile_device, latency_budget_ms,
-                   budget_stat, histogram, log, precision)
+                   budget_stat, histogram, log, precision, graph_used)
 
 
 def _profile_trt(artifact: Artifact, batch: int, iterations: int, warmup: int, device, log) -> dict:
@@ -203,7 +210,7 @@ def histogram_png(samples: dict[str, list[float]], title: str, budget_ms: float 
 
 
 def _finish(artifact: Artifact, backend: str, batch: int, threads: int, samples: dict, device, budget_ms, budget_stat,
-            histogram: bool, log, precision: str = "fp32") -> dict:
+            histogram: bool, log, precision: str = "fp32", graph: str | None = None) -> dict:
     """Statistics, budget verdict, histogram and report for one profiled backend."""
     stats = latency_stats(samples["end_to_end"], batch)
     result = {
@@ -222,6 +229,8 @@ def _finish(artifact: Artifact, backend: str, batch: int, threads: int, samples:
         result["latency_includes"] = "H2D copy + GPU compute + D2H copy + synchronisation (host clock)"
     if device is not None:
         result["device"] = device.name
+    if graph is not None:
+        result["graph"] = graph
     budget = check_budget(stats, budget_ms, budget_stat)
     if budget is not None:
         result["budget"] = budget

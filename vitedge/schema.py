@@ -84,6 +84,12 @@ ARTIFACT = {
         "quantized": {"type": "object", "additionalProperties": {
             "type": "object", "required": ["model"],
             "properties": {"model": {"type": "string", "pattern": r"^[^/\\]+\.onnx$"}}}},
+        # per runtime (``ort``): the optimised graph 'vitedge optimize' wrote, or why it did not
+        "optimized": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["model", "written", "passes"],
+            "properties": {"model": {"type": "string", "pattern": r"^[^/\\]+\.onnx$"}, "written": {"type": "boolean"},
+                           "passes": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+                           "source_sha256": {"type": "string"}}}},
     },
 }
 

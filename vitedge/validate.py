@@ -233,8 +233,12 @@ def validate(
     img_size: int | None = None,
     shuffle_seed: int | None = None,
     skip_bad_images: bool = False,
+    graph: str = "portable",
 ) -> dict:
     """Compare the artifact's model.onnx with its reference model; writes report.json["validate"].
+
+    ``graph`` "optimized" checks model.ort.onnx ('vitedge optimize') instead, with the same
+    thresholds (report section ``validate_ort``); "auto" takes it where it was written.
 
     ``data`` is any ``--data`` source (None: Fashion-MNIST for grey models, the bundled samples
     for RGB ones); the report says when it is not the model's domain.
@@ -256,17 +260,21 @@ def validate(
         thresholds if thresholds is not None else artifact.metadata.get("validation", {})
     )
     section_name = check_img_size(artifact.metadata, img_size)
+    model_path, graph_used = artifact.ort_model(graph)
+    if graph_used == "optimized":
+        section_name = section_name.replace("validate", "validate_ort", 1)
     loaded = reference_from_metadata(artifact.metadata, checkpoint, img_size)
     spec = input_spec(artifact.metadata, img_size)
     dataset = load_dataset(data, limit, shuffle_seed=shuffle_seed, skip_bad=skip_bad_images, in_chans=spec.in_chans)
     num_classes = loaded.cfg.num_classes
     dataset = dataset.for_model(num_classes)  # labels in the model's classes; refuses class folders that are not
     note = domain_note(dataset, spec.in_chans, num_classes)
-    session = ort_session(artifact.model_path, threads)
+    session = ort_session(model_path, threads)
     names = artifact.metadata["outputs"][1:]
     if log:
-        at = "" if section_name == "validate" else f" at {spec.img_size} px"
-        log(f"validating {len(dataset)} {dataset.name} images{at} against the reference model ({spec.describe()})")
+        at = "" if img_size in (None, artifact.metadata["input"]["shape"][2]) else f" at {spec.img_size} px"
+        what = "" if graph_used == "portable" else f"{model_path.name} on "
+        log(f"validating {what}{len(dataset)} {dataset.name} images{at} against the reference model ({spec.describe()})")
         if note:
             log(f"note: {note}")
     ref_logits, exp_logits, ref_kept, exp_kept, ref_margins, labels = [], [], [], [], [], []
@@ -296,12 +304,14 @@ def validate(
                       ordered=loaded.family.kept_order_matters, margins=margins)
     metrics.update(loaded.family.kept_summary(reference_kept))
     failures = verdict(metrics, thresholds)
-    section = {"data": dataset.name, "img_size": spec.img_size, **data_record(dataset, spec, note), **metrics,
+    section = {"data": dataset.name, "img_size": spec.img_size, "model": model_path.name,
+               **data_record(dataset, spec, note), **metrics,
                "thresholds": asdict(thresholds), "passed": not failures, "failures": failures}
     if dataset.skipped and log:
         log(f"skipped {len(dataset.skipped)} unreadable image(s), e.g. {dataset.skipped[0]}")
     artifact.update_report(section_name, section)
     if failures:
-        at = "" if section_name == "validate" else f" at {spec.img_size} px"
-        raise ValidationFailed(f"validation failed on {dataset.name}{at}: {'; '.join(failures)}")
+        at = "" if img_size in (None, artifact.metadata["input"]["shape"][2]) else f" at {spec.img_size} px"
+        what = "validation" if graph_used == "portable" else f"validation of {model_path.name}"
+        raise ValidationFailed(f"{what} failed on {dataset.name}{at}: {'; '.join(failures)}")
     return section

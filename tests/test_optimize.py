@@ -1,0 +1,344 @@
+"""vitedge.optimize: each pass on a small graph (real ONNX Runtime sessions, fused vs unfused), the
+patterns it must leave alone, the command end to end on a bundled model, re-validation that
+rejects a broken optimised graph, and bad input."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import vitedge
+from vitedge.artifact import LOCK, OPTIMIZED_ORT
+from vitedge.optimize import PASSES, fuse_attention, fuse_regularised_softmax, optimize, optimize_graph
+from vitedge.runtime import ort_session
+
+from support import assert_clean_failure, folder_listing, quiet, read_json, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS, HEADS, HEAD_DIM = 6, 2, 4
+WIDTH = HEADS * HEAD_DIM
+
+
+def _const(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def attention_model(scale_on="q", unpack="slice", key_bias=False, read_probs=False, read_keys=False,
+                    qkv_bias=True) -> onnx.ModelProto:
+    """One timm-style attention block as vitedge's exports spell it, with the variants the matcher handles
+    (scale on q or on the logits, Slice+Squeeze or Gather, a [B, 1, 1, N] key bias) or must refuse
+    (the attention map or the keys read by another node, as a token selection would)."""
+    rng = np.random.default_rng(0)
+    inits = [_const("w_qkv", rng.standard_normal((WIDTH, 3 * WIDTH)).astype(np.float32) * 0.5),
+             _const("qkv_shape", np.array([1, TOKENS, 3, HEADS, HEAD_DIM], np.int64)),
+             _const("flat_shape", np.array([1, TOKENS, WIDTH], np.int64)),
+             _const("scale", np.array(HEAD_DIM ** -0.5, np.float32)),
+             _const("zero", np.array([0], np.int64)), _const("one", np.array([1], np.int64)),
+             _const("two", np.array([2], np.int64)), _const("three", np.array([3], np.int64))]
+    nodes = [helper.make_node("MatMul", ["x", "w_qkv"], ["qkv_mm"])]
+    packed = "qkv_mm"
+    if qkv_bias:
+        inits.append(_const("b_qkv", rng.standard_normal(3 * WIDTH).astype(np.float32) * 0.1))
+        nodes.append(helper.make_node("Add", ["qkv_mm", "b_qkv"], ["qkv"]))
+        packed = "qkv"
+    nodes += [helper.make_node("Reshape", [packed, "qkv_shape"], ["qkv5"]),
+              helper.make_node("Transpose", ["qkv5"], ["qkvT"], perm=[2, 0, 3, 1, 4])]
+    for i, name in enumerate("qkv"):
+        if unpack == "gather":
+            inits.append(_const(f"i{i}", np.array(i, np.int64)))
+            nodes.append(helper.make_node("Gather", ["qkvT", f"i{i}"], [name], axis=0))
+        else:
+            bounds = ["zero", "one", "two", "three"]
+            nodes += [helper.make_node("Slice", ["qkvT", bounds[i], bounds[i + 1], "zero"], [f"{name}_s"]),
+                      helper.make_node("Squeeze", [f"{name}_s", "zero"], [name])]
+    query = "q"
+    if scale_on == "q":
+        nodes.append(helper.make_node("Mul", ["q", "scale"], ["q_scaled"]))
+        query = "q_scaled"
+    nodes += [helper.make_node("Transpose", ["k"], ["kT"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", [query, "kT"], ["scores"])]
+    logits = "scores"
+    if scale_on == "logits":
+        nodes.append(helper.make_node("Mul", ["scores", "scale"], ["scores_scaled"]))
+        logits = "scores_scaled"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, TOKENS, WIDTH])]
+    if key_bias:
+        inputs.append(helper.make_tensor_value_info("key_bias", TensorProto.FLOAT, [1, 1, 1, TOKENS]))
+        nodes.append(helper.make_node("Add", [logits, "key_bias"], ["biased"]))
+        logits = "biased"
+    nodes += [helper.make_node("Softmax", [logits], ["probs"], axis=-1),
+              helper.make_node("MatMul", ["probs", "v"], ["context"]),
+              helper.make_node("Transpose", ["context"], ["contextT"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["contextT", "flat_shape"], ["out"])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, TOKENS, WIDTH])]
+    if read_probs:  # a selection reading the class-token row of the map
+        nodes.append(helper.make_node("ReduceMean", ["probs", "one"], ["head_mean"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("head_mean", TensorProto.FLOAT, None))
+    if read_keys:  # ToMe-style: the keys feed a similarity
+        nodes.append(helper.make_node("ReduceMean", ["k", "one"], ["key_mean"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("key_mean", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def run(model: onnx.ModelProto, tmp_path: Path, name: str, feeds: dict) -> list[np.ndarray]:
+    path = tmp_path / f"{name}.onnx"
+    onnx.save_model(model, str(path))
+    return ort_session(path, 1).run(None, feeds)
+
+
+def feeds_for(model: onnx.ModelProto) -> dict:
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((1, TOKENS, WIDTH)).astype(np.float32)}
+    if any(i.name == "key_bias" for i in model.graph.input):
+        bias = np.zeros((1, 1, 1, TOKENS), np.float32)
+        bias[..., 2] = -1000.0  # a halted token, invisible as a key
+        feeds["key_bias"] = bias
+    return feeds
+
+
+@pytest.mark.parametrize("scale_on, unpack, key_bias, qkv_bias", [
+    ("q", "slice", False, True), ("logits", "gather", False, True), ("q", "slice", True, True),
+    ("logits", "slice", False, False)])
+def test_attention_fuses_and_matches_the_unfused_graph(tmp_path, scale_on, unpack, key_bias, qkv_bias):
+    model = attention_model(scale_on, unpack, key_bias, qkv_bias=qkv_bias)
+    feeds = feeds_for(model)
+    expected = run(model, tmp_path, "plain", feeds)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    assert fuse_attention(fused) == 1
+    onnx.checker.check_model(fused)
+    assert [n.op_type for n in fused.graph.node if n.domain == "com.microsoft"] == ["Attention"]
+    assert not any(n.op_type == "Softmax" for n in fused.graph.node)
+    got = run(fused, tmp_path, "fused", feeds)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reader", ["read_probs", "read_keys"])
+def test_attention_whose_map_or_keys_are_read_elsewhere_is_left_alone(reader):
+    model = attention_model(**{reader: True})
+    before = model.SerializeToString()
+    assert fuse_attention(model) == 0
+    assert model.SerializeToString() == before
+
+
+def test_a_bias_inside_the_scale_is_not_fused():
+    """s * (q k^T + b) would scale the bias: Attention's attention_bias is added after the scale."""
+    model = attention_model(scale_on="none", key_bias=True)
+    graph = model.graph
+    softmax = next(n for n in graph.node if n.op_type == "Softmax")
+    graph.node.insert(list(graph.node).index(softmax), helper.make_node("Mul", ["biased", "scale"], ["biased_scaled"]))
+    softmax.input[0] = "biased_scaled"
+    assert fuse_attention(model) == 0
+
+
+def softmax_model(c1, c2, share_mask: bool = False) -> onnx.ModelProto:
+    """``(exp(x - max x) + c1) / (sum exp(x - max x) + c2)`` over the last axis; ``share_mask``: c1 is
+    ATS's eps share ``Where(M, c1 / count(M), 0)`` over a [B, N] mask input."""
+    inits = [_const("axes", np.array([-1], np.int64)), _const("c2", np.array(c2, np.float32))]
+    nodes = [helper.make_node("ReduceMax", ["x", "axes"], ["row_max"], keepdims=1),
+             helper.make_node("Sub", ["x", "row_max"], ["shifted"]),
+             helper.make_node("Exp", ["shifted"], ["weights"]),
+             helper.make_node("ReduceSum", ["weights", "axes"], ["total"], keepdims=1),
+             helper.make_node("Add", ["total", "c2"], ["denominator"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, 3, 5])]
+    if share_mask:
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 5]))
+        inits += [_const("c1", np.array(c1, np.float32)), _const("one", np.array([1], np.int64)),
+                  _const("count_shape", np.array([-1, 1, 1, 1], np.int64)), _const("zero_share", np.zeros((1, 1, 1, 1), np.float32)),
+                  _const("key_axes", np.array([1, 2], np.int64))]
+        nodes += [helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
+                  helper.make_node("ReduceSum", ["mask_f", "one"], ["count"], keepdims=0),
+                  helper.make_node("Reshape", ["count", "count_shape"], ["count4"]),
+                  helper.make_node("Reciprocal", ["count4"], ["inverse"]),
+                  helper.make_node("Mul", ["inverse", "c1"], ["share"]),
+                  helper.make_node("Unsqueeze", ["mask", "key_axes"], ["keys"]),
+                  helper.make_node("Where", ["keys", "share", "zero_share"], ["eps_share"]),
+                  helper.make_node("Add", ["weights", "eps_share"], ["numerator"])]
+    else:
+        inits.append(_const("c1", np.array(c1, np.float32)))
+        nodes.append(helper.make_node("Add", ["weights", "c1"], ["numerator"]))
+    nodes.append(helper.make_node("Div", ["numerator", "denominator"], ["probs"]))
+    graph = helper.make_graph(nodes, "softmax", inputs, [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [2, 1, 3, 5])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("share_mask", [False, True])
+def test_regularised_softmax_becomes_softmax_within_its_eps(tmp_path, share_mask):
+    model = softmax_model(1e-6 / 5, 1e-6, share_mask)
+    rng = np.random.default_rng(2)
+    feeds = {"x": rng.standard_normal((2, 1, 3, 5)).astype(np.float32) * 4}
+    if share_mask:
+        feeds["mask"] = np.array([[True] * 5, [True, True, False, True, False]])
+    expected = run(model, tmp_path, "plain", feeds)[0]
+    counts = optimize_graph(model)
+    assert counts["regularised_softmax"] == 1
+    assert [n.op_type for n in model.graph.node] == ["Softmax"]  # the eps share is dead and gone
+    got = run(model, tmp_path, "fused", feeds)[0]
+    assert np.abs(got - expected).max() <= 1e-6 / 5 + 1e-6 + 1e-7
+
+
+def test_a_softmax_with_a_large_additive_term_is_not_rewritten():
+    """c1 = 0.1 is a real change of the function, not a rounding-sized regulariser."""
+    model = softmax_model(0.1, 1e-6)
+    assert fuse_regularised_softmax(model) == 0
+    assert any(n.op_type == "Div" for n in model.graph.node)
+
+
+# --- the command on artifacts ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def deit_artifact(tmp_path_factory) -> Path:
+    """The bundled dense Fashion-MNIST model (12 blocks, 64-dim), exported without validation."""
+    out = tmp_path_factory.mktemp("optimize") / "deit"
+    vitedge.export(REPO / "models" / "fmnist-deit.safetensors", out, validate_data=None, log=quiet)
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_optimize_end_to_end_on_a_bundled_model(deit_artifact, tmp_path):
+    outdir = _copy(deit_artifact, tmp_path / "deit")
+    result = run_cli("optimize", outdir, "--limit", "64", "--rounds", "3", "--force")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["written"] and summary["passes"]["attention"] == 12 and summary["top1_agreement"] >= 0.999
+    meta = read_json(outdir / "vitedge.json")["optimized"]["ort"]
+    assert meta["written"] and meta["fidelity"]["passed"] and meta["timing"]["rounds"] == 3
+    report = read_json(outdir / "report.json")
+    assert report["validate_ort"]["model"] == OPTIMIZED_ORT and report["validate_ort"]["passed"]
+    model = onnx.load(str(outdir / OPTIMIZED_ORT))
+    assert sum(n.op_type == "Attention" for n in model.graph.node) == 12
+    # profile and predict take it on ORT and say so; --graph portable overrides
+    result = run_cli("profile", outdir, "--iterations", "3", "--warmup", "1")
+    assert result.exit_code == 0 and f"timing {OPTIMIZED_ORT} (optimized graph" in result.stderr
+    assert read_json(outdir / "report.json")["profile"]["ort"]["graph"] == "optimized"
+    result = run_cli("profile", outdir, "--iterations", "3", "--warmup", "1", "--graph", "portable")
+    assert result.exit_code == 0 and "timing model.onnx (portable graph)" in result.stderr
+    images = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "x.npy", images)
+    result = run_cli("predict", outdir, tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert result.exit_code == 0 and f"running {OPTIMIZED_ORT}" in result.stderr
+    optimized = np.load(tmp_path / "y.npy")
+    portable = vitedge.predict(outdir, images, graph="portable")
+    np.testing.assert_allclose(optimized, portable, atol=1e-4)
+    # a re-exported model.onnx makes model.ort.onnx stale: auto falls back to model.onnx
+    vitedge.export(REPO / "models" / "fmnist-evit.safetensors", outdir, validate_data=None, log=quiet)
+    assert vitedge.Artifact(outdir).ort_model("auto")[1] == "portable"
+
+
+def test_a_graph_that_is_not_faster_is_not_written(deit_artifact, tmp_path, monkeypatch):
+    """With the timing replaced by a ratio above 1 the decision must be 'not written', and recorded."""
+    module = importlib.import_module("vitedge.optimize")  # the module; vitedge.optimize is the function
+
+    outdir = _copy(deit_artifact, tmp_path / "deit")
+    (outdir / OPTIMIZED_ORT).write_bytes(b"an older optimised graph")
+    real = module.interleaved_timing
+
+    def slower(*args, **kwargs):  # the real timing, read as a slower candidate
+        return {**real(*args, **kwargs), "ratio": 1.2}
+    monkeypatch.setattr(module, "interleaved_timing", slower)
+    entry = optimize(outdir, data=None, rounds=2, log=quiet)
+    assert not entry["written"] and entry["reason"] == "not faster than model.onnx"
+    assert not (outdir / OPTIMIZED_ORT).exists()  # the stale one is gone too
+    assert read_json(outdir / "vitedge.json")["optimized"]["ort"]["written"] is False
+    assert vitedge.Artifact(outdir).ort_model("auto")[1] == "portable"
+    result = run_cli("profile", outdir, "--graph", "optimized", "--iterations", "2")
+    assert "has no model.ort.onnx (not faster than model.onnx)" in assert_clean_failure(result)
+
+
+def _break_scale(model: onnx.ModelProto) -> int:
+    """A defective pass: fuses attention, then doubles every Attention's scale."""
+    count = fuse_attention(model)
+    for node in model.graph.node:
+        if node.op_type == "Attention":
+            for attribute in node.attribute:
+                if attribute.name == "scale":
+                    attribute.f *= 2
+    return count
+
+
+def test_revalidation_rejects_a_broken_optimised_graph(deit_artifact, tmp_path, monkeypatch):
+    module = importlib.import_module("vitedge.optimize")  # the module; vitedge.optimize is the function
+
+    outdir = _copy(deit_artifact, tmp_path / "deit")
+    before = folder_listing(outdir)
+    monkeypatch.setattr(module, "PASSES", (("attention", _break_scale),))
+    result = run_cli("optimize", outdir, "--limit", "32", "--rounds", "2")
+    assert result.exit_code == 3
+    line = assert_clean_failure(result)
+    assert "validation of model.ort.onnx failed" in line and f"{outdir} is unchanged" in line
+    assert folder_listing(outdir) == before
+    failed = outdir.with_name(outdir.name + ".failed")
+    assert (failed / OPTIMIZED_ORT).is_file() and not read_json(failed / "report.json")["validate_ort"]["passed"]
+    # the same check passes the real passes' graph: the rejection is the defect's
+    monkeypatch.setattr(module, "PASSES", PASSES)
+    assert optimize(outdir, limit=32, rounds=2, force=True, log=quiet)["fidelity"]["passed"]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(deit_artifact, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "not a vitedge artifact folder" in assert_clean_failure(run_cli("optimize", empty), empty)
+    corrupted = _copy(deit_artifact, tmp_path / "corrupted")
+    (corrupted / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")
+    before = folder_listing(corrupted)
+    result = run_cli("optimize", corrupted, "--limit", "8")
+    assert result.exit_code == 2 and "cannot read" in assert_clean_failure(result)
+    assert folder_listing(corrupted) == before
+    result = run_cli("optimize", deit_artifact, "--rounds", "0")
+    assert "rounds and threads must be >= 1" in assert_clean_failure(result)
+
+
+def test_a_locked_folder_is_refused(deit_artifact, tmp_path):
+    outdir = _copy(deit_artifact, tmp_path / "locked")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(outdir / LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+        "print('locked', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, env={**os.environ})
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        before = folder_listing(outdir)
+        result = run_cli("optimize", outdir, "--limit", "8")
+        assert result.exit_code == 7
+        assert "is being written by another vitedge process" in assert_clean_failure(result)
+        assert folder_listing(outdir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_export_with_optimize_records_the_decision(tmp_path):
+    outdir = tmp_path / "deit"
+    result = run_cli("export", REPO / "models" / "fmnist-deit.safetensors", "-o", outdir, "--limit", "16", "--optimize")
+    assert result.exit_code == 0, result.output
+    entry = read_json(outdir / "vitedge.json")["optimized"]["ort"]
+    assert json.loads(result.stdout)["ort_optimized"] == entry["written"]
+    assert entry["passes"]["attention"] == 12 and entry["fidelity"]["passed"] and entry["fidelity"]["images"] == 16
+    assert (outdir / OPTIMIZED_ORT).is_file() == entry["written"]  # written exactly when it was faster
+    assert entry["written"] == (entry["timing"]["ratio"] < 1.0)
+
+
+def test_an_unproven_graph_is_run_only_when_asked_for(deit_artifact, tmp_path):
+    outdir = _copy(deit_artifact, tmp_path / "deit")
+    entry = optimize(outdir, data=None, rounds=2, force=True, log=quiet)
+    assert entry["written"] and entry["fidelity"] is None
+    artifact = vitedge.Artifact(outdir)
+    assert artifact.ort_model("auto")[1] == "portable"
+    assert artifact.ort_model("optimized") == (outdir / OPTIMIZED_ORT, "optimized")

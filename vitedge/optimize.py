@@ -1,0 +1,571 @@
+"""Stage 5b, optimize: an ONNX Runtime form of model.onnx (``model.ort.onnx``), written only where it pays.
+
+``model.onnx`` stays portable: standard ops only, TensorRT-legal, the exact twin of the static
+PyTorch form. ONNX Runtime already fuses LayerNorm, GELU and the bias adds online on every
+graph, so an offline copy of those gains nothing (measured, docs/optimize.md); what it does not
+do on vitedge's graphs is fuse attention. The passes here rewrite patterns found in the graph
+(never keyed on a family):
+
+- ``regularised_softmax``: ``(exp(x - max x) + c1) / (sum exp(x - max x) + c2)`` with tiny
+  non-negative constants c1, c2 (the eps-regularised softmax of DynamicViT/ATS-style code)
+  → one ``Softmax``. Every probability moves by at most max(c1) + c2.
+- ``attention``: the packed-QKV self-attention block (``x @ Wqkv + b`` → reshape to
+  [B, N, 3, H, D] → q, k, v → ``softmax(q kᵀ · s) v`` → [B, N, H·D]) → one
+  ``com.microsoft.Attention`` node, but only where no tensor inside is read elsewhere: a block
+  whose attention map (or q/k/v) feeds a token selection keeps its map and stays as it is.
+
+Both change the rounding, and a token selection can flip on a rounding change, so the
+optimised graph is validated against the reference with the export's own fidelity check
+(``validate.validate`` on the optimised graph), and it is timed against model.onnx in one
+interleaved run: model.ort.onnx is written only when it passed and was faster.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .artifact import METADATA, OPTIMIZED_ORT, Artifact, staged_copy, writer_lock, write_json_atomic
+from .errors import VitedgeError
+from .runtime import graph_batch, ort_session
+
+MS_DOMAIN = "com.microsoft"
+# Largest additive regulariser a softmax may carry and still be fused into Softmax: with the
+# row sum >= 1 (the max term is exp(0)), each probability moves by at most c1 + c2.
+TINY = 1e-4
+
+
+@dataclass
+class GraphIndex:
+    """Producers, consumers and constants of a graph, for pattern matching."""
+
+    graph: onnx.GraphProto
+    producer: dict = field(default_factory=dict)
+    consumers: dict = field(default_factory=lambda: collections.defaultdict(list))
+    constants: dict = field(default_factory=dict)
+    outputs: set = field(default_factory=set)
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> GraphIndex:
+        index = cls(graph)
+        for init in graph.initializer:
+            index.constants[init.name] = init
+        for node in graph.node:
+            for name in node.output:
+                index.producer[name] = node
+            for name in node.input:
+                index.consumers[name].append(node)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    index.constants[node.output[0]] = value
+        index.outputs = {o.name for o in graph.output}
+        return index
+
+    def value(self, name: str) -> np.ndarray | None:
+        tensor = self.constants.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def node(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+    def private(self, tensors, nodes) -> bool:
+        """True when every tensor in ``tensors`` is read only by ``nodes`` and is no graph output."""
+        ids = {id(n) for n in nodes}
+        return all(t not in self.outputs and all(id(c) in ids for c in self.consumers[t]) for t in tensors)
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _axes(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
+    """A reduction's axes (attribute before opset 18 for ReduceMax, input after)."""
+    if len(node.input) > 1 and node.input[1]:
+        value = index.value(node.input[1])
+        return None if value is None else [int(v) for v in np.ravel(value)]
+    axes = _attr(node, "axes")
+    return None if axes is None else [int(v) for v in axes]
+
+
+def _scalar(index: GraphIndex, name: str) -> float | None:
+    value = index.value(name)
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+
+def _replace(graph: onnx.GraphProto, removed: list[onnx.NodeProto], anchor: onnx.NodeProto, new) -> None:
+    """Put ``new`` (a node or a list) where ``anchor`` was (its inputs exist before it, its readers come
+    after) and drop ``removed``."""
+    ids = {id(n) for n in removed}
+    nodes = []
+    for node in graph.node:
+        if node is anchor:
+            nodes.extend(new if isinstance(new, list) else [new])
+        elif id(node) not in ids:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _last_axis(index: GraphIndex, ranks: dict, tensor: str, axes: list[int] | None) -> bool:
+    return axes is not None and len(axes) == 1 and (axes[0] == -1 or axes[0] == ranks.get(tensor, 0) - 1)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    ranks = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            ranks[info.name] = len(info.type.tensor_type.shape.dim)
+    return ranks
+
+
+def fuse_regularised_softmax(model: onnx.ModelProto) -> int:
+    """``(exp(x - max x) [+ c1]) / (sum exp(x - max x) [+ c2])`` over the last axis → ``Softmax(x)``; returns the count."""
+    graph, ranks, fused = model.graph, _ranks(model), 0
+    while True:
+        index = GraphIndex.of(graph)
+        for div in [n for n in graph.node if n.op_type == "Div" and n.domain in ("", "ai.onnx")]:
+            match = _match_softmax(index, ranks, div)
+            if match:
+                x, removed = match
+                softmax = helper.make_node("Softmax", [x], [div.output[0]], name=f"{div.name or div.output[0]}_fused_softmax", axis=-1)
+                _replace(graph, removed, div, softmax)
+                fused += 1
+                break
+        else:
+            return fused
+
+
+def _tiny_term(index: GraphIndex, ranks: dict, node: onnx.NodeProto, base: str) -> tuple[str, float] | None:
+    """``node`` = base + c with 0 <= c <= TINY provably (``_tiny_bound``): (base, bound)."""
+    if node.op_type != "Add" or base not in node.input:
+        return None
+    bound = _tiny_bound(index, ranks, node.input[1] if node.input[0] == base else node.input[0])
+    return None if bound is None else (base, bound)
+
+
+def _tiny_bound(index: GraphIndex, ranks: dict, name: str) -> float | None:
+    """An upper bound in [0, TINY] of tensor ``name`` that holds for every input, or None.
+
+    Either a constant (or one expanded to a shape), or an eps share over the live entries of a mask M [B, N]:
+    ``Where(M, k / count(M), z)`` with k, z constants and count(M) the number of true entries
+    of M per image (>= 1 wherever M is true, so the share is <= k there).
+    """
+    value = index.value(name)
+    if value is not None:
+        return float(value.max()) if value.size and (value >= 0).all() and value.max() <= TINY else None
+    expand = index.node(name, "Expand")
+    if expand is not None:
+        return _tiny_bound(index, ranks, expand.input[0])
+    where = index.node(name, "Where")
+    if where is None:
+        return None
+    mask = _base(index, where.input[0])
+    otherwise = _tiny_bound(index, ranks, where.input[2])
+    share = index.node(where.input[1], "Mul") or index.node(where.input[1], "Div")
+    if otherwise is None or share is None:
+        return None
+    if share.op_type == "Div":
+        k, count = share.input
+    else:
+        reciprocal = next((index.node(i, "Reciprocal") for i in share.input if index.node(i, "Reciprocal")), None)
+        if reciprocal is None:
+            return None
+        k = share.input[1] if share.input[0] == reciprocal.output[0] else share.input[0]
+        count = reciprocal.input[0]
+    k_value = index.value(k)
+    if k_value is None or not (k_value >= 0).all() or k_value.max() > TINY:
+        return None
+    reduce_sum = index.node(_base(index, count), "ReduceSum")
+    cast = index.node(reduce_sum.input[0], "Cast") if reduce_sum is not None else None
+    if cast is None or cast.input[0] != mask or ranks.get(mask) != 2 or _axes(index, reduce_sum) not in ([1], [-1]):
+        return None
+    return max(float(k_value.max()), otherwise)
+
+
+def _base(index: GraphIndex, name: str) -> str:
+    """``name`` before any Reshape/Unsqueeze (same elements, other axes)."""
+    node = index.producer.get(name)
+    while node is not None and node.op_type in ("Reshape", "Unsqueeze"):
+        name = node.input[0]
+        node = index.producer.get(name)
+    return name
+
+
+def _match_softmax(index: GraphIndex, ranks: dict, div: onnx.NodeProto):
+    numerator, denominator = div.input
+    exp_node = index.node(numerator, "Exp")
+    removed = [div]
+    num_add = None
+    if exp_node is None:
+        num_add = index.node(numerator, "Add")
+        if num_add is None:
+            return None
+        exp_node = next((index.node(i, "Exp") for i in num_add.input if index.node(i, "Exp")), None)
+        if exp_node is None or not _tiny_term(index, ranks, num_add, exp_node.output[0]):
+            return None
+        removed.append(num_add)
+    reduce_sum = index.node(denominator, "ReduceSum")
+    den_add = None
+    if reduce_sum is None:
+        den_add = index.node(denominator, "Add")
+        if den_add is None:
+            return None
+        reduce_sum = next((index.node(i, "ReduceSum") for i in den_add.input if index.node(i, "ReduceSum")), None)
+        if reduce_sum is None or not _tiny_term(index, ranks, den_add, reduce_sum.output[0]):
+            return None
+        removed.append(den_add)
+    if reduce_sum.input[0] != exp_node.output[0] or _attr(reduce_sum, "keepdims", 1) != 1:
+        return None
+    sub = index.node(exp_node.input[0], "Sub")
+    if sub is None:
+        return None
+    x, shift = sub.input
+    reduce_max = index.node(shift, "ReduceMax")
+    if reduce_max is None or reduce_max.input[0] != x or _attr(reduce_max, "keepdims", 1) != 1:
+        return None
+    if not (_last_axis(index, ranks, x, _axes(index, reduce_max)) and _last_axis(index, ranks, x, _axes(index, reduce_sum))):
+        return None
+    removed += [reduce_sum, exp_node, sub, reduce_max]
+    inner = [exp_node.output[0], sub.output[0], shift, reduce_sum.output[0]]
+    inner += [n.output[0] for n in (num_add, den_add) if n is not None]
+    if not index.private(inner, removed):
+        return None
+    return x, removed
+
+
+def _unpacked(index: GraphIndex, name: str) -> tuple[str, int, list] | None:
+    """``name`` = packed[i] along axis 0 (Gather with a scalar index, or Slice i:i+1 + Squeeze): (packed, i, nodes)."""
+    gather = index.node(name, "Gather")
+    if gather is not None:
+        position = index.value(gather.input[1])
+        if _attr(gather, "axis", 0) == 0 and position is not None and position.ndim == 0:
+            return gather.input[0], int(position), [gather]
+        return None
+    squeeze = index.node(name, "Squeeze")
+    if squeeze is None:
+        return None
+    squeeze_axes = _axes(index, squeeze)
+    slice_node = index.node(squeeze.input[0], "Slice")
+    if squeeze_axes != [0] or slice_node is None or len(slice_node.input) < 4:
+        return None
+    starts, ends, axes = (index.value(slice_node.input[i]) for i in (1, 2, 3))
+    steps = index.value(slice_node.input[4]) if len(slice_node.input) > 4 and slice_node.input[4] else np.ones(1)
+    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(axes.ravel()[0]) != 0 or int(steps.ravel()[0]) != 1:
+        return None
+    start, end = int(starts.ravel()[0]), int(ends.ravel()[0])
+    if end != start + 1:
+        return None
+    return slice_node.input[0], start, [squeeze, slice_node]
+
+
+def _scores_side(index: GraphIndex, name: str) -> bool:
+    """``name`` is q k^T (a MatMul with a transposed right side), maybe scaled by a scalar constant."""
+    node = index.producer.get(name)
+    while node is not None and node.op_type in ("Mul", "Div") and any(_scalar(index, i) is not None for i in node.input):
+        node = index.producer.get(next(i for i in node.input if _scalar(index, i) is None))
+    return node is not None and node.op_type == "MatMul" and index.node(node.input[1], "Transpose") is not None
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def fuse_attention(model: onnx.ModelProto) -> int:
+    """Packed-QKV self-attention blocks whose inner tensors nobody else reads → ``com.microsoft.Attention``."""
+    graph, fused, shapes = model.graph, 0, _shapes(model)
+    while True:
+        index = GraphIndex.of(graph)
+        for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
+            match = _match_attention(index, softmax, shapes)
+            if match:
+                inputs, heads, scale, output, removed, anchor, extra = match
+                node = helper.make_node("Attention", inputs, [output], name=f"{softmax.name or output}_fused_attention",
+                                        domain=MS_DOMAIN, num_heads=heads, scale=scale)
+                _replace(graph, removed, anchor, [*extra, node])
+                fused += 1
+                break
+        else:
+            break
+    if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return fused
+
+
+def _match_attention(index: GraphIndex, softmax: onnx.NodeProto, shapes: dict):
+    if _attr(softmax, "axis", -1) not in (-1, 3):
+        return None
+    probs = softmax.output[0]
+    readers = index.consumers[probs]
+    if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].input[0] != probs:
+        return None
+    context = readers[0]
+    merge = [index.consumers[context.output[0]][0]] if len(index.consumers[context.output[0]]) == 1 else []
+    if not merge or merge[0].op_type != "Transpose" or list(_attr(merge[0], "perm", [])) != [0, 2, 1, 3]:
+        return None
+    flat = index.consumers[merge[0].output[0]]
+    if len(flat) != 1 or flat[0].op_type != "Reshape":
+        return None
+    flatten = flat[0]
+    removed = [softmax, context, merge[0], flatten]
+    scale, key_bias = 1.0, None
+    logits = index.producer.get(softmax.input[0])
+    while logits is not None and logits.op_type in ("Mul", "Add", "Div") and logits.domain in ("", "ai.onnx"):
+        constant = next((i for i in logits.input if index.value(i) is not None), None)
+        value = index.value(constant) if constant is not None else None
+        if logits.op_type == "Add" and (value is None or value.any()):
+            # an additive bias on the logits (a key mask, a log token size): Attention's attention_bias,
+            # only outside every scale (s * (q k^T + b) would scale it) and only one
+            sides = [i for i in logits.input if _scores_side(index, i)]
+            if key_bias is not None or scale != 1.0 or len(sides) != 1:
+                return None
+            other = sides[0]
+            key_bias = logits.input[1] if logits.input[0] == other else logits.input[0]
+        elif logits.op_type == "Add":
+            other = logits.input[1] if logits.input[0] == constant else logits.input[0]
+        elif value is None or value.size != 1 or (logits.op_type == "Div" and logits.input[1] != constant):
+            return None
+        else:
+            other = logits.input[1] if logits.input[0] == constant else logits.input[0]
+            scale = scale * float(value.ravel()[0]) if logits.op_type == "Mul" else scale / float(value.ravel()[0])
+        removed.append(logits)
+        logits = index.producer.get(other)
+    if logits is None or logits.op_type != "MatMul":
+        return None
+    scores = logits
+    removed.append(scores)
+    query, key_t = scores.input
+    q_scale = index.node(query, "Mul")
+    if q_scale is not None:
+        constant = next((i for i in q_scale.input if _scalar(index, i) is not None), None)
+        if constant is None:
+            return None
+        scale *= _scalar(index, constant)
+        removed.append(q_scale)
+        query = q_scale.input[1] if q_scale.input[0] == constant else q_scale.input[0]
+    transpose_k = index.node(key_t, "Transpose")
+    if transpose_k is None or list(_attr(transpose_k, "perm", [])) != [0, 1, 3, 2]:
+        return None
+    removed.append(transpose_k)
+    parts = [_unpacked(index, name) for name in (query, transpose_k.input[0], context.input[1])]
+    if any(p is None for p in parts) or len({p[0] for p in parts}) != 1 or [p[1] for p in parts] != [0, 1, 2]:
+        return None
+    for part in parts:
+        removed += part[2]
+    packed = parts[0][0]
+    split = index.node(packed, "Transpose")
+    if split is None or list(_attr(split, "perm", [])) != [2, 0, 3, 1, 4]:
+        return None
+    heads_view = index.node(split.input[0], "Reshape")
+    shape = index.value(heads_view.input[1]) if heads_view is not None else None
+    if shape is None or shape.size != 5 or int(shape[2]) != 3 or int(shape[3]) < 1 or int(shape[4]) < 1:
+        return None
+    heads, head_dim = int(shape[3]), int(shape[4])
+    flat_shape = index.value(flatten.input[1])
+    if flat_shape is None or flat_shape.size != 3 or int(flat_shape[2]) not in (-1, heads * head_dim):
+        return None
+    removed += [split, heads_view]
+    linear = index.producer.get(heads_view.input[0])
+    bias = None
+    if linear is not None and linear.op_type == "Add":
+        bias = next((i for i in linear.input if index.value(i) is not None and index.value(i).ndim == 1), None)
+        if bias is None:
+            return None
+        removed.append(linear)
+        linear = index.producer.get(linear.input[1] if linear.input[0] == bias else linear.input[0])
+    if linear is None or linear.op_type != "MatMul":
+        return None
+    x, weight = linear.input
+    weights = index.value(weight)
+    if weights is None or weights.ndim != 2 or weights.shape[1] != 3 * heads * head_dim or len(shapes.get(x) or []) != 3:
+        return None  # Attention takes [B, N, C] tokens and a [C, 3 H D] weight
+    removed.append(linear)
+    inner = [t for n in removed if n is not flatten for t in n.output]
+    if not index.private(inner, removed):
+        return None
+    extra, inputs = [], [x, weight, bias]
+    if key_bias is not None:  # Attention takes a bias of shape [B or 1, H or 1, S, T]
+        tokens = int(shape[1])
+        dims = shapes.get(key_bias)
+        if (tokens < 1 or dims is None or len(dims) != 4 or dims[1] not in (1, heads) or dims[2] not in (1, tokens)
+                or dims[3] != tokens):
+            return None
+        attention_bias = key_bias
+        if dims[2] == 1:
+            rows = f"{key_bias}_rows_shape"
+            if rows not in index.constants:
+                index.graph.initializer.append(numpy_helper.from_array(np.array([1, 1, tokens, 1], np.int64), rows))
+                index.constants[rows] = index.graph.initializer[-1]
+            attention_bias = f"{key_bias}_rows_{softmax.name or softmax.output[0]}"
+            extra.append(helper.make_node("Expand", [key_bias, rows], [attention_bias], name=f"{attention_bias}_expand"))
+        inputs = [x, weight, None, "", "", attention_bias]
+    if bias is None:
+        bias = f"{weight}_zero_bias"
+        if bias not in index.constants:
+            index.graph.initializer.append(numpy_helper.from_array(np.zeros(weights.shape[1], weights.dtype), bias))
+    inputs[2] = bias
+    return inputs, heads, scale, flatten.output[0], removed, flatten, extra
+
+
+# The passes in the order they run: the softmax fusion first, so the attention blocks it
+# turns back into a plain softmax can be fused too.
+PASSES = (("regularised_softmax", fuse_regularised_softmax), ("attention", fuse_attention))
+
+
+def optimize_graph(model: onnx.ModelProto) -> dict[str, int]:
+    """Run every pass on ``model`` in place; returns how often each one fired."""
+    counts = {name: run(model) for name, run in PASSES}
+    if any(counts.values()):
+        drop_dead_nodes(model)
+        onnx.checker.check_model(model)
+    return counts
+
+
+def drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes no output depends on any more (a fused softmax's eps share) and unused initializers."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    unused = [init for init in graph.initializer if init.name not in needed]
+    for init in unused:
+        graph.initializer.remove(init)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def interleaved_timing(reference: Path, candidate: Path, batch: int, threads: int = 2, rounds: int = 30,
+                       runs: int = 5, size: int | None = None) -> dict:
+    """Time two graphs alternately (``rounds`` rounds of ``runs`` runs each, order flipped every round),
+    so load on a shared machine hits both alike; the ratio is candidate / reference of the medians."""
+    sessions = [ort_session(reference, threads), ort_session(candidate, threads)]
+    inputs = sessions[0].get_inputs()[0]
+    shape = [batch, *(d if isinstance(d, int) else size for d in inputs.shape[1:])]
+    feed = {inputs.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+    samples: list[list[float]] = [[], []]
+    for session in sessions:  # warm-up
+        for _ in range(3):
+            session.run(None, feed)
+    for round_index in range(rounds):
+        order = (0, 1) if round_index % 2 == 0 else (1, 0)
+        for which in order:
+            start = time.perf_counter()
+            for _ in range(runs):
+                sessions[which].run(None, feed)
+            samples[which].append((time.perf_counter() - start) * 1000.0 / runs)
+    reference_ms, candidate_ms = (float(np.median(s)) for s in samples)
+    # 95 % interval of the ratio of medians: rounds resampled with their pairs kept
+    picks = np.random.default_rng(1).integers(0, rounds, (1000, rounds))
+    boot = np.median(np.asarray(samples[1])[picks], axis=1) / np.median(np.asarray(samples[0])[picks], axis=1)
+    return {"reference_ms": reference_ms, "optimized_ms": candidate_ms, "ratio": candidate_ms / reference_ms,
+            "ratio_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "rounds": rounds, "runs_per_round": runs, "batch": batch, "threads": threads}
+
+
+def optimize(outdir, data: str | None = "default", limit: int | None = 1000, rounds: int = 30, threads: int = 2,
+             force: bool = False, log=None, shuffle_seed: int | None = None, skip_bad_images: bool = False) -> dict:
+    """Write OUTDIR/model.ort.onnx from model.onnx when it passes the fidelity check and is faster on ORT.
+
+    Works on a staged copy (``artifact.staged_copy``): a failed fidelity check raises
+    ValidationFailed with OUTDIR as it was and the attempt in ``OUTDIR.failed/``. When no pass
+    applies, or the optimised graph is not faster (``force`` writes it anyway), no
+    model.ort.onnx is written (an older one is removed, it would be stale) and the decision,
+    with its timing, is recorded in vitedge.json["optimized"]["ort"] and report.json["optimize"].
+    """
+    from .data import check_source, default_source
+    from .validate import input_spec, validate
+
+    log = log or (lambda message: None)
+    if rounds < 1 or threads < 1:
+        raise VitedgeError(f"rounds and threads must be >= 1, got {rounds} and {threads}")
+    if data:
+        check_source(data, limit)
+    root = Artifact(outdir).root
+    with writer_lock(root):
+        with staged_copy(root) as stage:
+            artifact = Artifact(stage)
+            source = artifact.model_path
+            if artifact.metadata.get("precision", "fp32") != "fp32":
+                raise VitedgeError(f"{root} holds a quantized model.onnx; optimize the FP32 model of a fresh export")
+            try:
+                model = onnx.load(str(source))
+            except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends on damaged files
+                raise VitedgeError(f"cannot read {source}: {exc}; re-run 'vitedge export'") from None
+            try:
+                counts = optimize_graph(model)
+            except Exception as exc:  # noqa: BLE001 - a pass produced an invalid graph: a bug, in one line
+                raise VitedgeError(f"the optimised graph is not valid ONNX: {str(exc).splitlines()[0][:200]} "
+                                   "(a bug in vitedge; please report it)") from None
+            log(f"graph passes: {', '.join(f'{name} x{count}' for name, count in counts.items())}")
+            entry = {"model": OPTIMIZED_ORT, "passes": counts, "source_sha256": file_sha256(source),
+                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            target = stage / OPTIMIZED_ORT
+            if not any(counts.values()):
+                entry.update({"written": False, "reason": "no pass applies to this graph"})
+                log("no pass applies: model.onnx is the ORT graph as well")
+            else:
+                onnx.save_model(model, str(target))
+                metadata = {**artifact.metadata, "optimized": {"ort": {**entry, "written": True}}}
+                write_json_atomic(stage / METADATA, metadata)
+                meta = Artifact(stage).metadata
+                if data:
+                    source_data = default_source(input_spec(meta).in_chans) if data == "default" else data
+                    section = validate(stage, source_data, limit, threads=threads, log=log, graph="optimized",
+                                       shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images)
+                    entry["fidelity"] = {k: section[k] for k in ("data", "images", "top1_agreement", "kept_agreement",
+                                                                 "max_abs_logit_diff", "passed") if k in section}
+                else:
+                    entry["fidelity"] = None
+                batch = graph_batch(ort_session(source, 1)) or 1  # the graph's fixed batch, else 1
+                log(f"timing model.onnx against {OPTIMIZED_ORT}: {rounds} interleaved rounds, batch {batch}, {threads} threads")
+                timing = interleaved_timing(source, target, batch, threads, rounds, size=meta["input"]["shape"][2])
+                entry["timing"] = timing
+                pays = timing["ratio"] < 1.0
+                entry["written"] = pays or force
+                entry["reason"] = ("faster than model.onnx" if pays else
+                                   ("not faster than model.onnx; written because forced" if force else "not faster than model.onnx"))
+                log(f"{OPTIMIZED_ORT}: {timing['optimized_ms']:.3f} ms vs {timing['reference_ms']:.3f} ms "
+                    f"(ratio {timing['ratio']:.3f}, 95% CI {timing['ratio_ci95'][0]:.3f}-{timing['ratio_ci95'][1]:.3f}): "
+                    + ("written" if entry["written"] else "not written"))
+                if not entry["written"]:
+                    target.unlink()
+            metadata = {**Artifact(stage).metadata, "optimized": {"ort": entry}}
+            write_json_atomic(stage / METADATA, metadata)
+            Artifact(stage).update_report("optimize", {"ort": entry, "passed": entry.get("fidelity") is None
+                                                       or bool(entry["fidelity"].get("passed"))})
+        stale = root / OPTIMIZED_ORT
+        if not entry["written"] and stale.exists():
+            os.unlink(stale)
+    return entry
