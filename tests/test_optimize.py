@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vitedge
 from vitedge.artifact import LOCK, OPTIMIZED_ORT
-from vitedge.optimize import PASSES, fuse_attention, fuse_regularised_softmax, optimize, optimize_graph
+from vitedge.optimize import (PASSES, fuse_attention, fuse_l2_normalization, fuse_regularised_softmax,
+                              fuse_shared_qkv_attention, optimize, optimize_graph)
 from vitedge.runtime import ort_session
 
 from support import assert_clean_failure, folder_listing, quiet, read_json, run_cli
@@ -193,6 +194,69 @@ def test_a_softmax_with_a_large_additive_term_is_not_rewritten():
     model = softmax_model(0.1, 1e-6)
     assert fuse_regularised_softmax(model) == 0
     assert any(n.op_type == "Div" for n in model.graph.node)
+
+
+# --- shared-q/k/v attention and L2 normalisation ---------------------------------------------------
+
+@pytest.mark.parametrize("unpack, key_bias", [("slice", False), ("gather", True)])
+def test_attention_whose_keys_are_read_elsewhere_becomes_multiheadattention(tmp_path, unpack, key_bias):
+    """ToMe-style: the keys feed a similarity too; they are rebuilt from the split projection."""
+    model = attention_model(unpack=unpack, key_bias=key_bias, read_keys=True)
+    feeds = feeds_for(model)
+    expected = run(model, tmp_path, "plain", feeds)
+    assert fuse_attention(model) == 0 and fuse_shared_qkv_attention(model) == 1
+    assert [n.op_type for n in model.graph.node if n.domain == "com.microsoft"] == ["MultiHeadAttention"]
+    assert not any(n.op_type in ("Softmax", "Slice", "Gather") for n in model.graph.node)
+    got = run(model, tmp_path, "fused", feeds)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_private_block_is_left_to_the_attention_pass():
+    counts = optimize_graph(attention_model())
+    assert counts["attention"] == 1 and counts["shared_qkv_attention"] == 0
+
+
+def test_attention_whose_map_or_scaled_query_is_read_elsewhere_is_not_multiheadattention():
+    """MultiHeadAttention hands out neither the map nor the scaled q: such blocks stay as they are."""
+    model = attention_model(read_probs=True, read_keys=True)
+    before = model.SerializeToString()
+    assert fuse_shared_qkv_attention(model) == 0 and model.SerializeToString() == before
+    model = attention_model(read_keys=True)
+    model.graph.node.append(helper.make_node("ReduceMean", ["q_scaled", "one"], ["query_mean"], keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("query_mean", TensorProto.FLOAT, None))
+    before = model.SerializeToString()
+    assert fuse_shared_qkv_attention(model) == 0 and model.SerializeToString() == before
+
+
+def l2_model(axis: int = -1, read_norm: bool = False) -> onnx.ModelProto:
+    """Castling-ViT's q / ||q||: ``x / ReduceL2(x, axis, keepdims=1)``."""
+    nodes = [helper.make_node("ReduceL2", ["x", "axes"], ["norm"], keepdims=1),
+             helper.make_node("Div", ["x", "norm"], ["unit"])]
+    outputs = [helper.make_tensor_value_info("unit", TensorProto.FLOAT, [2, 3, 5, 4])]
+    if read_norm:
+        outputs.append(helper.make_tensor_value_info("norm", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "l2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 4])],
+                              outputs, [_const("axes", np.array([axis], np.int64))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("axis", [-1, 3])
+def test_l2_normalisation_becomes_lpnormalization(tmp_path, axis):
+    model = l2_model(axis)
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 3, 5, 4)).astype(np.float32)}
+    expected = run(model, tmp_path, "plain", feeds)[0]
+    counts = optimize_graph(model)
+    assert counts["l2_normalization"] == 1
+    assert [n.op_type for n in model.graph.node] == ["LpNormalization"]
+    np.testing.assert_allclose(run(model, tmp_path, "fused", feeds)[0], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis, read_norm", [(2, False), (-1, True)])
+def test_l2_normalisation_over_another_axis_or_with_its_norm_read_is_left_alone(axis, read_norm):
+    model = l2_model(axis, read_norm)
+    before = model.SerializeToString()
+    assert fuse_l2_normalization(model) == 0 and model.SerializeToString() == before
 
 
 # --- the command on artifacts ------------------------------------------------------------------

@@ -428,9 +428,116 @@ def _match_attention(index: GraphIndex, softmax: onnx.NodeProto, shapes: dict):
     return inputs, heads, scale, flatten.output[0], removed, flatten, extra
 
 
+# ---- Passes for blocks whose q/k/v are read elsewhere, and for L2 normalisations ----
+
+
+class _RecordingIndex(GraphIndex):
+    """A GraphIndex whose privacy check always passes, so ``_match_attention`` returns a block whose
+    q/k/v (or what they are unpacked from) other nodes read too; the caller decides what may be shared."""
+
+    def private(self, tensors, nodes) -> bool:
+        return True
+
+
+def fuse_shared_qkv_attention(model: onnx.ModelProto) -> int:
+    """Packed-QKV attention blocks whose q, k or v another node reads too (ToMe's keys feed its
+    matching) → ``Split`` of the QKV projection + ``com.microsoft.MultiHeadAttention``.
+
+    The QKV projection and the unpacking of whatever is read elsewhere stay for those readers; the
+    attention map, the scores and the context must still be private (MultiHeadAttention cannot
+    hand them out)."""
+    graph, fused, shapes = model.graph, 0, _shapes(model)
+    while True:
+        index = _RecordingIndex.of(graph)
+        for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
+            match = _match_attention(index, softmax, shapes)
+            plan = _shared_qkv_plan(index, match) if match else None
+            if plan:
+                inputs, heads, scale, output, _, anchor, extra = match
+                removed, projection, view, rebuilt = plan
+                widths, heads_shape = f"{projection}_qkv_widths", f"{projection}_heads_shape"
+                if widths not in index.constants:
+                    graph.initializer.append(numpy_helper.from_array(np.array([view[3] * view[4]] * 3, np.int64), widths))
+                    graph.initializer.append(numpy_helper.from_array(np.array([view[0], view[1], view[3], view[4]], np.int64),
+                                                                     heads_shape))
+                parts = [f"{projection}_{name}_{softmax.name or output}" for name in "qkv"]
+                split = helper.make_node("Split", [projection, widths], parts, name=f"{parts[0]}_split", axis=-1)
+                for tensor, position in rebuilt.items():  # [B, N, H*D] -> [B, H, N, D], as the reader had it
+                    extra.append(helper.make_node("Reshape", [parts[position], heads_shape], [f"{tensor}_heads"],
+                                                  name=f"{tensor}_heads_view"))
+                    extra.append(helper.make_node("Transpose", [f"{tensor}_heads"], [tensor], name=f"{tensor}_heads_first",
+                                                  perm=[0, 2, 1, 3]))
+                node = helper.make_node("MultiHeadAttention", [*parts, "", "", inputs[5] if len(inputs) > 5 else ""],
+                                        [output], name=f"{softmax.name or output}_fused_mha", domain=MS_DOMAIN,
+                                        num_heads=heads, scale=scale)
+                _replace(graph, removed, anchor, [split, *extra, node])
+                fused += 1
+                break
+        else:
+            break
+    if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return fused
+
+
+def _shared_qkv_plan(index: GraphIndex, match) -> tuple[list, str, np.ndarray, dict] | None:
+    """For a matched block: (nodes to remove, the QKV projection's output, its [B, N, 3, H, D] view,
+    {unpacked q/k/v read elsewhere: 0/1/2}) when only the q/k/v unpacking path is read from outside, else None."""
+    inputs, heads, _, _, removed, anchor, _ = match
+    block = [n for n in removed if n is not anchor]
+    ids = {id(n) for n in removed}
+    producer = {t: n for n in block for t in n.output}
+    unpacks = [n for n in block if n.op_type in ("Squeeze", "Gather")]
+    upstream, stack = set(), list(unpacks)
+    while stack:  # the unpacked q/k/v and everything inside the block they come from
+        node = stack.pop()
+        if id(node) not in upstream:
+            upstream.add(id(node))
+            stack += [producer[i] for i in node.input if i in producer]
+    shared = {t for n in block for t in n.output
+              if t in index.outputs or any(id(c) not in ids for c in index.consumers[t])}
+    if not shared or any(id(producer[t]) not in upstream for t in shared):
+        return None
+    heads_view = next(n for n in block if n.op_type == "Reshape" and id(n) in upstream)
+    projection = heads_view.input[0]
+    # an unpacked q/k/v read elsewhere is rebuilt from its Split part ([B, N, H*D] -> [B, H, N, D]), a
+    # copy of one third of the packed tensor; anything else read elsewhere keeps its nodes
+    rebuilt = {t: _unpacked(index, t)[1] for t in shared if producer[t] in unpacks}
+    kept, stack = set(), [producer[t] for t in [*shared, projection] if t in producer and t not in rebuilt]
+    while stack:  # what the outside readers and the Split still need
+        node = stack.pop()
+        if id(node) not in kept:
+            kept.add(id(node))
+            stack += [producer[i] for i in node.input if i in producer]
+    return [n for n in removed if id(n) not in kept], projection, index.value(heads_view.input[1]), rebuilt
+
+
+def fuse_l2_normalization(model: onnx.ModelProto) -> int:
+    """``x / ReduceL2(x, last axis, keepdims)`` → ``LpNormalization(x, p=2)`` (Castling-ViT's q/‖q‖, k/‖k‖),
+    where nothing else reads the norm; returns the count."""
+    graph, ranks, fused = model.graph, _ranks(model), 0
+    while True:  # one at a time: _replace rebuilds the node list, so the index is rebuilt too
+        index = GraphIndex.of(graph)
+        for div in [n for n in graph.node if n.op_type == "Div" and n.domain in ("", "ai.onnx")]:
+            x, norm = div.input
+            reduce_l2 = index.node(norm, "ReduceL2")
+            if (reduce_l2 is None or reduce_l2.input[0] != x or _attr(reduce_l2, "keepdims", 1) != 1
+                    or not _last_axis(index, ranks, x, _axes(index, reduce_l2)) or not index.private([norm], [div])):
+                continue
+            node = helper.make_node("LpNormalization", [x], [div.output[0]],
+                                    name=f"{div.name or div.output[0]}_l2_normalization", axis=-1, p=2)
+            _replace(graph, [div, reduce_l2], div, node)
+            fused += 1
+            break
+        else:
+            return fused
+
+
 # The passes in the order they run: the softmax fusion first, so the attention blocks it
 # turns back into a plain softmax can be fused too.
 PASSES = (("regularised_softmax", fuse_regularised_softmax), ("attention", fuse_attention))
+PASSES += (("shared_qkv_attention", fuse_shared_qkv_attention),)
+PASSES += (("l2_normalization", fuse_l2_normalization),)
 
 
 def optimize_graph(model: onnx.ModelProto) -> dict[str, int]:
