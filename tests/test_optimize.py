@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vitedge
 from vitedge.artifact import LOCK, OPTIMIZED_ORT
-from vitedge.optimize import (PASSES, fuse_attention, fuse_l2_normalization, fuse_regularised_softmax,
-                              fuse_shared_qkv_attention, optimize, optimize_graph)
+from vitedge.optimize import (PASSES, fuse_attention, fuse_head_mean_key_attention, fuse_l2_normalization,
+                              fuse_regularised_softmax, fuse_shared_qkv_attention, optimize, optimize_graph)
 from vitedge.runtime import ort_session
 
 from support import assert_clean_failure, folder_listing, quiet, read_json, run_cli
@@ -227,6 +227,31 @@ def test_attention_whose_map_or_scaled_query_is_read_elsewhere_is_not_multiheada
     model.graph.output.append(helper.make_tensor_value_info("query_mean", TensorProto.FLOAT, None))
     before = model.SerializeToString()
     assert fuse_shared_qkv_attention(model) == 0 and model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("key_bias, keepdims", [(False, 0), (True, 1)])
+def test_attention_whose_keys_are_read_as_a_head_mean_becomes_attention_and_a_folded_matmul(tmp_path, key_bias, keepdims):
+    model = attention_model(key_bias=key_bias, read_keys=True)
+    next(n for n in model.graph.node if n.output[0] == "key_mean").attribute[0].i = keepdims
+    feeds = feeds_for(model)
+    expected = run(model, tmp_path, "plain", feeds)
+    assert fuse_head_mean_key_attention(model) == 1
+    assert [n.op_type for n in model.graph.node if n.domain == "com.microsoft"] == ["Attention"]
+    assert not any(n.op_type in ("Softmax", "ReduceMean", "Slice") for n in model.graph.node)
+    got = run(model, tmp_path, "fused", feeds)
+    assert got[1].shape == expected[1].shape
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_read_other_than_as_a_head_mean_are_not_folded():
+    """A mean over the tokens axis is no linear map of one token's x: the head-mean fold must refuse it."""
+    model = attention_model(read_keys=True)
+    reader = next(n for n in model.graph.node if n.output[0] == "key_mean")
+    reader.input[1] = "two"
+    before = model.SerializeToString()
+    assert fuse_head_mean_key_attention(model) == 0 and model.SerializeToString() == before
+    assert fuse_shared_qkv_attention(model) == 1  # MultiHeadAttention still serves it
 
 
 def l2_model(axis: int = -1, read_norm: bool = False) -> onnx.ModelProto:

@@ -512,6 +512,85 @@ def _shared_qkv_plan(index: GraphIndex, match) -> tuple[list, str, np.ndarray, d
     return [n for n in removed if id(n) not in kept], projection, index.value(heads_view.input[1]), rebuilt
 
 
+def fuse_head_mean_key_attention(model: onnx.ModelProto) -> int:
+    """Packed-QKV attention blocks whose keys are read elsewhere only as their mean over the heads
+    (ToMe's matching metric) → ``com.microsoft.Attention`` + that mean folded into the weights:
+    mean_h(x Wk_h + bk_h) = x mean_h(Wk_h) + mean_h(bk_h), a [C, D] MatMul beside the fused block
+    (1/(3H) of the QKV GEMM), so the block needs no unpacked keys at all."""
+    graph, fused, shapes = model.graph, 0, _shapes(model)
+    while True:
+        index = _RecordingIndex.of(graph)
+        for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
+            match = _match_attention(index, softmax, shapes)
+            readers = _head_mean_readers(index, match) if match else None
+            if readers:
+                inputs, heads, scale, output, removed, anchor, extra = match
+                x, weight, bias = inputs[0], inputs[1], inputs[2]
+                weights, bias_values = index.value(weight), index.value(bias)
+                width = weights.shape[1] // 3
+                folded_weight, folded_bias = f"{weight}_key_head_mean", f"{weight}_key_head_mean_bias"
+                if folded_weight not in index.constants:
+                    key_weights = weights[:, width:2 * width].reshape(weights.shape[0], heads, width // heads)
+                    key_bias = bias_values[width:2 * width].reshape(heads, width // heads)
+                    graph.initializer.append(numpy_helper.from_array(key_weights.mean(axis=1), folded_weight))
+                    graph.initializer.append(numpy_helper.from_array(key_bias.mean(axis=0), folded_bias))
+                node = helper.make_node("Attention", inputs, [output], name=f"{softmax.name or output}_fused_attention",
+                                        domain=MS_DOMAIN, num_heads=heads, scale=scale)
+                replacements = {id(anchor): [*extra, node]}
+                for reader in readers:  # each at its own place: its readers may come before the block's end
+                    mean = reader.output[0]
+                    projected = f"{mean}_projected"
+                    folded = [helper.make_node("MatMul", [x, folded_weight], [projected], name=f"{mean}_folded_matmul")]
+                    if _attr(reader, "keepdims", 1):
+                        folded.append(helper.make_node("Add", [projected, folded_bias], [f"{mean}_flat"], name=f"{mean}_folded_bias"))
+                        folded.append(helper.make_node("Unsqueeze", [f"{mean}_flat", "_head_axis"], [mean], name=f"{mean}_unsqueeze"))
+                        if "_head_axis" not in index.constants:
+                            graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "_head_axis"))
+                    else:
+                        folded.append(helper.make_node("Add", [projected, folded_bias], [mean], name=f"{mean}_folded_bias"))
+                    replacements[id(reader)] = folded
+                _replace_each(graph, [*removed, *readers], replacements)
+                fused += 1
+                break
+        else:
+            break
+    if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return fused
+
+
+def _head_mean_readers(index: GraphIndex, match) -> list[onnx.NodeProto] | None:
+    """The outside readers of a matched block when they are only ReduceMean over the heads axis of its
+    unpacked keys ([B, H, N, D], axis 1), else None."""
+    inputs, _, _, _, removed, anchor, _ = match
+    if not inputs[2] or index.value(inputs[2]) is None:
+        return None
+    ids = {id(n) for n in removed}
+    block = [n for n in removed if n is not anchor]
+    shared = {t for n in block for t in n.output
+              if t in index.outputs or any(id(c) not in ids for c in index.consumers[t])}
+    keys = [t for t in shared if index.producer[t].op_type in ("Squeeze", "Gather") and (_unpacked(index, t) or (0, -1))[1] == 1]
+    if len(shared) != 1 or len(keys) != 1:
+        return None
+    readers = [c for c in index.consumers[keys[0]] if id(c) not in ids]
+    if not all(r.op_type == "ReduceMean" and r.domain in ("", "ai.onnx") and _axes(index, r) in ([1], [-3]) for r in readers):
+        return None
+    return readers
+
+
+def _replace_each(graph: onnx.GraphProto, removed: list[onnx.NodeProto], replacements: dict) -> None:
+    """Drop ``removed`` and put each ``replacements[id(node)]`` list where that node was."""
+    ids = {id(n) for n in removed}
+    nodes = []
+    for node in graph.node:
+        if id(node) in replacements:
+            nodes.extend(replacements[id(node)])
+        elif id(node) not in ids:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def fuse_l2_normalization(model: onnx.ModelProto) -> int:
     """``x / ReduceL2(x, last axis, keepdims)`` → ``LpNormalization(x, p=2)`` (Castling-ViT's q/‖q‖, k/‖k‖),
     where nothing else reads the norm; returns the count."""
@@ -536,6 +615,7 @@ def fuse_l2_normalization(model: onnx.ModelProto) -> int:
 # The passes in the order they run: the softmax fusion first, so the attention blocks it
 # turns back into a plain softmax can be fused too.
 PASSES = (("regularised_softmax", fuse_regularised_softmax), ("attention", fuse_attention))
+PASSES += (("head_mean_key_attention", fuse_head_mean_key_attention),)
 PASSES += (("shared_qkv_attention", fuse_shared_qkv_attention),)
 PASSES += (("l2_normalization", fuse_l2_normalization),)
 
