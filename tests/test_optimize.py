@@ -431,3 +431,20 @@ def test_an_unproven_graph_is_run_only_when_asked_for(deit_artifact, tmp_path):
     artifact = vitedge.Artifact(outdir)
     assert artifact.ort_model("auto")[1] == "portable"
     assert artifact.ort_model("optimized") == (outdir / OPTIMIZED_ORT, "optimized")
+
+
+@pytest.mark.parametrize("bundled, passes", [("tome", {"head_mean_key_attention": 12}), ("castling", {"l2_normalization": 36})])
+def test_optimize_end_to_end_on_bundled_tome_and_castling(tmp_path, bundled, passes):
+    """The keys-shared attention and the L2-normalisation passes on the real exports, fidelity-checked."""
+    outdir = tmp_path / bundled
+    vitedge.export(REPO / "models" / f"fmnist-{bundled}.safetensors", outdir, validate_data=None, log=quiet)
+    result = run_cli("optimize", outdir, "--limit", "64", "--rounds", "3", "--force")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["written"] and summary["top1_agreement"] >= 0.999
+    assert {name: count for name, count in summary["passes"].items() if count} == passes
+    meta = read_json(outdir / "vitedge.json")["optimized"]["ort"]
+    assert meta["fidelity"]["passed"]
+    images = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(vitedge.predict(outdir, images, graph="optimized"),
+                               vitedge.predict(outdir, images, graph="portable"), atol=1e-4)
