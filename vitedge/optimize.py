@@ -13,8 +13,15 @@ do on vitedge's graphs is fuse attention. The passes here rewrite patterns found
   [B, N, 3, H, D] → q, k, v → ``softmax(q kᵀ · s) v`` → [B, N, H·D]) → one
   ``com.microsoft.Attention`` node, but only where no tensor inside is read elsewhere: a block
   whose attention map (or q/k/v) feeds a token selection keeps its map and stays as it is.
+- ``head_mean_key_attention``: the same block where the keys are also read, only as their mean
+  over the heads (ToMe's matching metric) → ``Attention`` + that mean folded into the weights
+  (one [C, D] MatMul of the block's input).
+- ``shared_qkv_attention``: the same block where q, k or v are read in another way → ``Split`` of
+  the QKV projection + ``com.microsoft.MultiHeadAttention``, the shared tensor rebuilt beside it.
+- ``l2_normalization``: ``x / ReduceL2(x)`` over the last axis (Castling-ViT's q/‖q‖, k/‖k‖) →
+  ``LpNormalization(p=2)``.
 
-Both change the rounding, and a token selection can flip on a rounding change, so the
+They change the rounding, and a token selection can flip on a rounding change, so the
 optimised graph is validated against the reference with the export's own fidelity check
 (``validate.validate`` on the optimised graph), and it is timed against model.onnx in one
 interleaved run: model.ort.onnx is written only when it passed and was faster.
@@ -546,6 +553,7 @@ def fuse_head_mean_key_attention(model: onnx.ModelProto) -> int:
                         folded.append(helper.make_node("Unsqueeze", [f"{mean}_flat", "_head_axis"], [mean], name=f"{mean}_unsqueeze"))
                         if "_head_axis" not in index.constants:
                             graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "_head_axis"))
+                            index.constants["_head_axis"] = graph.initializer[-1]
                     else:
                         folded.append(helper.make_node("Add", [projected, folded_bias], [mean], name=f"{mean}_folded_bias"))
                     replacements[id(reader)] = folded
@@ -569,7 +577,8 @@ def _head_mean_readers(index: GraphIndex, match) -> list[onnx.NodeProto] | None:
     block = [n for n in removed if n is not anchor]
     shared = {t for n in block for t in n.output
               if t in index.outputs or any(id(c) not in ids for c in index.consumers[t])}
-    keys = [t for t in shared if index.producer[t].op_type in ("Squeeze", "Gather") and (_unpacked(index, t) or (0, -1))[1] == 1]
+    unpacked = {t: _unpacked(index, t) for t in shared}
+    keys = [t for t, part in unpacked.items() if part is not None and part[1] == 1 and index.producer[t] in part[2]]
     if len(shared) != 1 or len(keys) != 1:
         return None
     readers = [c for c in index.consumers[keys[0]] if id(c) not in ids]
