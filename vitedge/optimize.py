@@ -490,7 +490,7 @@ def fuse_shared_qkv_attention(model: onnx.ModelProto) -> int:
 def _shared_qkv_plan(index: GraphIndex, match) -> tuple[list, str, np.ndarray, dict] | None:
     """For a matched block: (nodes to remove, the QKV projection's output, its [B, N, 3, H, D] view,
     {unpacked q/k/v read elsewhere: 0/1/2}) when only the q/k/v unpacking path is read from outside, else None."""
-    inputs, heads, _, _, removed, anchor, _ = match
+    removed, anchor = match[4], match[5]
     block = [n for n in removed if n is not anchor]
     ids = {id(n) for n in removed}
     producer = {t: n for n in block for t in n.output}
