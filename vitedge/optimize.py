@@ -437,11 +437,13 @@ ROW_SHARE = 0.25
 def fuse_attention_with_rows(model: onnx.ModelProto) -> int:
     """Packed-QKV attention blocks whose map is read elsewhere only through a few rows (the class-token
     row of a token selection: ``attn[:, :, 0]`` by Gather/Slice on the query axis) → one
-    ``com.microsoft.MultiHeadAttention`` on the split q, k, v plus those rows recomputed as
-    ``Softmax(q_rows kᵀ · s [+ bias])``, a [B, H, rows, N] product; returns the count.
+    ``com.microsoft.Attention`` plus those rows recomputed as ``Softmax(q_rows kᵀ · s [+ bias])``,
+    a [B, H, rows, N] product; returns the count.
 
-    The QKV GEMM stays in the graph (MultiHeadAttention takes q, k, v, so the rows share it);
-    q, k or v read by other nodes (e.g. value norms) are rebuilt in their [B, H, N, D] layout.
+    The keys come from Attention's ``present`` output (K and V in [B, H, N, D], no second GEMM);
+    only the q rows take a small GEMM of their own. A v (or k, q) read by other nodes, e.g. value
+    norms, is taken from ``present`` too (q is recomputed). Measured faster than MultiHeadAttention
+    on split q, k, v (ORT 1.32 CPU has no packed-QKV MultiHeadAttention; the split costs copies).
     Any other reader of the map, or a row read not recognised, leaves the block as it is.
     """
     graph, fused, shapes = model.graph, 0, _shapes(model)
@@ -532,15 +534,11 @@ def _match_attention_with_rows(index: GraphIndex, softmax: onnx.NodeProto, shape
     inputs, heads, scale, output, removed, anchor, extra = match
     attended = output if flat_rows is None else f"{softmax.name or probs}_attended"
     split = next(n for n in removed if n.op_type == "Transpose" and list(_attr(n, "perm", [])) == [2, 0, 3, 1, 4])
-    heads_view = index.producer[split.input[0]]
-    head_dim = int(index.value(heads_view.input[1])[4])
+    head_dim = int(index.value(index.producer[split.input[0]].input[1])[4])
     width = heads * head_dim
-    packed = heads_view.input[0]
-    linear = index.producer.get(packed)
-    keep = {id(linear)}
-    if linear.op_type == "Add":
-        keep.add(id(index.producer.get(next(i for i in linear.input if index.value(i) is None))))
-    removed = [n for n in removed if id(n) not in keep]
+    x, weight, bias = inputs[:3]
+    weights = index.value(weight)
+    biases = index.value(bias) if index.value(bias) is not None else np.zeros(3 * width, weights.dtype)
     key_bias = (extra[0].input[0] if extra else inputs[5]) if len(inputs) > 3 else None
     tag = softmax.name or probs
 
@@ -549,25 +547,33 @@ def _match_attention_with_rows(index: GraphIndex, softmax: onnx.NodeProto, shape
         index.graph.initializer.append(numpy_helper.from_array(np.asarray(array), full))
         return full
 
-    q, k, v = (f"{tag}_{n}_tokens" for n in "qkv")
+    present = f"{tag}_present"
     heads_shape = const("heads_shape", np.array([0, -1, heads, head_dim], np.int64))
-    new = [helper.make_node("Split", [packed, const("split", np.array([width] * 3, np.int64))], [q, k, v],
-                            name=f"{tag}_split_qkv", axis=-1),
-           *extra,
-           helper.make_node("MultiHeadAttention", [q, k, v, "", "", inputs[5]] if key_bias else [q, k, v], [attended],
-                            name=f"{tag}_fused_mha", domain=MS_DOMAIN, num_heads=heads, scale=scale)]
+    new = [*extra, helper.make_node("Attention", inputs, [attended, present], name=f"{tag}_fused_attention",
+                                    domain=MS_DOMAIN, num_heads=heads, scale=scale)]
     if flat_rows is not None:
         new.append(helper.make_node("Reshape", [attended, flat_rows], [output], name=f"{tag}_fold_batch"))
-    k_heads = f"{tag}_k_heads"
+    k_heads = key if outside[key] else f"{tag}_k_heads"
+    new.append(helper.make_node("Gather", [present, const("key_slot", np.array(0, np.int64))], [k_heads], axis=0))
+    if outside[value]:
+        new.append(helper.make_node("Gather", [present, const("value_slot", np.array(1, np.int64))], [value], axis=0))
+    w_query, b_query = const("w_query", weights[:, :width]), const("b_query", biases[:width])
     q_rows = f"{tag}_q_rows"
-    new += [helper.make_node("Reshape", [k, heads_shape], [k_heads]),
-            helper.make_node("Transpose", [k_heads], [f"{tag}_kT"], perm=[0, 2, 3, 1]),
-            helper.make_node("Gather", [q, const("rows", np.array(rows, np.int64))], [f"{q_rows}_tokens"], axis=1),
+    new += [helper.make_node("Gather", [x, const("rows", np.array(rows, np.int64))], [f"{q_rows}_x"], axis=1),
+            helper.make_node("MatMul", [f"{q_rows}_x", w_query], [f"{q_rows}_mm"]),
+            helper.make_node("Add", [f"{q_rows}_mm", b_query], [f"{q_rows}_tokens"]),
             helper.make_node("Reshape", [f"{q_rows}_tokens", heads_shape], [f"{q_rows}_heads"]),
-            helper.make_node("Transpose", [f"{q_rows}_heads"], [q_rows], perm=[0, 2, 1, 3]),
-            helper.make_node("MatMul", [q_rows, f"{tag}_kT"], [f"{tag}_row_scores"]),
+            # k q_rowsᵀ, then the small [B, H, N, rows] product transposed: the keys are never copied
+            helper.make_node("Transpose", [f"{q_rows}_heads"], [q_rows], perm=[0, 2, 3, 1]),
+            helper.make_node("MatMul", [k_heads, q_rows], [f"{tag}_row_scores_t"]),
+            helper.make_node("Transpose", [f"{tag}_row_scores_t"], [f"{tag}_row_scores"], perm=[0, 1, 3, 2]),
             helper.make_node("Mul", [f"{tag}_row_scores", const("scale", np.array(scale, np.float32))],
                              [f"{tag}_row_logits"])]
+    if outside[query]:  # the full queries, for their other readers
+        new += [helper.make_node("MatMul", [x, w_query], [f"{query}_rebuilt_mm"]),
+                helper.make_node("Add", [f"{query}_rebuilt_mm", b_query], [f"{query}_rebuilt_tokens"]),
+                helper.make_node("Reshape", [f"{query}_rebuilt_tokens", heads_shape], [f"{query}_rebuilt_heads"]),
+                helper.make_node("Transpose", [f"{query}_rebuilt_heads"], [query], perm=[0, 2, 1, 3])]
     logits = f"{tag}_row_logits"
     if key_bias:
         bias_rows = key_bias
@@ -579,10 +585,6 @@ def _match_attention_with_rows(index: GraphIndex, softmax: onnx.NodeProto, shape
         logits = f"{tag}_row_biased"
     row_probs = f"{tag}_row_probs"
     new.append(helper.make_node("Softmax", [logits], [row_probs], axis=-1))
-    for name, tokens_form in ((query, q), (key, k), (value, v)):
-        if outside[name]:  # rebuilt in [B, H, N, D] under its own name for its other readers
-            new += [helper.make_node("Reshape", [tokens_form, heads_shape], [f"{name}_rebuilt_heads"]),
-                    helper.make_node("Transpose", [f"{name}_rebuilt_heads"], [name], perm=[0, 2, 1, 3])]
     rewired = []
     for reader, read in zip(row_readers, reads):
         positions = np.array([rows.index(r % tokens) for r in read], np.int64)
