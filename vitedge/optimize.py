@@ -13,8 +13,11 @@ do on vitedge's graphs is fuse attention. The passes here rewrite patterns found
   [B, N, 3, H, D] → q, k, v → ``softmax(q kᵀ · s) v`` → [B, N, H·D]) → one
   ``com.microsoft.Attention`` node, but only where no tensor inside is read elsewhere: a block
   whose attention map (or q/k/v) feeds a token selection keeps its map and stays as it is.
+- ``attention_with_rows``: a block whose map is read elsewhere only through a few query rows (a
+  selection's class-token row) → ``com.microsoft.Attention`` plus those rows recomputed from its
+  ``present`` keys: ``Softmax(q_rows kᵀ · s [+ bias])``.
 
-Both change the rounding, and a token selection can flip on a rounding change, so the
+They change the rounding, and a token selection can flip on a rounding change, so the
 optimised graph is validated against the reference with the export's own fidelity check
 (``validate.validate`` on the optimised graph), and it is timed against model.onnx in one
 interleaved run: model.ort.onnx is written only when it passed and was faster.
