@@ -349,12 +349,17 @@ def test_an_unproven_graph_is_run_only_when_asked_for(deit_artifact, tmp_path):
 from vitedge.optimize import fuse_attention_with_rows  # noqa: E402
 
 
-def row_read_model(reader: str = "gather", key_bias: bool = False, value_norm: bool = False) -> onnx.ModelProto:
+def row_read_model(reader: str = "gather", key_bias: bool = False, value_norm: bool = False,
+                   fold_batch: bool = False) -> onnx.ModelProto:
     """The attention block above with a token selection reading its map, as vitedge's exports spell it:
     ``attn[:, :, 0]`` (Gather, EViT/Evo-ViT/ATS) or ``attn[:, :, 0:1]`` (Slice), then the mean over heads;
-    ``value_norm``: the value norms read too (ATS); ``reader="full"``: the whole map read (must be refused)."""
+    ``value_norm``: the value norms read too (ATS); ``fold_batch``: the output flattened to [B·N, C]
+    (ATS's gathers); ``reader="full"``: the whole map read (must be refused)."""
     model = attention_model(scale_on="q", key_bias=key_bias)
     graph = model.graph
+    if fold_batch:
+        next(i for i in graph.initializer if i.name == "flat_shape").CopyFrom(_const("flat_shape", np.array([-1, WIDTH], np.int64)))
+        graph.output[0].CopyFrom(helper.make_tensor_value_info("out", TensorProto.FLOAT, [TOKENS, WIDTH]))
     graph.initializer.extend([_const("row0", np.array(0, np.int64)), _const("row_end", np.array([1], np.int64)),
                               _const("query_axis", np.array([2], np.int64)), _const("last", np.array([-1], np.int64))])
     if reader == "gather":
@@ -373,10 +378,11 @@ def row_read_model(reader: str = "gather", key_bias: bool = False, value_norm: b
     return model
 
 
-@pytest.mark.parametrize("reader, key_bias, value_norm", [
-    ("gather", False, False), ("slice", False, False), ("gather", True, True)])
-def test_attention_with_rows_fuses_and_matches_the_unfused_graph(tmp_path, reader, key_bias, value_norm):
-    model = row_read_model(reader, key_bias, value_norm)
+@pytest.mark.parametrize("reader, key_bias, value_norm, fold_batch", [
+    ("gather", False, False, False), ("slice", False, False, False), ("gather", True, True, False),
+    ("gather", False, True, True)])
+def test_attention_with_rows_fuses_and_matches_the_unfused_graph(tmp_path, reader, key_bias, value_norm, fold_batch):
+    model = row_read_model(reader, key_bias, value_norm, fold_batch)
     feeds = feeds_for(model)
     expected = run(model, tmp_path, "plain", feeds)
     fused = onnx.ModelProto()

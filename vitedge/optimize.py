@@ -604,10 +604,12 @@ def _flat_tokens(index: GraphIndex, context: onnx.NodeProto, shapes: dict) -> st
     dims = shapes.get(context.output[0])
     merge = index.consumers[context.output[0]]
     flatten = index.consumers[merge[0].output[0]] if len(merge) == 1 else []
-    if dims is None or len(dims) != 4 or None in dims or len(flatten) != 1 or flatten[0].op_type != "Reshape":
+    if dims is None or len(dims) != 4 or None in (dims[1], dims[3]) or len(flatten) != 1 or flatten[0].op_type != "Reshape":
         return None
     shape = index.value(flatten[0].input[1])
-    if shape is None or shape.size != 2 or int(shape[1]) != dims[1] * dims[3] or int(shape[0]) not in (-1, dims[0] * dims[2]):
+    if shape is None or shape.size != 2 or int(shape[1]) != dims[1] * dims[3]:
+        return None
+    if int(shape[0]) != -1 and (None in (dims[0], dims[2]) or int(shape[0]) != dims[0] * dims[2]):
         return None
     return flatten[0].input[1]
 
