@@ -450,8 +450,6 @@ def fuse_attention_with_rows(model: onnx.ModelProto) -> int:
     Any other reader of the map, or a row read not recognised, leaves the block as it is.
     """
     graph, fused, shapes = model.graph, 0, _shapes(model)
-    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 13:
-        return 0  # Split with a split input, Squeeze/Unsqueeze with axes inputs
     while True:
         index = GraphIndex.of(graph)
         for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
@@ -511,7 +509,7 @@ def _match_attention_with_rows(index: GraphIndex, softmax: onnx.NodeProto, shape
     rows = sorted({r % tokens for read in reads for r in read})
     if len(rows) > max(1, int(ROW_SHARE * tokens)):
         return None
-    # q, k, v as the block reads them: other readers are allowed, they get the tensors rebuilt
+    # q, k, v as the block reads them: other readers are allowed, they get the tensors from present / rebuilt
     context = contexts[0]
     block = _block_tensors(index, softmax, context)
     if block is None:
