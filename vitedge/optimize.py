@@ -485,7 +485,8 @@ def _row_read(index: GraphIndex, node: onnx.NodeProto, probs: str, tokens: int) 
     if node.op_type == "Slice" and len(node.input) >= 4:
         starts, ends, axes = (index.value(node.input[i]) for i in (1, 2, 3))
         steps = index.value(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1, np.int64)
-        if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(axes.ravel()[0]) not in (2, -2):
+        if (any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(axes.ravel()[0]) not in (2, -2)
+                or int(steps.ravel()[0]) == 0):
             return None
         rows = list(range(tokens))[int(starts.ravel()[0]):int(ends.ravel()[0]):int(steps.ravel()[0])]
         return rows or None
