@@ -448,3 +448,89 @@ def test_optimize_end_to_end_on_bundled_tome_and_castling(tmp_path, bundled, pas
     images = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
     np.testing.assert_allclose(vitedge.predict(outdir, images, graph="optimized"),
                                vitedge.predict(outdir, images, graph="portable"), atol=1e-4)
+# --- attention with recomputed rows (blocks whose map feeds a token selection) -----------------
+
+from vitedge.optimize import fuse_attention_with_rows  # noqa: E402
+
+
+def row_read_model(reader: str = "gather", key_bias: bool = False, value_norm: bool = False,
+                   fold_batch: bool = False) -> onnx.ModelProto:
+    """The attention block above with a token selection reading its map, as vitedge's exports spell it:
+    ``attn[:, :, 0]`` (Gather, EViT/Evo-ViT/ATS) or ``attn[:, :, 0:1]`` (Slice), then the mean over heads;
+    ``value_norm``: the value norms read too (ATS); ``fold_batch``: the output flattened to [B·N, C]
+    (ATS's gathers); ``reader="full"``: the whole map read (must be refused)."""
+    model = attention_model(scale_on="q", key_bias=key_bias)
+    graph = model.graph
+    if fold_batch:
+        next(i for i in graph.initializer if i.name == "flat_shape").CopyFrom(_const("flat_shape", np.array([-1, WIDTH], np.int64)))
+        graph.output[0].CopyFrom(helper.make_tensor_value_info("out", TensorProto.FLOAT, [TOKENS, WIDTH]))
+    graph.initializer.extend([_const("row0", np.array(0, np.int64)), _const("row_end", np.array([1], np.int64)),
+                              _const("query_axis", np.array([2], np.int64)), _const("last", np.array([-1], np.int64))])
+    if reader == "gather":
+        graph.node.append(helper.make_node("Gather", ["probs", "row0"], ["cls_row"], axis=2))
+    elif reader == "slice":
+        graph.node.append(helper.make_node("Slice", ["probs", "zero", "row_end", "query_axis"], ["cls_row"]))
+    else:
+        graph.node.append(helper.make_node("Identity", ["probs"], ["cls_row"]))
+    graph.node.append(helper.make_node("ReduceMean", ["cls_row", "one"], ["row_score"], keepdims=0))
+    score_shape = {"gather": [1, TOKENS], "slice": [1, 1, TOKENS]}.get(reader, [1, TOKENS, TOKENS])
+    graph.output.append(helper.make_tensor_value_info("row_score", TensorProto.FLOAT, score_shape))
+    if value_norm:
+        graph.node.extend([helper.make_node("Mul", ["v", "v"], ["v_sq"]),
+                           helper.make_node("ReduceSum", ["v_sq", "last"], ["v_norm"], keepdims=0)])
+        graph.output.append(helper.make_tensor_value_info("v_norm", TensorProto.FLOAT, [1, HEADS, TOKENS]))
+    return model
+
+
+@pytest.mark.parametrize("reader, key_bias, value_norm, fold_batch", [
+    ("gather", False, False, False), ("slice", False, False, False), ("gather", True, True, False),
+    ("gather", False, True, True)])
+def test_attention_with_rows_fuses_and_matches_the_unfused_graph(tmp_path, reader, key_bias, value_norm, fold_batch):
+    model = row_read_model(reader, key_bias, value_norm, fold_batch)
+    feeds = feeds_for(model)
+    expected = run(model, tmp_path, "plain", feeds)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    assert fuse_attention(fused) == 0  # the map is read elsewhere: the plain pass refuses it
+    assert fuse_attention_with_rows(fused) == 1
+    onnx.checker.check_model(fused)
+    assert [n.op_type for n in fused.graph.node if n.domain == "com.microsoft"] == ["Attention"]
+    # the only softmax left is the recomputed row: [B, H, 1, N], not the [B, H, N, N] map
+    softmax = [n for n in fused.graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == 1
+    got = run(fused, tmp_path, "fused", feeds)
+    assert len(got) == len(expected)
+    for value, reference in zip(got, expected):  # block output, the selection's row score, the value norms
+        np.testing.assert_allclose(value, reference, rtol=1e-5, atol=1e-5)
+    fused.graph.output.append(helper.make_tensor_value_info(softmax[0].output[0], TensorProto.FLOAT, [1, HEADS, 1, TOKENS]))
+    row = run(fused, tmp_path, "row", feeds)[-1]
+    assert row.shape == (1, HEADS, 1, TOKENS)
+
+
+@pytest.mark.parametrize("reader", ["full", "keys_only"])
+def test_attention_with_rows_refuses_a_map_read_in_full_or_not_read(reader):
+    """A full-map read (here an Identity of the whole map) is no row read: the block keeps its map.
+    A block whose map nobody else reads belongs to the plain attention pass, not this one."""
+    model = row_read_model("full") if reader == "full" else attention_model(read_keys=True)
+    before = model.SerializeToString()
+    assert fuse_attention_with_rows(model) == 0
+    assert model.SerializeToString() == before
+
+
+def test_attention_with_rows_refuses_too_many_rows():
+    model = row_read_model("slice")
+    row_end = next(i for i in model.graph.initializer if i.name == "row_end")
+    row_end.CopyFrom(_const("row_end", np.array([TOKENS], np.int64)))  # every row: the map itself
+    assert fuse_attention_with_rows(model) == 0
+
+
+def test_optimize_fuses_every_selection_block_of_the_bundled_evit(tmp_path):
+    outdir = tmp_path / "evit"
+    vitedge.export(REPO / "models" / "fmnist-evit.safetensors", outdir, validate_data=None, log=quiet)
+    result = run_cli("optimize", outdir, "--limit", "64", "--rounds", "2", "--force")
+    assert result.exit_code == 0, result.output
+    meta = read_json(outdir / "vitedge.json")["optimized"]["ort"]
+    assert meta["passes"]["attention"] == 9 and meta["passes"]["attention_with_rows"] == 3
+    assert meta["written"] and meta["fidelity"]["passed"] and meta["fidelity"]["top1_agreement"] >= 0.999
+    model = onnx.load(str(outdir / OPTIMIZED_ORT))
+    assert sum(n.op_type == "Attention" for n in model.graph.node) == 12

@@ -20,6 +20,9 @@ do on vitedge's graphs is fuse attention. The passes here rewrite patterns found
   the QKV projection + ``com.microsoft.MultiHeadAttention``, the shared tensor rebuilt beside it.
 - ``l2_normalization``: ``x / ReduceL2(x)`` over the last axis (Castling-ViT's q/‖q‖, k/‖k‖) →
   ``LpNormalization(p=2)``.
+- ``attention_with_rows``: a block whose map is read elsewhere only through a few query rows (a
+  selection's class-token row) → ``com.microsoft.Attention`` plus those rows recomputed from its
+  ``present`` keys: ``Softmax(q_rows kᵀ · s [+ bias])``.
 
 They change the rounding, and a token selection can flip on a rounding change, so the
 optimised graph is validated against the reference with the export's own fidelity check
@@ -487,6 +490,46 @@ def fuse_shared_qkv_attention(model: onnx.ModelProto) -> int:
     return fused
 
 
+# --- attention with recomputed rows: blocks whose map feeds a token selection through a few rows ---
+
+# At most this share of the map's rows may be read outside the block: recomputing more would not pay.
+ROW_SHARE = 0.25
+
+
+def fuse_attention_with_rows(model: onnx.ModelProto) -> int:
+    """Packed-QKV attention blocks whose map is read elsewhere only through a few rows (the class-token
+    row of a token selection: ``attn[:, :, 0]`` by Gather/Slice on the query axis) → one
+    ``com.microsoft.Attention`` plus those rows recomputed as ``Softmax(q_rows kᵀ · s [+ bias])``,
+    a [B, H, rows, N] product; returns the count.
+
+    The keys come from Attention's ``present`` output (K and V in [B, H, N, D], no second GEMM);
+    only the q rows take a small GEMM of their own. A v (or k, q) read by other nodes, e.g. value
+    norms, is taken from ``present`` too (q is recomputed). Measured faster than MultiHeadAttention
+    on split q, k, v (ORT 1.32 CPU has no packed-QKV MultiHeadAttention; the split costs copies).
+    Any other reader of the map, or a row read not recognised, leaves the block as it is.
+    """
+    graph, fused, shapes = model.graph, 0, _shapes(model)
+    while True:
+        index = GraphIndex.of(graph)
+        for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
+            match = _match_attention_with_rows(index, softmax, shapes)
+            if match:
+                new_nodes, removed, anchor, rewired = match
+                placed = {id(anchor): new_nodes, **{id(old): [replacement] for old, replacement in rewired}}
+                dropped = {id(n) for n in removed}
+                nodes = [m for n in graph.node for m in placed.get(id(n), [] if id(n) in dropped else [n])]
+                del graph.node[:]
+                graph.node.extend(nodes)
+                _sort_topologically(graph)
+                fused += 1
+                break
+        else:
+            break
+    if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return fused
+
+
 def _shared_qkv_plan(index: GraphIndex, match) -> tuple[list, str, np.ndarray, dict] | None:
     """For a matched block: (nodes to remove, the QKV projection's output, its [B, N, 3, H, D] view,
     {unpacked q/k/v read elsewhere: 0/1/2}) when only the q/k/v unpacking path is read from outside, else None."""
@@ -619,6 +662,185 @@ def fuse_l2_normalization(model: onnx.ModelProto) -> int:
             break
         else:
             return fused
+def _row_read(index: GraphIndex, node: onnx.NodeProto, probs: str, tokens: int) -> list[int] | None:
+    """The query rows (0-based) that ``node`` reads from the [B, H, N, N] map ``probs``, or None when it
+    is no constant Gather/Slice along the query axis."""
+    if node.domain not in ("", "ai.onnx") or not node.input or node.input[0] != probs:
+        return None
+    if node.op_type == "Gather":
+        position = index.value(node.input[1])
+        if _attr(node, "axis", 0) not in (2, -2) or position is None or position.ndim > 1:
+            return None
+        rows = [int(v) for v in np.ravel(position)]
+        return rows if rows and all(-tokens <= r < tokens for r in rows) else None
+    if node.op_type == "Slice" and len(node.input) >= 4:
+        starts, ends, axes = (index.value(node.input[i]) for i in (1, 2, 3))
+        steps = index.value(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1, np.int64)
+        if (any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(axes.ravel()[0]) not in (2, -2)
+                or int(steps.ravel()[0]) == 0):
+            return None
+        rows = list(range(tokens))[int(starts.ravel()[0]):int(ends.ravel()[0]):int(steps.ravel()[0])]
+        return rows or None
+    return None
+
+
+def _match_attention_with_rows(index: GraphIndex, softmax: onnx.NodeProto, shapes: dict):
+    probs = softmax.output[0]
+    dims = shapes.get(probs)
+    if probs in index.outputs or dims is None or len(dims) != 4 or not dims[2] or dims[2] != dims[3]:
+        return None
+    tokens = dims[2]
+    readers = index.consumers[probs]
+    contexts = [n for n in readers if n.op_type == "MatMul" and n.input[0] == probs]
+    row_readers = [n for n in readers if n not in contexts]
+    if len(contexts) != 1 or not row_readers:
+        return None
+    reads = [_row_read(index, n, probs, tokens) for n in row_readers]
+    if any(r is None for r in reads):
+        return None
+    rows = sorted({r % tokens for read in reads for r in read})
+    if len(rows) > max(1, int(ROW_SHARE * tokens)):
+        return None
+    # q, k, v as the block reads them: other readers are allowed, they get the tensors from present / rebuilt
+    context = contexts[0]
+    block = _block_tensors(index, softmax, context)
+    if block is None:
+        return None
+    query, key, value, inside = block
+    hidden = {id(n) for n in row_readers}
+    outside = {}
+    for name in (query, key, value):
+        others = [n for n in index.consumers[name] if id(n) not in inside]
+        if name in index.outputs:
+            return None
+        hidden.update(id(n) for n in others)
+        outside[name] = bool(others)
+    view = GraphIndex(index.graph, index.producer, collections.defaultdict(list), dict(index.constants), index.outputs)
+    for name, nodes in index.consumers.items():
+        view.consumers[name] = [n for n in nodes if id(n) not in hidden]
+    flat_rows = _flat_tokens(index, context, shapes)
+    if flat_rows is not None:  # [B·N, C] (batch folded into the tokens): matched as [B, N, C], reshaped after
+        view.constants[flat_rows] = numpy_helper.from_array(np.array([0, 0, -1], np.int64), flat_rows)
+    match = _match_attention(view, softmax, shapes)
+    if match is None:
+        return None
+    inputs, heads, scale, output, removed, anchor, extra = match
+    attended = output if flat_rows is None else f"{softmax.name or probs}_attended"
+    split = next(n for n in removed if n.op_type == "Transpose" and list(_attr(n, "perm", [])) == [2, 0, 3, 1, 4])
+    head_dim = int(index.value(index.producer[split.input[0]].input[1])[4])
+    width = heads * head_dim
+    x, weight, bias = inputs[:3]
+    weights = index.value(weight)
+    biases = index.value(bias) if index.value(bias) is not None else np.zeros(3 * width, weights.dtype)
+    key_bias = (extra[0].input[0] if extra else inputs[5]) if len(inputs) > 3 else None
+    tag = softmax.name or probs
+
+    def const(name, array):
+        full = f"{tag}_{name}"
+        index.graph.initializer.append(numpy_helper.from_array(np.asarray(array), full))
+        return full
+
+    present = f"{tag}_present"
+    heads_shape = const("heads_shape", np.array([0, -1, heads, head_dim], np.int64))
+    new = [*extra, helper.make_node("Attention", inputs, [attended, present], name=f"{tag}_fused_attention",
+                                    domain=MS_DOMAIN, num_heads=heads, scale=scale)]
+    if flat_rows is not None:
+        new.append(helper.make_node("Reshape", [attended, flat_rows], [output], name=f"{tag}_fold_batch"))
+    k_heads = key if outside[key] else f"{tag}_k_heads"
+    new.append(helper.make_node("Gather", [present, const("key_slot", np.array(0, np.int64))], [k_heads], axis=0))
+    if outside[value]:
+        new.append(helper.make_node("Gather", [present, const("value_slot", np.array(1, np.int64))], [value], axis=0))
+    w_query, b_query = const("w_query", weights[:, :width]), const("b_query", biases[:width])
+    q_rows = f"{tag}_q_rows"
+    new += [helper.make_node("Gather", [x, const("rows", np.array(rows, np.int64))], [f"{q_rows}_x"], axis=1),
+            helper.make_node("MatMul", [f"{q_rows}_x", w_query], [f"{q_rows}_mm"]),
+            helper.make_node("Add", [f"{q_rows}_mm", b_query], [f"{q_rows}_tokens"]),
+            helper.make_node("Reshape", [f"{q_rows}_tokens", heads_shape], [f"{q_rows}_heads"]),
+            # k q_rowsᵀ, then the small [B, H, N, rows] product transposed: the keys are never copied
+            helper.make_node("Transpose", [f"{q_rows}_heads"], [q_rows], perm=[0, 2, 3, 1]),
+            helper.make_node("MatMul", [k_heads, q_rows], [f"{tag}_row_scores_t"]),
+            helper.make_node("Transpose", [f"{tag}_row_scores_t"], [f"{tag}_row_scores"], perm=[0, 1, 3, 2]),
+            helper.make_node("Mul", [f"{tag}_row_scores", const("scale", np.array(scale, np.float32))],
+                             [f"{tag}_row_logits"])]
+    if outside[query]:  # the full queries, for their other readers
+        new += [helper.make_node("MatMul", [x, w_query], [f"{query}_rebuilt_mm"]),
+                helper.make_node("Add", [f"{query}_rebuilt_mm", b_query], [f"{query}_rebuilt_tokens"]),
+                helper.make_node("Reshape", [f"{query}_rebuilt_tokens", heads_shape], [f"{query}_rebuilt_heads"]),
+                helper.make_node("Transpose", [f"{query}_rebuilt_heads"], [query], perm=[0, 2, 1, 3])]
+    logits = f"{tag}_row_logits"
+    if key_bias:
+        bias_rows = key_bias
+        if (shapes.get(key_bias) or [None] * 4)[2] != 1:
+            bias_rows = f"{tag}_bias_rows"
+            new.append(helper.make_node("Gather", [key_bias, const("bias_rows", np.array(rows, np.int64))],
+                                        [bias_rows], axis=2))
+        new.append(helper.make_node("Add", [logits, bias_rows], [f"{tag}_row_biased"]))
+        logits = f"{tag}_row_biased"
+    row_probs = f"{tag}_row_probs"
+    new.append(helper.make_node("Softmax", [logits], [row_probs], axis=-1))
+    rewired = []
+    for reader, read in zip(row_readers, reads):
+        positions = np.array([rows.index(r % tokens) for r in read], np.int64)
+        if reader.op_type == "Gather":
+            positions = positions.reshape(np.shape(index.value(reader.input[1])))
+        rewired.append((reader, helper.make_node("Gather", [row_probs, const(f"{reader.output[0]}_rows", positions)],
+                                                 [reader.output[0]], name=f"{reader.name or reader.output[0]}_rows",
+                                                 axis=2)))
+    return new, removed, anchor, rewired
+
+
+def _flat_tokens(index: GraphIndex, context: onnx.NodeProto, shapes: dict) -> str | None:
+    """The shape input of the block's final Reshape when it folds [B, N, H·D] into [B·N, H·D], else None."""
+    dims = shapes.get(context.output[0])
+    merge = index.consumers[context.output[0]]
+    flatten = index.consumers[merge[0].output[0]] if len(merge) == 1 else []
+    if dims is None or len(dims) != 4 or None in (dims[1], dims[3]) or len(flatten) != 1 or flatten[0].op_type != "Reshape":
+        return None
+    shape = index.value(flatten[0].input[1])
+    if shape is None or shape.size != 2 or int(shape[1]) != dims[1] * dims[3]:
+        return None
+    if int(shape[0]) != -1 and (None in (dims[0], dims[2]) or int(shape[0]) != dims[0] * dims[2]):
+        return None
+    return flatten[0].input[1]
+
+
+def _block_tensors(index: GraphIndex, softmax: onnx.NodeProto, context: onnx.NodeProto):
+    """(q, k, v, ids of the block's own nodes that read them) of the attention around ``softmax``, or None."""
+    node, inside = index.producer.get(softmax.input[0]), {id(context)}
+    while node is not None and node.op_type in ("Mul", "Add", "Div"):
+        node = index.producer.get(next((i for i in node.input if _scores_side(index, i)), node.input[0]))
+    if node is None or node.op_type != "MatMul":
+        return None
+    transpose_k = index.node(node.input[1], "Transpose")
+    if transpose_k is None:
+        return None
+    inside.update((id(node), id(transpose_k)))
+    query = node.input[0]
+    q_scale = index.node(query, "Mul")
+    if q_scale is not None:
+        inside.add(id(q_scale))
+        query = next((i for i in q_scale.input if _scalar(index, i) is None), query)
+    return query, transpose_k.input[0], context.input[1], inside
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Order nodes so each comes after its inputs' producers, keeping the present order where it holds."""
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        remaining = []
+        for node in pending:
+            if all(i in known for i in node.input):
+                ordered.append(node)
+                known.update(node.output)
+            else:
+                remaining.append(node)
+        if len(remaining) == len(pending):
+            missing = sorted({i for n in remaining for i in n.input if i not in known})[:5]
+            raise ValueError(f"graph has a cycle or a missing input after a rewrite: {missing}")
+        pending = remaining
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 # The passes in the order they run: the softmax fusion first, so the attention blocks it
@@ -627,6 +849,7 @@ PASSES = (("regularised_softmax", fuse_regularised_softmax), ("attention", fuse_
 PASSES += (("head_mean_key_attention", fuse_head_mean_key_attention),)
 PASSES += (("shared_qkv_attention", fuse_shared_qkv_attention),)
 PASSES += (("l2_normalization", fuse_l2_normalization),)
+PASSES += (("attention_with_rows", fuse_attention_with_rows),)  # after attention: the blocks it refused
 
 
 def optimize_graph(model: onnx.ModelProto) -> dict[str, int]:
