@@ -216,29 +216,29 @@ def _base(index: GraphIndex, name: str) -> str:
     return name
 
 
+def _under_tiny_add(index: GraphIndex, ranks: dict, tensor: str, op_type: str):
+    """(the ``op_type`` node making ``tensor``, None), or (it, the Add) when ``tensor`` is that node's
+    output plus a provably tiny term (the eps of a regularised softmax); None otherwise."""
+    node = index.node(tensor, op_type)
+    if node is not None:
+        return node, None
+    add = index.node(tensor, "Add")
+    if add is None:
+        return None
+    node = next((index.node(i, op_type) for i in add.input if index.node(i, op_type)), None)
+    if node is None or not _tiny_term(index, ranks, add, node.output[0]):
+        return None
+    return node, add
+
+
 def _match_softmax(index: GraphIndex, ranks: dict, div: onnx.NodeProto):
     numerator, denominator = div.input
-    exp_node = index.node(numerator, "Exp")
-    removed = [div]
-    num_add = None
-    if exp_node is None:
-        num_add = index.node(numerator, "Add")
-        if num_add is None:
-            return None
-        exp_node = next((index.node(i, "Exp") for i in num_add.input if index.node(i, "Exp")), None)
-        if exp_node is None or not _tiny_term(index, ranks, num_add, exp_node.output[0]):
-            return None
-        removed.append(num_add)
-    reduce_sum = index.node(denominator, "ReduceSum")
-    den_add = None
-    if reduce_sum is None:
-        den_add = index.node(denominator, "Add")
-        if den_add is None:
-            return None
-        reduce_sum = next((index.node(i, "ReduceSum") for i in den_add.input if index.node(i, "ReduceSum")), None)
-        if reduce_sum is None or not _tiny_term(index, ranks, den_add, reduce_sum.output[0]):
-            return None
-        removed.append(den_add)
+    found_exp = _under_tiny_add(index, ranks, numerator, "Exp")
+    found_sum = _under_tiny_add(index, ranks, denominator, "ReduceSum")
+    if found_exp is None or found_sum is None:
+        return None
+    (exp_node, num_add), (reduce_sum, den_add) = found_exp, found_sum
+    removed = [div] + [add for add in (num_add, den_add) if add is not None]
     if reduce_sum.input[0] != exp_node.output[0] or _attr(reduce_sum, "keepdims", 1) != 1:
         return None
     sub = index.node(exp_node.input[0], "Sub")
