@@ -302,25 +302,37 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
     return shapes
 
 
+def _rewrite_each(model: onnx.ModelProto, op_type: str, rewrite, index_type: type) -> int:
+    """Call ``rewrite(index, node)`` on the ``op_type`` nodes until none changes the graph; the count.
+
+    One rewrite at a time, with the index rebuilt after each: a rewrite rebuilds the node list.
+    Every caller rewrites into ONNX Runtime's contrib ops, whose domain is then declared."""
+    graph, count = model.graph, 0
+    while True:
+        index = index_type.of(graph)
+        if not any(rewrite(index, node) for node in [n for n in graph.node if n.op_type == op_type and n.domain in ("", "ai.onnx")]):
+            break
+        count += 1
+    if count and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return count
+
+
 def fuse_attention(model: onnx.ModelProto) -> int:
     """Packed-QKV self-attention blocks whose inner tensors nobody else reads → ``com.microsoft.Attention``."""
-    graph, fused, shapes = model.graph, 0, _shapes(model)
-    while True:
-        index = GraphIndex.of(graph)
-        for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
-            match = _match_attention(index, softmax, shapes)
-            if match:
-                inputs, heads, scale, output, removed, anchor, extra = match
-                node = helper.make_node("Attention", inputs, [output], name=f"{softmax.name or output}_fused_attention",
-                                        domain=MS_DOMAIN, num_heads=heads, scale=scale)
-                _replace(graph, removed, anchor, [*extra, node])
-                fused += 1
-                break
-        else:
-            break
-    if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return fused
+    graph, shapes = model.graph, _shapes(model)
+
+    def rewrite(index: GraphIndex, softmax: onnx.NodeProto) -> bool:
+        match = _match_attention(index, softmax, shapes)
+        if not match:
+            return False
+        inputs, heads, scale, output, removed, anchor, extra = match
+        node = helper.make_node("Attention", inputs, [output], name=f"{softmax.name or output}_fused_attention",
+                                domain=MS_DOMAIN, num_heads=heads, scale=scale)
+        _replace(graph, removed, anchor, [*extra, node])
+        return True
+
+    return _rewrite_each(model, "Softmax", rewrite, GraphIndex)
 
 
 def _match_attention(index: GraphIndex, softmax: onnx.NodeProto, shapes: dict):
@@ -456,38 +468,34 @@ def fuse_shared_qkv_attention(model: onnx.ModelProto) -> int:
     The QKV projection and the unpacking of whatever is read elsewhere stay for those readers; the
     attention map, the scores and the context must still be private (MultiHeadAttention cannot
     hand them out)."""
-    graph, fused, shapes = model.graph, 0, _shapes(model)
-    while True:
-        index = _RecordingIndex.of(graph)
-        for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
-            match = _match_attention(index, softmax, shapes)
-            plan = _shared_qkv_plan(index, match) if match else None
-            if plan:
-                inputs, heads, scale, output, _, anchor, extra = match
-                removed, projection, view, rebuilt = plan
-                widths, heads_shape = f"{projection}_qkv_widths", f"{projection}_heads_shape"
-                if widths not in index.constants:
-                    graph.initializer.append(numpy_helper.from_array(np.array([view[3] * view[4]] * 3, np.int64), widths))
-                    graph.initializer.append(numpy_helper.from_array(np.array([view[0], view[1], view[3], view[4]], np.int64),
-                                                                     heads_shape))
-                parts = [f"{projection}_{name}_{softmax.name or output}" for name in "qkv"]
-                split = helper.make_node("Split", [projection, widths], parts, name=f"{parts[0]}_split", axis=-1)
-                for tensor, position in rebuilt.items():  # [B, N, H*D] -> [B, H, N, D], as the reader had it
-                    extra.append(helper.make_node("Reshape", [parts[position], heads_shape], [f"{tensor}_heads"],
-                                                  name=f"{tensor}_heads_view"))
-                    extra.append(helper.make_node("Transpose", [f"{tensor}_heads"], [tensor], name=f"{tensor}_heads_first",
-                                                  perm=[0, 2, 1, 3]))
-                node = helper.make_node("MultiHeadAttention", [*parts, "", "", inputs[5] if len(inputs) > 5 else ""],
-                                        [output], name=f"{softmax.name or output}_fused_mha", domain=MS_DOMAIN,
-                                        num_heads=heads, scale=scale)
-                _replace(graph, removed, anchor, [split, *extra, node])
-                fused += 1
-                break
-        else:
-            break
-    if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return fused
+    graph, shapes = model.graph, _shapes(model)
+
+    def rewrite(index: GraphIndex, softmax: onnx.NodeProto) -> bool:
+        match = _match_attention(index, softmax, shapes)
+        plan = _shared_qkv_plan(index, match) if match else None
+        if not plan:
+            return False
+        inputs, heads, scale, output, _, anchor, extra = match
+        removed, projection, view, rebuilt = plan
+        widths, heads_shape = f"{projection}_qkv_widths", f"{projection}_heads_shape"
+        if widths not in index.constants:
+            graph.initializer.append(numpy_helper.from_array(np.array([view[3] * view[4]] * 3, np.int64), widths))
+            graph.initializer.append(numpy_helper.from_array(np.array([view[0], view[1], view[3], view[4]], np.int64),
+                                                             heads_shape))
+        parts = [f"{projection}_{name}_{softmax.name or output}" for name in "qkv"]
+        split = helper.make_node("Split", [projection, widths], parts, name=f"{parts[0]}_split", axis=-1)
+        for tensor, position in rebuilt.items():  # [B, N, H*D] -> [B, H, N, D], as the reader had it
+            extra.append(helper.make_node("Reshape", [parts[position], heads_shape], [f"{tensor}_heads"],
+                                          name=f"{tensor}_heads_view"))
+            extra.append(helper.make_node("Transpose", [f"{tensor}_heads"], [tensor], name=f"{tensor}_heads_first",
+                                          perm=[0, 2, 1, 3]))
+        node = helper.make_node("MultiHeadAttention", [*parts, "", "", inputs[5] if len(inputs) > 5 else ""],
+                                [output], name=f"{softmax.name or output}_fused_mha", domain=MS_DOMAIN,
+                                num_heads=heads, scale=scale)
+        _replace(graph, removed, anchor, [split, *extra, node])
+        return True
+
+    return _rewrite_each(model, "Softmax", rewrite, _RecordingIndex)
 
 
 # --- attention with recomputed rows: blocks whose map feeds a token selection through a few rows ---
@@ -508,26 +516,22 @@ def fuse_attention_with_rows(model: onnx.ModelProto) -> int:
     on split q, k, v (ORT 1.32 CPU has no packed-QKV MultiHeadAttention; the split costs copies).
     Any other reader of the map, or a row read not recognised, leaves the block as it is.
     """
-    graph, fused, shapes = model.graph, 0, _shapes(model)
-    while True:
-        index = GraphIndex.of(graph)
-        for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
-            match = _match_attention_with_rows(index, softmax, shapes)
-            if match:
-                new_nodes, removed, anchor, rewired = match
-                placed = {id(anchor): new_nodes, **{id(old): [replacement] for old, replacement in rewired}}
-                dropped = {id(n) for n in removed}
-                nodes = [m for n in graph.node for m in placed.get(id(n), [] if id(n) in dropped else [n])]
-                del graph.node[:]
-                graph.node.extend(nodes)
-                _sort_topologically(graph)
-                fused += 1
-                break
-        else:
-            break
-    if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return fused
+    graph, shapes = model.graph, _shapes(model)
+
+    def rewrite(index: GraphIndex, softmax: onnx.NodeProto) -> bool:
+        match = _match_attention_with_rows(index, softmax, shapes)
+        if not match:
+            return False
+        new_nodes, removed, anchor, rewired = match
+        placed = {id(anchor): new_nodes, **{id(old): [replacement] for old, replacement in rewired}}
+        dropped = {id(n) for n in removed}
+        nodes = [m for n in graph.node for m in placed.get(id(n), [] if id(n) in dropped else [n])]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _sort_topologically(graph)
+        return True
+
+    return _rewrite_each(model, "Softmax", rewrite, GraphIndex)
 
 
 def _shared_qkv_plan(index: GraphIndex, match) -> tuple[list, str, np.ndarray, dict] | None:
@@ -567,47 +571,43 @@ def fuse_head_mean_key_attention(model: onnx.ModelProto) -> int:
     (ToMe's matching metric) → ``com.microsoft.Attention`` + that mean folded into the weights:
     mean_h(x Wk_h + bk_h) = x mean_h(Wk_h) + mean_h(bk_h), a [C, D] MatMul beside the fused block
     (1/(3H) of the QKV GEMM), so the block needs no unpacked keys at all."""
-    graph, fused, shapes = model.graph, 0, _shapes(model)
-    while True:
-        index = _RecordingIndex.of(graph)
-        for softmax in [n for n in graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
-            match = _match_attention(index, softmax, shapes)
-            readers = _head_mean_readers(index, match) if match else None
-            if readers:
-                inputs, heads, scale, output, removed, anchor, extra = match
-                x, weight, bias = inputs[0], inputs[1], inputs[2]
-                weights, bias_values = index.value(weight), index.value(bias)
-                width = weights.shape[1] // 3
-                folded_weight, folded_bias = f"{weight}_key_head_mean", f"{weight}_key_head_mean_bias"
-                if folded_weight not in index.constants:
-                    key_weights = weights[:, width:2 * width].reshape(weights.shape[0], heads, width // heads)
-                    key_bias = bias_values[width:2 * width].reshape(heads, width // heads)
-                    graph.initializer.append(numpy_helper.from_array(key_weights.mean(axis=1), folded_weight))
-                    graph.initializer.append(numpy_helper.from_array(key_bias.mean(axis=0), folded_bias))
-                node = helper.make_node("Attention", inputs, [output], name=f"{softmax.name or output}_fused_attention",
-                                        domain=MS_DOMAIN, num_heads=heads, scale=scale)
-                replacements = {id(anchor): [*extra, node]}
-                for reader in readers:  # each at its own place: its readers may come before the block's end
-                    mean = reader.output[0]
-                    projected = f"{mean}_projected"
-                    folded = [helper.make_node("MatMul", [x, folded_weight], [projected], name=f"{mean}_folded_matmul")]
-                    if _attr(reader, "keepdims", 1):
-                        folded.append(helper.make_node("Add", [projected, folded_bias], [f"{mean}_flat"], name=f"{mean}_folded_bias"))
-                        folded.append(helper.make_node("Unsqueeze", [f"{mean}_flat", "_head_axis"], [mean], name=f"{mean}_unsqueeze"))
-                        if "_head_axis" not in index.constants:
-                            graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "_head_axis"))
-                            index.constants["_head_axis"] = graph.initializer[-1]
-                    else:
-                        folded.append(helper.make_node("Add", [projected, folded_bias], [mean], name=f"{mean}_folded_bias"))
-                    replacements[id(reader)] = folded
-                _replace_each(graph, [*removed, *readers], replacements)
-                fused += 1
-                break
-        else:
-            break
-    if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return fused
+    graph, shapes = model.graph, _shapes(model)
+
+    def rewrite(index: GraphIndex, softmax: onnx.NodeProto) -> bool:
+        match = _match_attention(index, softmax, shapes)
+        readers = _head_mean_readers(index, match) if match else None
+        if not readers:
+            return False
+        inputs, heads, scale, output, removed, anchor, extra = match
+        x, weight, bias = inputs[0], inputs[1], inputs[2]
+        weights, bias_values = index.value(weight), index.value(bias)
+        width = weights.shape[1] // 3
+        folded_weight, folded_bias = f"{weight}_key_head_mean", f"{weight}_key_head_mean_bias"
+        if folded_weight not in index.constants:
+            key_weights = weights[:, width:2 * width].reshape(weights.shape[0], heads, width // heads)
+            key_bias = bias_values[width:2 * width].reshape(heads, width // heads)
+            graph.initializer.append(numpy_helper.from_array(key_weights.mean(axis=1), folded_weight))
+            graph.initializer.append(numpy_helper.from_array(key_bias.mean(axis=0), folded_bias))
+        node = helper.make_node("Attention", inputs, [output], name=f"{softmax.name or output}_fused_attention",
+                                domain=MS_DOMAIN, num_heads=heads, scale=scale)
+        replacements = {id(anchor): [*extra, node]}
+        for reader in readers:  # each at its own place: its readers may come before the block's end
+            mean = reader.output[0]
+            projected = f"{mean}_projected"
+            folded = [helper.make_node("MatMul", [x, folded_weight], [projected], name=f"{mean}_folded_matmul")]
+            if _attr(reader, "keepdims", 1):
+                folded.append(helper.make_node("Add", [projected, folded_bias], [f"{mean}_flat"], name=f"{mean}_folded_bias"))
+                folded.append(helper.make_node("Unsqueeze", [f"{mean}_flat", "_head_axis"], [mean], name=f"{mean}_unsqueeze"))
+                if "_head_axis" not in index.constants:
+                    graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "_head_axis"))
+                    index.constants["_head_axis"] = graph.initializer[-1]
+            else:
+                folded.append(helper.make_node("Add", [projected, folded_bias], [mean], name=f"{mean}_folded_bias"))
+            replacements[id(reader)] = folded
+        _replace_each(graph, [*removed, *readers], replacements)
+        return True
+
+    return _rewrite_each(model, "Softmax", rewrite, _RecordingIndex)
 
 
 def _head_mean_readers(index: GraphIndex, match) -> list[onnx.NodeProto] | None:
