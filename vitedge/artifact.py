@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ArtifactBusy, ValidationFailed, VitedgeError
-from .reading import read_json
+from .reading import file_sha256, read_json
 from .schema import ARTIFACT, REPORT, SCHEMA_VERSION, check, check_version
 
 METADATA = "vitedge.json"
@@ -311,13 +311,7 @@ class Artifact:
             why = entry.get("reason", "not optimised yet")
             raise VitedgeError(f"{self.root} has no {OPTIMIZED_ORT} ({why}); run 'vitedge optimize {self.root}' "
                                "(--force writes it even when it is not faster) or use --graph portable")
-        import hashlib
-
-        digest = hashlib.sha256()
-        with open(self.model_path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != entry.get("source_sha256"):
+        if file_sha256(self.model_path) != entry.get("source_sha256"):
             if graph == "auto":
                 return self.model_path, "portable"
             raise VitedgeError(f"{path} was made from another model.onnx; run 'vitedge optimize {self.root}' again")

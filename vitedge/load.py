@@ -9,7 +9,6 @@ metadata entry (family, arch, settings, normalisation) that fills in what flags 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from .backbones import adapt_state_dict as adapt_backbone_keys
 from .backbones import check_support, infer_config, lvvit
 from .errors import VitedgeError
 from .families import Family, TokenPlan, detect_family, get_family
-from .reading import reading
+from .reading import file_sha256, reading
 from .resources import forward_bytes, require_memory
 from .schema import CHECKPOINT_METADATA, check
 
@@ -51,13 +50,6 @@ class LoadedModel:
     std: tuple[float, ...]
     dropped_keys: list[str] = field(default_factory=list)
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from onnx import helper, numpy_helper
 
 from .artifact import METADATA, OPTIMIZED_ORT, Artifact, staged_copy, writer_lock, write_json_atomic
 from .errors import VitedgeError
+from .reading import file_sha256
 from .runtime import graph_batch, ort_session
 
 MS_DOMAIN = "com.microsoft"
@@ -876,13 +876,6 @@ def drop_dead_nodes(model: onnx.ModelProto) -> None:
     for init in unused:
         graph.initializer.remove(init)
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def interleaved_timing(reference: Path, candidate: Path, batch: int, threads: int = 2, rounds: int = 30,

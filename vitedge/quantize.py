@@ -24,7 +24,6 @@ import collections
 import contextlib
 import datetime
 import fnmatch
-import hashlib
 import io
 import logging
 import os
@@ -41,6 +40,7 @@ from .artifact import METADATA, Artifact, staged_copy, write_json_atomic, write_
 from .data.calibration_sets import array_sha256, calibration_array, default_set, load_calibration_set, set_out_of_domain
 from .errors import ValidationFailed, VitedgeError
 from .families import get_family
+from .reading import file_sha256
 from .runtime import graph_batch, ort_session
 
 PRECISIONS = ("fp16", "int8")
@@ -397,13 +397,6 @@ def quantize_int8(source: Path, target: Path, array: np.ndarray, method: str, ex
     return quantized
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def quantize(
     outdir,
@@ -480,7 +473,7 @@ def quantize(
             entry = {
                 "model": target.name,
                 "precision": precision,
-                "source_sha256": _file_sha256(source),
+                "source_sha256": file_sha256(source),
                 "selection_nodes": selection,
                 "selection_quantized": include_selection,
                 "excluded_nodes": excluded,
@@ -520,7 +513,7 @@ def quantize(
             result = check_sizes(quantized, meta)
             if not result["passed"]:
                 raise VitedgeError(f"the {precision} graph fails the static/TensorRT check: {result['errors'][0]}")
-            entry["sha256"] = _file_sha256(target)
+            entry["sha256"] = file_sha256(target)
             entry["size_bytes"] = target.stat().st_size
             entry["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             for item in stage.iterdir():

@@ -10,6 +10,7 @@ every one of them (anything but a VitedgeError, an interrupt or an exit) into "c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -116,3 +117,12 @@ def read_npy(path, what: str = "input array"):
                                f"the file holds {present} bytes of data")
         require_memory(needed, f"reading {path} ({list(shape)} {dtype})", "pass a smaller array")
         return np.load(path, allow_pickle=False)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (models and checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
