@@ -61,6 +61,14 @@ def dense_flops(cfg: ViTConfig) -> int:
     return levit.dense_flops(cfg) if levit.is_levit(cfg) else vit.dense_flops(cfg)
 
 
+def flops(cfg: ViTConfig, tokens_per_block: list[tuple[int, int]]) -> int:
+    """FLOPs of ``cfg``'s backbone with (attention, MLP) tokens per block; LeViT's stages count their
+    own widths and ignore the MLP count (its blocks drop no tokens between the two)."""
+    if levit.is_levit(cfg):
+        return levit.flops(cfg, [attention for attention, _ in tokens_per_block])
+    return vit.flops(cfg, tokens_per_block)
+
+
 def check_support(family_name: str, cfg: ViTConfig, supported: frozenset[str]) -> None:
     """Raise one line if ``cfg`` uses a backbone feature the family's official code does not handle."""
     missing = sorted(cfg.features - supported)
@@ -73,5 +81,5 @@ def check_support(family_name: str, cfg: ViTConfig, supported: frozenset[str]) -
         )
 
 
-__all__ = ["FEATURE_NAMES", "ViTConfig", "adapt_state_dict", "check_support", "dense_flops", "infer_config", "levit", "lvvit",
+__all__ = ["FEATURE_NAMES", "ViTConfig", "adapt_state_dict", "check_support", "dense_flops", "flops", "infer_config", "levit", "lvvit",
            "prepare_for_export", "vit"]

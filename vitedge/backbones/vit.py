@@ -496,6 +496,12 @@ def stem_head_flops(cfg: ViTConfig, final_tokens: int | None = None) -> int:
     return 2 * (patch + heads)
 
 
+def flops(cfg: ViTConfig, tokens_per_block: list[tuple[int, int]]) -> int:
+    """FLOPs with ``tokens_per_block[i]`` = (attention, MLP) tokens through block i, prefix tokens included."""
+    final = tokens_per_block[-1][1] if tokens_per_block else None  # tokens LV-ViT's aux head scores
+    return stem_head_flops(cfg, final) + sum(block_flops(cfg, attention, mlp) for attention, mlp in tokens_per_block)
+
+
 def dense_flops(cfg: ViTConfig) -> int:
     return stem_head_flops(cfg) + cfg.depth * block_flops(cfg, cfg.sequence_length)
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbone import ViTConfig, block_flops, stem_head_flops
-from ..backbones import levit
+from ..backbone import ViTConfig
+from .. import backbones
 from ..errors import VitedgeError
 
 _FAMILY_MODULES = ("deit", "evit", "dynamicvit", "castling", "evovit", "supervit", "tome", "avit", "ats")
@@ -45,11 +45,7 @@ class TokenPlan:
     extra_flops: int = 0  # selection machinery (predictors) not in the blocks
 
     def flops(self, cfg: ViTConfig) -> int:
-        if levit.is_levit(cfg):  # its blocks differ per stage: the backbone counts them
-            return levit.flops(cfg, [b.attention for b in self.blocks]) + self.extra_flops
-        blocks = sum(block_flops(cfg, b.attention, b.mlp) for b in self.blocks)
-        final = self.blocks[-1].mlp if self.blocks else None  # tokens LV-ViT's aux head scores
-        return stem_head_flops(cfg, final) + blocks + self.extra_flops
+        return backbones.flops(cfg, [(b.attention, b.mlp) for b in self.blocks]) + self.extra_flops
 
     def to_dict(self) -> dict:
         return {
