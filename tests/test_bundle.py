@@ -146,6 +146,31 @@ def test_device_labels(bundle, tmp_path):
     assert vitedge.select(copy, latency_ms=1000, device="jetson-orin-nano")["device"] == "jetson-orin-nano"
 
 
+def test_optimized_bundle_times_each_variant_on_the_graph_it_proved(supervit_ckpt, tmp_path):
+    out = tmp_path / "optimized"
+    result = run_cli("export-bundle", supervit_ckpt, "-o", out, "--num-heads", HEADS, "--sizes", "28",
+                     "--keep-rates", "0.5,1", "--validate-limit", "32", "--iterations", "3", "--optimize")
+    assert result.exit_code == 0, result.output
+    meta = read_json(out / "vitedge.json")
+    for variant in meta["variants"]:
+        entry = read_json(out / variant["path"] / "vitedge.json")["optimized"]["ort"]
+        assert entry["passes"]["attention"] > 0 and entry["fidelity"]["passed"]
+        written = entry["written"] and (out / variant["path"] / "model.ort.onnx").is_file()
+        # timed on model.ort.onnx exactly where optimize wrote it (proven and faster), else on model.onnx
+        assert variant["latency_ms"][local_device()]["graph"] == ("optimized" if written else "portable")
+    result = run_cli("profile-bundle", out, "--graph", "portable", "--iterations", "2", "--device", "portable-only")
+    assert result.exit_code == 0, result.output
+    assert {v["latency_ms"]["portable-only"]["graph"] for v in read_json(out / "vitedge.json")["variants"]} == {"portable"}
+
+
+def test_profile_bundle_refuses_an_optimized_graph_nobody_wrote(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    line = assert_clean_failure(run_cli("profile-bundle", copy, "--graph", "optimized", "--iterations", "2"))
+    assert "has no model.ort.onnx" in line and "run 'vitedge optimize" in line
+    assert read_json(copy / "vitedge.json") == read_json(bundle / "vitedge.json")  # nothing recorded
+
+
 def test_select_on_a_single_artifact_is_refused(bundle):
     line = assert_clean_failure(run_cli("select", bundle / "16px-keep1", "--latency-ms", "5"))
     assert "is a single artifact, not a variant bundle" in line

@@ -98,9 +98,16 @@ def _grid(loaded, values: dict | None) -> list[dict]:
     return variants
 
 
-def _time_interleaved(models: dict[str, Path], batch: int, threads: int, iterations: int, warmup: int) -> dict[str, dict]:
+def _ort_graphs(root: Path, variants: list[dict], graph: str) -> dict[str, tuple[Path, str]]:
+    """Each variant's ONNX Runtime graph (``Artifact.ort_model``: model.ort.onnx where 'vitedge optimize'
+    wrote and proved it, with ``auto``) and which one it is."""
+    return {v["name"]: Artifact(root / v["path"]).ort_model(graph) for v in variants}
+
+
+def _time_interleaved(models: dict[str, tuple[Path, str]], batch: int, threads: int, iterations: int,
+                      warmup: int) -> dict[str, dict]:
     """p50/p90 latency of every graph, timed in rounds (one run each, order rotating) so all see the same load."""
-    runners = {name: ort_runner(path, batch, threads) for name, path in models.items()}
+    runners = {name: ort_runner(path, batch, threads) for name, (path, _) in models.items()}
     for run in runners.values():
         for _ in range(warmup):
             run()
@@ -114,7 +121,7 @@ def _time_interleaved(models: dict[str, Path], batch: int, threads: int, iterati
             samples[name].append((time.perf_counter() - start) * 1000.0)
     return {
         name: {"p50_ms": float(np.percentile(v, 50)), "p90_ms": float(np.percentile(v, 90)), "batch": batch,
-               "threads": threads, "iterations": iterations, "backend": "onnxruntime-cpu"}
+               "threads": threads, "iterations": iterations, "backend": "onnxruntime-cpu", "graph": models[name][1]}
         for name, v in samples.items()
     }
 
@@ -139,6 +146,7 @@ def export_bundle(
     log=_stderr,
     validate_seed: int | None = None,
     skip_bad_images: bool = False,
+    optimize: bool = False,
 ) -> dict:
     """checkpoint → OUTDIR/{vitedge.json, <variant>/…}: export, check, validate and time every variant.
 
@@ -149,9 +157,11 @@ def export_bundle(
     whose labelled accuracy is recorded for the selector; latencies are recorded under
     ``device`` (default: this machine, e.g. ``x86-cpu-ort``). Nothing is written unless every
     variant passes. ``thresholds`` tightens or loosens the equality contract (names as in
-    ``Thresholds``; unnamed ones keep the bundle's defaults).
+    ``Thresholds``; unnamed ones keep the bundle's defaults). ``optimize`` runs 'vitedge optimize' on
+    every variant, so each is timed (and later selected) on model.ort.onnx where that is proven and faster.
     """
     from .artifact_export import export, tool_versions
+    from .optimize import optimize as optimize_for_ort
 
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds.from_dict({**vars(BUNDLE_THRESHOLDS), **(thresholds or {})})
@@ -198,11 +208,17 @@ def export_bundle(
             log(f"   validated on {result['images']} images: top-1 agreement {result['top1_agreement']:.4f}"
                 + (f", max |logit diff| {result['max_abs_logit_diff']:.1e}" if result["max_abs_logit_diff"] is not None else "")
                 + (f", accuracy {result['exported_accuracy']:.4f}" if "exported_accuracy" in result else ""))
+            if optimize:
+                try:
+                    entry = optimize_for_ort(folder, validate_data, validate_limit, threads=threads, shuffle_seed=validate_seed,
+                                             skip_bad_images=skip_bad_images, log=lambda m: log("   " + m))
+                except ValidationFailed as exc:
+                    raise ValidationFailed(f"variant {variant_folder}: the optimised graph: {exc}; bundle not written") from None
+                log(f"   {entry['model']}: {'written' if entry['written'] else 'not written'} ({entry['reason']})")
             variants.append(_variant_entry(loaded.family, variant_folder, variant, metadata, result))
         log(f"timing {len(grid)} variants on {device} (ONNX Runtime CPU, batch {batch_size}, {threads} threads, "
             f"{iterations} interleaved rounds)")
-        latencies = _time_interleaved({v["name"]: stage / v["path"] / "model.onnx" for v in variants}, batch_size,
-                                      threads, iterations, warmup)
+        latencies = _time_interleaved(_ort_graphs(stage, variants, "auto"), batch_size, threads, iterations, warmup)
         for variant in variants:
             variant["latency_ms"] = {device: latencies[variant["name"]]}
         first = Artifact(stage / names[0]).metadata
@@ -339,10 +355,11 @@ def select(bundle, latency_ms: float, device: str | None = None) -> dict:
 
 
 def profile_bundle(bundle, device: str | None = None, batch: int | None = None, threads: int = 2,
-                   iterations: int = 30, warmup: int = 5, log=None) -> dict:
+                   iterations: int = 30, warmup: int = 5, log=None, graph: str = "auto") -> dict:
     """Time every variant here (interleaved) and store the latencies under ``device`` in the bundle's vitedge.json.
 
     Run it on each target (with its device name) to make ``select --device NAME`` possible there.
+    ``graph``: as in ``Artifact.ort_model`` (``auto``: each variant's model.ort.onnx where proven).
     """
     device = _check_device(device)
     if threads < 1 or iterations < 1 or warmup < 0:
@@ -353,7 +370,7 @@ def profile_bundle(bundle, device: str | None = None, batch: int | None = None, 
         batch = meta["input"]["batch"] if isinstance(meta["input"]["batch"], int) else 1
     if batch < 1:
         raise VitedgeError(f"batch must be >= 1, got {batch}")
-    models = {v["name"]: Artifact(root / v["path"]).model_path for v in meta["variants"]}
+    models = _ort_graphs(root, meta["variants"], graph)
     if log:
         log(f"timing {len(models)} variants on {device}: batch {batch}, {threads} threads, {iterations} interleaved rounds")
     latencies = _time_interleaved(models, batch, threads, iterations, warmup)

@@ -85,6 +85,12 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
+graph_option = click.option(
+    "--graph", type=click.Choice(["auto", "portable", "optimized"]), default="auto", show_default=True,
+    help="ONNX Runtime graph: model.ort.onnx where 'vitedge optimize' wrote and proved it (auto), model.onnx "
+         "(portable) or model.ort.onnx (optimized).")
+
+
 def data_options(limit: int | None, limit_names: tuple[str, ...] = ("--limit",), what: str = "validation"):
     """The one set of data options of every command that reads images: --data, --limit, --shuffle-seed,
     --skip-bad-images (``--validate-data`` stays an alias of ``--data``)."""
@@ -359,9 +365,7 @@ def validate(outdir, data, limit, shuffle_seed, skip_bad_images, batch_size, che
               help="Which end-to-end latency statistic the budget applies to.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="Which model file to time (ort backend).")
-@click.option("--graph", type=click.Choice(["auto", "portable", "optimized"]), default="auto", show_default=True,
-              help="ONNX Runtime graph: model.ort.onnx where 'vitedge optimize' wrote it (auto), model.onnx (portable) "
-                   "or model.ort.onnx (optimized).")
+@graph_option
 @friendly
 def profile(outdir, backend, batch, iterations, warmup, threads, device, devices_dir, latency_budget_ms, budget_stat,
             precision, graph):
@@ -466,9 +470,7 @@ def inspect(outdir, as_json):
 @click.option("--save-input", type=click.Path(dir_okay=False), help="With image files: write the preprocessed NCHW tensor (.npy).")
 @click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Classes to print per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--graph", type=click.Choice(["auto", "portable", "optimized"]), default="auto", show_default=True,
-              help="ONNX Runtime graph: model.ort.onnx where 'vitedge optimize' wrote it (auto), model.onnx (portable) "
-                   "or model.ort.onnx (optimized).")
+@graph_option
 @friendly
 def predict(outdir, inputs, output_npy, save_input, top, as_json, graph):
     """Top classes for image files (preprocessed with OUTDIR's recorded transform), or logits for one
@@ -538,10 +540,12 @@ def tune(checkpoint, outdir, latency_budget_ms, family, arch, calib, backend, da
 @click.option("--device", help="Label for the latencies measured here (default: this machine, e.g. x86-cpu-ort).")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--iterations", type=int, default=30, show_default=True, help="Interleaved timing rounds.")
+@click.option("--optimize", "optimize_ort", is_flag=True,
+              help="Run 'vitedge optimize' on every variant: each is timed on model.ort.onnx where it is proven and faster.")
 @setting_options(many=True)
 @friendly
 def export_bundle(checkpoint, outdir, family, arch, num_heads, opset, batch_size, data, limit, shuffle_seed,
-                  skip_bad_images, device, threads, iterations, settings, grid):
+                  skip_bad_images, device, threads, iterations, optimize_ort, settings, grid):
     """Export every variant of CHECKPOINT (its family's bundle settings, e.g. size x keep rate) into one bundle folder.
 
     Each bundle setting spans the values its list flag gives, by default all the model was trained for."""
@@ -549,6 +553,7 @@ def export_bundle(checkpoint, outdir, family, arch, num_heads, opset, batch_size
         checkpoint, outdir, values=grid, family=family, settings=settings, arch=arch, num_heads=num_heads, opset=opset,
         batch_size=batch_size, validate_data=data, validate_limit=limit, device=device,
         threads=threads, iterations=iterations, log=log, validate_seed=shuffle_seed, skip_bad_images=skip_bad_images,
+        optimize=optimize_ort,
     )
     device = bundle["devices"][0]
     for v in bundle["variants"]:
@@ -563,10 +568,11 @@ def export_bundle(checkpoint, outdir, family, arch, num_heads, opset, batch_size
 @click.option("--batch", type=int, help="Batch size (default: the graphs').")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--iterations", type=int, default=30, show_default=True)
+@graph_option
 @friendly
-def profile_bundle(bundle, device, batch, threads, iterations):
+def profile_bundle(bundle, device, batch, threads, iterations, graph):
     """Time every variant of BUNDLE here and record the latencies under a device name."""
-    for name, stats in vitedge.profile_bundle(bundle, device, batch, threads, iterations, log=log).items():
+    for name, stats in vitedge.profile_bundle(bundle, device, batch, threads, iterations, log=log, graph=graph).items():
         click.echo(f"{name:16s} p50 {stats['p50_ms']:.3f} ms  p90 {stats['p90_ms']:.3f} ms")
 
 
