@@ -299,6 +299,9 @@ def test_official_layout_random_checkpoints_pass_the_default_validation(family, 
         assert again["passed"] and min(again["kept_identical"].values()) < 1.0
         assert sum(t["count"] - t["from_earlier"] for t in again["near_ties"].values()) >= 1
         assert max(t["largest_margin"] or 0.0 for t in again["near_ties"].values()) <= again["near_tie_tolerance"]["largest"]
+        printed = json.loads(run_cli("validate", out, "--limit", "8").output.strip().splitlines()[-1])
+        assert set(printed["near_ties"]) == set(again["near_ties"])  # the CLI's JSON line carries them too
+        assert all(set(t) >= {"count", "from_earlier", "disagreements"} for t in printed["near_ties"].values())
 
 
 @pytest.mark.slow

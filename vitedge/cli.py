@@ -346,7 +346,7 @@ def validate(outdir, data, limit, shuffle_seed, skip_bad_images, batch_size, che
     thresholds.update({k: v for k, v in overrides.items() if v is not None})
     result = vitedge.validate(outdir, data, limit, thresholds, batch_size, checkpoint, log=log, img_size=img_size,
                               shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images, graph=graph)
-    keys = ("images", "top1_agreement", "kept_agreement", "max_abs_logit_diff", "budget_exceeded", "halting", "in_domain",
+    keys = ("images", "top1_agreement", "kept_agreement", "near_ties", "max_abs_logit_diff", "budget_exceeded", "halting", "in_domain",
             "skipped_images", "passed")
     click.echo(json.dumps({k: result[k] for k in keys if k in result}))
 
