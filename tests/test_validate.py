@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import shutil
 from pathlib import Path
@@ -375,6 +376,29 @@ def test_nan_logits_fail_validation():
     assert failures[0] == "2 image(s) give NaN or Inf logits"
     assert any(f.startswith("max |logit diff| nan") or f.startswith("max |logit diff| inf") for f in failures)
     assert verdict(compare(reference, reference.copy(), [], [], None, []), Thresholds()) == []
+
+
+def test_per_batch_logit_stats_give_the_metrics_of_the_whole_arrays():
+    """validate keeps per-image statistics batch by batch, not every logit: same metrics, NaN included."""
+    from vitedge.validate import LogitStats, compare_stats
+
+    rng = np.random.default_rng(3)
+    reference = rng.standard_normal((10, 1000)).astype(np.float32)
+    exported = reference + rng.standard_normal(reference.shape).astype(np.float32) * 1e-5
+    exported[7, 5] = np.nan
+    kept = rng.integers(0, 50, (10, 4))
+    whole = compare(reference, exported, [kept], [kept.copy()], np.arange(10) % 3, ["kept_tokens_3"])
+    parts = LogitStats.concatenate([LogitStats.of(reference[i:i + 4], exported[i:i + 4]) for i in range(0, 10, 4)])
+    streamed = compare_stats(parts, [kept], [kept.copy()], np.arange(10) % 3, ["kept_tokens_3"])
+    assert streamed.keys() == whole.keys()
+    for key, value in whole.items():
+        if isinstance(value, float) and math.isnan(value):
+            assert math.isnan(streamed[key]), key
+        else:
+            assert streamed[key] == pytest.approx(value, rel=1e-6), key
+    assert whole["non_finite_logits"] == 1 and math.isnan(whole["max_abs_logit_diff_all"])
+    exact = compare(reference, reference.copy(), [], [], None, [])
+    assert exact["max_abs_logit_diff"] == 0.0 and exact["mean_abs_logit_diff"] == 0.0
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.9", True])

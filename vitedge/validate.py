@@ -136,13 +136,43 @@ def near_ties(reference_kept, exported_kept, agreements, margins: list[Selection
     return out
 
 
+@dataclass(frozen=True)
+class LogitStats:
+    """What the metrics need of two models' logits, per image: a validation over 50,000 ImageNet
+    images keeps these few numbers per image instead of two 50,000 x 1,000 logit arrays."""
+
+    reference_top1: np.ndarray
+    exported_top1: np.ndarray
+    max_abs_diff: np.ndarray  # NaN where either side is NaN, as a max over the logits would be
+    sum_abs_diff: np.ndarray  # float64, for the mean over every logit
+    finite: np.ndarray
+    classes: int
+
+    @classmethod
+    def of(cls, reference_logits: np.ndarray, exported_logits: np.ndarray) -> LogitStats:
+        diff = np.abs(reference_logits - exported_logits)
+        return cls(reference_logits.argmax(1), exported_logits.argmax(1), diff.max(1, initial=0.0),
+                   diff.sum(1, dtype=np.float64),
+                   np.isfinite(reference_logits).all(1) & np.isfinite(exported_logits).all(1), reference_logits.shape[1])
+
+    @classmethod
+    def concatenate(cls, parts: list[LogitStats]) -> LogitStats:
+        fields = ("reference_top1", "exported_top1", "max_abs_diff", "sum_abs_diff", "finite")
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields), parts[0].classes)
+
+
 def compare(reference_logits, exported_logits, reference_kept, exported_kept, labels, names, ordered=False,
             margins: list[SelectionMargins] | None = None):
     """Agreement metrics; ``margins`` (the reference's, one per selection) turn near-tie
     differences into ``near_ties`` instead of disagreements (``kept_agreement``)."""
-    ref_top1 = reference_logits.argmax(1)
-    exp_top1 = exported_logits.argmax(1)
-    diff = np.abs(reference_logits - exported_logits)
+    return compare_stats(LogitStats.of(reference_logits, exported_logits), reference_kept, exported_kept, labels, names,
+                         ordered, margins)
+
+
+def compare_stats(logits: LogitStats, reference_kept, exported_kept, labels, names, ordered=False,
+                  margins: list[SelectionMargins] | None = None):
+    """``compare`` on per-image logit statistics (what ``validate`` accumulates batch by batch)."""
+    ref_top1, exp_top1, diff = logits.reference_top1, logits.exported_top1, logits.max_abs_diff
     # The logit bound is checked where every selection agrees: where a near-tie (a score gap
     # below float rounding) picked another token, the logits legitimately differ, and how
     # often a difference is not a near-tie is what the kept-token threshold bounds.
@@ -155,12 +185,12 @@ def compare(reference_logits, exported_logits, reference_kept, exported_kept, la
         # None when no image kept the same tokens everywhere (every one diverged at a near-tie)
         "max_abs_logit_diff": float(diff[same].max()) if same.any() else None,
         "max_abs_logit_diff_all": float(diff.max()),
-        "mean_abs_logit_diff": float(diff.mean()),
+        "mean_abs_logit_diff": float(logits.sum_abs_diff.sum() / (len(diff) * logits.classes)),
         "selections_identical": float(same.mean()),
         # identical sets, or a difference that follows from a near-tie: the thresholded share
         "kept_agreement": {name: float((agree | tie).mean()) for name, agree, tie in zip(names, agreements, tied)},
         "kept_identical": {name: float(agree.mean()) for name, agree in zip(names, agreements)},
-        "non_finite_logits": int((~np.isfinite(reference_logits).all(1) | ~np.isfinite(exported_logits).all(1)).sum()),
+        "non_finite_logits": int((~logits.finite).sum()),
     }
     if margins:
         metrics["near_ties"] = {name: _near_tie_summary(tie, agree, margin, tied[:i])
@@ -277,7 +307,7 @@ def validate(
         log(f"validating {what}{len(dataset)} {dataset.name} images{at} against the reference model ({spec.describe()})")
         if note:
             log(f"note: {note}")
-    ref_logits, exp_logits, ref_kept, exp_kept, ref_margins, labels = [], [], [], [], [], []
+    logit_stats, ref_kept, exp_kept, ref_margins, labels = [], [], [], [], []
     with torch.inference_mode():
         for images, batch_labels in dataset.batches(spec, batch_size, progress=log is not None):
             with recording_margins() as margins:
@@ -286,22 +316,21 @@ def validate(
                 raise VitedgeError(f"the {loaded.family.name} reference reported {len(margins)} decision margins "
                                    f"for {len(kept)} selections (a bug in vitedge; please report it)")
             outputs = run_batched(session, images, batch_size)
-            ref_logits.append(logits.numpy())
-            exp_logits.append(outputs[0])
+            logit_stats.append(LogitStats.of(logits.numpy(), outputs[0]))
             ref_kept.append([k.numpy() for k in kept])
             ref_margins.append(margins)
             exp_kept.append(outputs[1:])
             if batch_labels is not None:
                 labels.append(batch_labels)
-    if not ref_logits:
+    if not logit_stats:
         raise VitedgeError(f"none of the {len(dataset)} images of {dataset.name} could be read "
                            f"(skipped {len(dataset.skipped)}, e.g. {dataset.skipped[0]})")
     reference_kept = [np.concatenate(parts) for parts in zip(*ref_kept)] if names else []
     exported_kept = [np.concatenate(parts) for parts in zip(*exp_kept)] if names else []
     usable_labels = np.concatenate(labels) if labels else None
     margins = [SelectionMargins.from_margins(list(parts)) for parts in zip(*ref_margins)] if names else []
-    metrics = compare(np.concatenate(ref_logits), np.concatenate(exp_logits), reference_kept, exported_kept, usable_labels, names,
-                      ordered=loaded.family.kept_order_matters, margins=margins)
+    metrics = compare_stats(LogitStats.concatenate(logit_stats), reference_kept, exported_kept, usable_labels, names,
+                            ordered=loaded.family.kept_order_matters, margins=margins)
     metrics.update(loaded.family.kept_summary(reference_kept))
     failures = verdict(metrics, thresholds)
     section = {"data": dataset.name, "img_size": spec.img_size, "model": model_path.name,
