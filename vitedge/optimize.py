@@ -23,6 +23,8 @@ do on vitedge's graphs is fuse attention. The passes here rewrite patterns found
 - ``attention_with_rows``: a block whose map is read elsewhere only through a few query rows (a
   selection's class-token row) → ``com.microsoft.Attention`` plus those rows recomputed from its
   ``present`` keys: ``Softmax(q_rows kᵀ · s [+ bias])``.
+- ``conv_add``: ``Conv(x, W) + z`` with z of the convolution's output shape (Castling-ViT's
+  y/‖y‖ + dconv(v)) → ``com.microsoft.FusedConv`` with z as its sum input.
 
 They change the rounding, and a token selection can flip on a rounding change, so the
 optimised graph is validated against the reference with the export's own fidelity check
