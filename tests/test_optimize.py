@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vitedge
 from vitedge.artifact import LOCK, OPTIMIZED_ORT
-from vitedge.optimize import (PASSES, fuse_attention, fuse_head_mean_key_attention, fuse_l2_normalization,
+from vitedge.optimize import (PASSES, fuse_attention, fuse_conv_add, fuse_head_mean_key_attention, fuse_l2_normalization,
                               fuse_regularised_softmax, fuse_shared_qkv_attention, optimize, optimize_graph)
 from vitedge.runtime import ort_session
 
@@ -284,6 +284,44 @@ def test_l2_normalisation_over_another_axis_or_with_its_norm_read_is_left_alone(
     assert fuse_l2_normalization(model) == 0 and model.SerializeToString() == before
 
 
+def conv_add_model(addend_shape=(2, 3, 7, 4), read_conv: bool = False, bias: bool = False) -> onnx.ModelProto:
+    """Castling-ViT's ``y / ||y|| + dconv(v)``: a depthwise (9, 1) Conv along the tokens plus a tensor."""
+    rng = np.random.default_rng(5)
+    inits = [_const("w", rng.standard_normal((3, 1, 9, 1)).astype(np.float32))]
+    if bias:
+        inits.append(_const("b", rng.standard_normal(3).astype(np.float32)))
+    nodes = [helper.make_node("Conv", ["v", "w"] + (["b"] if bias else []), ["conv"], group=3, pads=[4, 0, 4, 0],
+                              kernel_shape=[9, 1]),
+             helper.make_node("Add", ["unit", "conv"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 7, 4])]
+    if read_conv:
+        outputs.append(helper.make_tensor_value_info("conv", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "conv_add", [helper.make_tensor_value_info("v", TensorProto.FLOAT, [2, 3, 7, 4]),
+                                                  helper.make_tensor_value_info("unit", TensorProto.FLOAT, list(addend_shape))],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_plus_tensor_becomes_fused_conv_with_sum(tmp_path, bias):
+    model = conv_add_model(bias=bias)
+    rng = np.random.default_rng(6)
+    feeds = {"v": rng.standard_normal((2, 3, 7, 4)).astype(np.float32),
+             "unit": rng.standard_normal((2, 3, 7, 4)).astype(np.float32)}
+    expected = run(model, tmp_path, "plain", feeds)[0]
+    assert optimize_graph(model)["conv_add"] == 1
+    assert [(n.op_type, n.domain) for n in model.graph.node] == [("FusedConv", "com.microsoft")]
+    np.testing.assert_allclose(run(model, tmp_path, "fused", feeds)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("addend_shape, read_conv", [((1, 3, 1, 1), False), ((2, 3, 7, 4), True)])
+def test_conv_plus_broadcast_tensor_or_with_its_output_read_is_left_alone(addend_shape, read_conv):
+    """FusedConv's sum input does not broadcast, and a convolution read elsewhere must stay."""
+    model = conv_add_model(addend_shape, read_conv)
+    before = model.SerializeToString()
+    assert fuse_conv_add(model) == 0 and model.SerializeToString() == before
+
+
 # --- the command on artifacts ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -433,9 +471,9 @@ def test_an_unproven_graph_is_run_only_when_asked_for(deit_artifact, tmp_path):
     assert artifact.ort_model("optimized") == (outdir / OPTIMIZED_ORT, "optimized")
 
 
-@pytest.mark.parametrize("bundled, passes", [("tome", {"head_mean_key_attention": 12}), ("castling", {"l2_normalization": 36})])
+@pytest.mark.parametrize("bundled, passes", [("tome", {"head_mean_key_attention": 12}), ("castling", {"l2_normalization": 36, "conv_add": 12})])
 def test_optimize_end_to_end_on_bundled_tome_and_castling(tmp_path, bundled, passes):
-    """The keys-shared attention and the L2-normalisation passes on the real exports, fidelity-checked."""
+    """The keys-shared attention, L2-normalisation and conv-with-sum passes on the real exports, fidelity-checked."""
     outdir = tmp_path / bundled
     vitedge.export(REPO / "models" / f"fmnist-{bundled}.safetensors", outdir, validate_data=None, log=quiet)
     result = run_cli("optimize", outdir, "--limit", "64", "--rounds", "3", "--force")

@@ -23,6 +23,8 @@ do on vitedge's graphs is fuse attention. The passes here rewrite patterns found
 - ``attention_with_rows``: a block whose map is read elsewhere only through a few query rows (a
   selection's class-token row) → ``com.microsoft.Attention`` plus those rows recomputed from its
   ``present`` keys: ``Softmax(q_rows kᵀ · s [+ bias])``.
+- ``conv_add``: ``Conv(x, W) + z`` with z of the convolution's output shape (Castling-ViT's
+  y/‖y‖ + dconv(v)) → ``com.microsoft.FusedConv`` with z as its sum input.
 
 They change the rounding, and a token selection can flip on a rounding change, so the
 optimised graph is validated against the reference with the export's own fidelity check
@@ -843,6 +845,43 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
+# --- conv_add ---
+def _dims(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Each tensor's dims as inferred, a symbolic one by its name (a dynamic batch matches itself); a dim
+    shape inference left unknown is None."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            dims[info.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                    for d in info.type.tensor_type.shape.dim)
+    return dims
+
+
+def fuse_conv_add(model: onnx.ModelProto) -> int:
+    """``Conv(x, W [, b]) + z`` with z of the convolution's output shape and the convolution read by
+    nothing else → ``com.microsoft.FusedConv(x, W, b, z)``: the sum is accumulated by the convolution's
+    GEMM, so the separate Add's pass over the tensor goes (Castling-ViT's y/‖y‖ + dconv(v)); returns the count."""
+    dims = _dims(model)
+
+    def rewrite(index: GraphIndex, add: onnx.NodeProto) -> bool:
+        conv = next((index.node(i, "Conv") for i in add.input if index.node(i, "Conv")), None)
+        if conv is None or add.input[0] == add.input[1] or not index.private([conv.output[0]], [add]):
+            return False
+        addend = add.input[1] if add.input[0] == conv.output[0] else add.input[0]
+        shape = dims.get(conv.output[0])
+        if not shape or None in shape or dims.get(addend) != shape:  # FusedConv's sum input does not broadcast
+            return False
+        bias = conv.input[2] if len(conv.input) > 2 else ""
+        attributes = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        node = helper.make_node("FusedConv", [conv.input[0], conv.input[1], bias, addend], [add.output[0]],
+                                name=f"{conv.name or conv.output[0]}_with_sum", domain=MS_DOMAIN, **attributes)
+        _replace(index.graph, [conv, add], add, node)
+        return True
+
+    return _rewrite_each(model, "Add", rewrite, GraphIndex)
+
+
 # The passes in the order they run: the softmax fusion first, so the attention blocks it
 # turns back into a plain softmax can be fused too.
 PASSES = (("regularised_softmax", fuse_regularised_softmax), ("attention", fuse_attention))
@@ -850,6 +889,7 @@ PASSES += (("head_mean_key_attention", fuse_head_mean_key_attention),)
 PASSES += (("shared_qkv_attention", fuse_shared_qkv_attention),)
 PASSES += (("l2_normalization", fuse_l2_normalization),)
 PASSES += (("attention_with_rows", fuse_attention_with_rows),)  # after attention: the blocks it refused
+PASSES += (("conv_add", fuse_conv_add),)
 
 
 def optimize_graph(model: onnx.ModelProto) -> dict[str, int]:

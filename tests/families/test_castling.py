@@ -34,7 +34,8 @@ from vitedge.backbone import ARCHS, ViTConfig, block_flops, dense_flops, resampl
 from vitedge.check import check_model
 from vitedge.errors import VitedgeError
 from vitedge.families import available_families, detect_family, get_family
-from vitedge.families.castling import LinAngularAttention, LinearOnlyAttention, linear_block_flops
+from vitedge.families.castling import (LinAngularAttention, LinearOnlyAttention, linear_angular,
+                                       linear_angular_inference, linear_block_flops, split_heads)
 from vitedge.load import load_model
 from vitedge.rewrite import to_static
 from vitedge.runtime import ort_session, run_batched
@@ -218,6 +219,20 @@ def test_rewrite_is_linear_only_and_equals_the_eval_attention():
     attn.eval()
     with torch.no_grad():
         assert torch.allclose(static(x), attn(x), atol=1e-6)
+
+
+def test_the_doubled_inference_sum_normalises_to_the_same_bits():
+    """2y = v + (2/π)·q̂(k̂ᵀv) in place of y = 0.5·v + (1/π)·q̂(k̂ᵀv): exact, so y/‖y‖ + dconv(v) is bit-identical."""
+    attn, _, x = attention_module(seed=2)
+    with torch.no_grad():
+        q, k, v = split_heads(attn.qkv, x, attn.num_heads)
+        official = linear_angular(q, k, v, attn.dconv)
+        assert torch.equal(linear_angular_inference(q, k, v, attn.dconv), official)
+        # the comparison is sharp enough to fail: a scale of 3 is the same in exact arithmetic, not in floats
+        qn, kn = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+        tripled = 1.5 * v + (3.0 / math.pi) * (qn @ (kn.transpose(-2, -1) @ v))
+        other = tripled / tripled.norm(dim=-1, keepdim=True) + attn.dconv(v)
+        assert torch.allclose(other, official, atol=1e-6) and not torch.equal(other, official)
 
 
 # --- whole models on real images
