@@ -900,20 +900,20 @@ def _scatter_indices(graph: onnx.GraphProto, shapes: dict, destination: str, tag
         graph.initializer.append(numpy_helper.from_array(np.asarray(array), f"{tag}_{name}"))
         return f"{tag}_{name}"
 
-    nodes = [helper.make_node("Unsqueeze", [destination, const("last_axis", np.array([-1], np.int64))], [f"{tag}_rows_at"])]
+    nodes = [helper.make_node("Unsqueeze", [destination, const("last_axis", np.array([-1], np.int64))], [f"{tag}_rows_at"], name=f"{tag}_rows_at")]
     if isinstance(batch, int):
         batch_ids = const("batch_ids", np.repeat(np.arange(batch, dtype=np.int64), merged).reshape(batch, merged, 1))
     else:
         batch_ids = f"{tag}_batch_ids"
-        nodes += [helper.make_node("Shape", [destination], [f"{tag}_dest_shape"]),
-                  helper.make_node("Gather", [f"{tag}_dest_shape", const("zero", np.array(0, np.int64))], [f"{tag}_batch"], axis=0),
+        nodes += [helper.make_node("Shape", [destination], [f"{tag}_dest_shape"], name=f"{tag}_dest_shape"),
+                  helper.make_node("Gather", [f"{tag}_dest_shape", const("zero", np.array(0, np.int64))], [f"{tag}_batch"], name=f"{tag}_batch", axis=0),
                   helper.make_node("Range", [const("start", np.array(0, np.int64)), f"{tag}_batch", const("step", np.array(1, np.int64))],
-                                   [f"{tag}_batch_range"]),
+                                   [f"{tag}_batch_range"], name=f"{tag}_batch_range"),
                   helper.make_node("Reshape", [f"{tag}_batch_range", const("column", np.array([-1, 1, 1], np.int64))],
-                                   [f"{tag}_batch_column"]),
+                                   [f"{tag}_batch_column"], name=f"{tag}_batch_column"),
                   helper.make_node("Expand", [f"{tag}_batch_column", const("per_row", np.array([1, merged, 1], np.int64))],
-                                   [batch_ids])]
-    nodes.append(helper.make_node("Concat", [batch_ids, f"{tag}_rows_at"], [f"{tag}_scatter_index"], axis=-1))
+                                   [batch_ids], name=batch_ids)]
+    nodes.append(helper.make_node("Concat", [batch_ids, f"{tag}_rows_at"], [f"{tag}_scatter_index"], name=f"{tag}_scatter_index", axis=-1))
     return nodes
 
 
