@@ -23,6 +23,9 @@ do on vitedge's graphs is fuse attention. The passes here rewrite patterns found
 - ``attention_with_rows``: a block whose map is read elsewhere only through a few query rows (a
   selection's class-token row) → ``com.microsoft.Attention`` plus those rows recomputed from its
   ``present`` keys: ``Softmax(q_rows kᵀ · s [+ bias])``.
+- ``assignment_scatter_add``: a merge's ``base + onehot(D) @ rows`` (the 0/1 assignment MatMul of
+  ToMe's portable form, D provably in range) → one reducing ``ScatterND``.
+- ``sum_of_squares_l2_normalization``: ``x / sqrt(sum(x * x))`` over the last axis → ``LpNormalization``.
 
 They change the rounding, and a token selection can flip on a rounding change, so the
 optimised graph is validated against the reference with the export's own fidelity check
