@@ -4,6 +4,7 @@ rejects a broken optimised graph, and bad input."""
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import os
@@ -345,6 +346,7 @@ def test_optimize_end_to_end_on_a_bundled_model(deit_artifact, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["written"] and summary["passes"]["attention"] == 12 and summary["top1_agreement"] >= 0.999
+    assert summary["passes"]["assignment_scatter_add"] == 0  # a dense ViT has no merge
     meta = read_json(outdir / "vitedge.json")["optimized"]["ort"]
     assert meta["written"] and meta["fidelity"]["passed"] and meta["timing"]["rounds"] == 3
     report = read_json(outdir / "report.json")
@@ -471,7 +473,9 @@ def test_an_unproven_graph_is_run_only_when_asked_for(deit_artifact, tmp_path):
     assert artifact.ort_model("optimized") == (outdir / OPTIMIZED_ORT, "optimized")
 
 
-@pytest.mark.parametrize("bundled, passes", [("tome", {"head_mean_key_attention": 12}), ("castling", {"l2_normalization": 36, "conv_add": 12})])
+@pytest.mark.parametrize("bundled, passes", [
+    ("tome", {"head_mean_key_attention": 12, "assignment_scatter_add": 12, "sum_of_squares_l2_normalization": 12}),
+    ("castling", {"l2_normalization": 36, "conv_add": 12})])
 def test_optimize_end_to_end_on_bundled_tome_and_castling(tmp_path, bundled, passes):
     """The keys-shared attention, L2-normalisation and conv-with-sum passes on the real exports, fidelity-checked."""
     outdir = tmp_path / bundled
@@ -483,6 +487,9 @@ def test_optimize_end_to_end_on_bundled_tome_and_castling(tmp_path, bundled, pas
     assert {name: count for name, count in summary["passes"].items() if count} == passes
     meta = read_json(outdir / "vitedge.json")["optimized"]["ort"]
     assert meta["fidelity"]["passed"]
+    if bundled == "tome":  # every merge a reducing ScatterND, no assignment matrix left
+        ops = collections.Counter(n.op_type for n in onnx.load(str(outdir / OPTIMIZED_ORT)).graph.node)
+        assert ops["ScatterND"] == 12 and ops["Equal"] == 0
     images = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
     np.testing.assert_allclose(vitedge.predict(outdir, images, graph="optimized"),
                                vitedge.predict(outdir, images, graph="portable"), atol=1e-4)
@@ -572,3 +579,98 @@ def test_optimize_fuses_every_selection_block_of_the_bundled_evit(tmp_path):
     assert meta["written"] and meta["fidelity"]["passed"] and meta["fidelity"]["top1_agreement"] >= 0.999
     model = onnx.load(str(outdir / OPTIMIZED_ORT))
     assert sum(n.op_type == "Attention" for n in model.graph.node) == 12
+
+
+# --- a merge's assignment MatMul as a reducing ScatterND; the sum-of-squares L2 normalisation -----
+
+from vitedge.optimize import fuse_assignment_scatter_add, fuse_sum_of_squares_l2_normalization  # noqa: E402
+
+B_SIDE, MERGED, CHANNELS = 5, 3, 4
+
+
+def assignment_model(batch=1, mutation: str | None = None) -> onnx.ModelProto:
+    """A ToMe-style merge as vitedge's export spells it: each merged token's best b token (TopK 1 over
+    its [MERGED, B_SIDE] scores), the 0/1 assignment ``Cast(Equal(arange(n) as [n, 1], D[:, None]))``
+    and ``base + assignment @ rows``. ``mutation``: a graph where the pattern does not hold:
+    "shifted" (D + 1, not provably below n), "reversed" (the column is no arange), "wider" (TopK over
+    n + 1 tokens: D may be n), "read" (the assignment is read elsewhere)."""
+    n = B_SIDE + (1 if mutation == "wider" else 0)
+    column = np.arange(B_SIDE, dtype=np.int64)[::-1 if mutation == "reversed" else 1].reshape(B_SIDE, 1)
+    inits = [_const("k1", np.array([1], np.int64)), _const("last", np.array([-1], np.int64)),
+             _const("one", np.array([1], np.int64)), _const("column", column), _const("shift", np.array(1, np.int64))]
+    nodes = [helper.make_node("TopK", ["scores", "k1"], ["best", "best_index"], axis=-1),
+             helper.make_node("Squeeze", ["best_index", "last"], ["destination"])]
+    destination = "destination"
+    if mutation == "shifted":
+        nodes.append(helper.make_node("Add", ["destination", "shift"], ["shifted"]))
+        destination = "shifted"
+    nodes += [helper.make_node("Unsqueeze", [destination, "one"], ["destination_row"]),
+              helper.make_node("Equal", ["column", "destination_row"], ["hits"]),
+              helper.make_node("Cast", ["hits"], ["assignment"], to=TensorProto.FLOAT),
+              helper.make_node("MatMul", ["assignment", "rows"], ["added"]),
+              helper.make_node("Add", ["base", "added"], ["merged"])]
+    inputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, MERGED, n]),
+              helper.make_tensor_value_info("rows", TensorProto.FLOAT, [batch, MERGED, CHANNELS]),
+              helper.make_tensor_value_info("base", TensorProto.FLOAT, [batch, B_SIDE, CHANNELS])]
+    outputs = [helper.make_tensor_value_info("merged", TensorProto.FLOAT, [batch, B_SIDE, CHANNELS])]
+    if mutation == "read":
+        outputs.append(helper.make_tensor_value_info("assignment", TensorProto.FLOAT, [batch, B_SIDE, MERGED]))
+    graph = helper.make_graph(nodes, "merge", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def merge_feeds(batch: int) -> dict:
+    rng = np.random.default_rng(5)
+    scores = rng.standard_normal((batch, MERGED, B_SIDE)).astype(np.float32)
+    scores[0, :, 2] = 10.0  # every merged token of image 0 into one b token: the sums must accumulate
+    return {"scores": scores, "rows": rng.standard_normal((batch, MERGED, CHANNELS)).astype(np.float32),
+            "base": rng.standard_normal((batch, B_SIDE, CHANNELS)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("batch", [1, 3, "batch"])
+def test_assignment_matmul_becomes_a_reducing_scatternd(tmp_path, batch):
+    model = assignment_model(batch)
+    feeds = merge_feeds(3 if batch == "batch" else batch)
+    expected = run(model, tmp_path, "plain", feeds)[0]
+    counts = optimize_graph(model)
+    assert counts["assignment_scatter_add"] == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert "ScatterND" in ops and not {"MatMul", "Equal", "Cast"} & set(ops)
+    np.testing.assert_allclose(run(model, tmp_path, "scatter", feeds)[0], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mutation", ["shifted", "reversed", "wider", "read"])
+def test_an_assignment_that_is_not_provably_one_hot_in_range_is_left_alone(mutation):
+    model = assignment_model(mutation=mutation)
+    before = model.SerializeToString()
+    assert fuse_assignment_scatter_add(model) == 0 and model.SerializeToString() == before
+
+
+def sum_of_squares_model(axis: int = -1, read_sum: bool = False) -> onnx.ModelProto:
+    """ToMe's metric normalisation as exported: ``x / Sqrt(ReduceSum(x * x, axis, keepdims=1))``."""
+    nodes = [helper.make_node("Mul", ["x", "x"], ["square"]),
+             helper.make_node("ReduceSum", ["square", "axes"], ["sum"], keepdims=1),
+             helper.make_node("Sqrt", ["sum"], ["norm"]),
+             helper.make_node("Div", ["x", "norm"], ["unit"])]
+    outputs = [helper.make_tensor_value_info("unit", TensorProto.FLOAT, [2, 5, 4])]
+    if read_sum:
+        outputs.append(helper.make_tensor_value_info("sum", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "l2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 4])],
+                              outputs, [_const("axes", np.array([axis], np.int64))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_sum_of_squares_normalisation_becomes_lpnormalization(tmp_path):
+    model = sum_of_squares_model()
+    feeds = {"x": np.random.default_rng(4).standard_normal((2, 5, 4)).astype(np.float32)}
+    expected = run(model, tmp_path, "plain", feeds)[0]
+    assert optimize_graph(model)["sum_of_squares_l2_normalization"] == 1
+    assert [n.op_type for n in model.graph.node] == ["LpNormalization"]
+    np.testing.assert_allclose(run(model, tmp_path, "fused", feeds)[0], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis, read_sum", [(1, False), (-1, True)])
+def test_sum_of_squares_over_another_axis_or_with_its_sum_read_is_left_alone(axis, read_sum):
+    model = sum_of_squares_model(axis, read_sum)
+    before = model.SerializeToString()
+    assert fuse_sum_of_squares_l2_normalization(model) == 0 and model.SerializeToString() == before

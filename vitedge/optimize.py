@@ -25,6 +25,9 @@ do on vitedge's graphs is fuse attention. The passes here rewrite patterns found
   ``present`` keys: ``Softmax(q_rows kᵀ · s [+ bias])``.
 - ``conv_add``: ``Conv(x, W) + z`` with z of the convolution's output shape (Castling-ViT's
   y/‖y‖ + dconv(v)) → ``com.microsoft.FusedConv`` with z as its sum input.
+- ``assignment_scatter_add``: a merge's ``base + onehot(D) @ rows`` (the 0/1 assignment MatMul of
+  ToMe's portable form, D provably in range) → one reducing ``ScatterND``.
+- ``sum_of_squares_l2_normalization``: ``x / sqrt(sum(x * x))`` over the last axis → ``LpNormalization``.
 
 They change the rounding, and a token selection can flip on a rounding change, so the
 optimised graph is validated against the reference with the export's own fidelity check
@@ -882,6 +885,155 @@ def fuse_conv_add(model: onnx.ModelProto) -> int:
     return _rewrite_each(model, "Add", rewrite, GraphIndex)
 
 
+# --- assignment_scatter_add, sum_of_squares_l2_normalization ---
+# ToMe-style merges, written TensorRT-legal in model.onnx: ``base + onehot(D) @ rows`` with the 0/1
+# assignment ``onehot(D)[b, j, m] = (j == D[b, m])`` built by Equal + Cast, and the metric normalised as
+# ``m / sqrt(sum(m * m))``. ONNX Runtime runs both as several small kernels (Equal, Cast, a batched
+# [n, r] x [r, C] product, the Add; Mul, ReduceSum, Sqrt, Div); one reducing scatter and one
+# LpNormalization do the same work.
+
+INDEX_CARRIERS = ("Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity")
+
+
+def _index_bound(index: GraphIndex, shapes: dict, name: str) -> int | None:
+    """An n with 0 <= every value of ``name`` < n for every input, or None: TopK indices along an axis of
+    length n, maybe reshaped or picked from (Gather/GatherElements take values from their data)."""
+    node = index.producer.get(name)
+    while node is not None and node.domain in ("", "ai.onnx") and (
+            node.op_type in INDEX_CARRIERS or (node.op_type in ("Gather", "GatherElements") and name == node.output[0])):
+        name = node.input[0]
+        node = index.producer.get(name)
+    if node is None or node.op_type != "TopK" or node.domain not in ("", "ai.onnx") or len(node.output) < 2 or name != node.output[1]:
+        return None
+    dims = shapes.get(node.input[0])
+    if not dims:
+        return None
+    length = dims[_attr(node, "axis", -1) % len(dims)]
+    return length if isinstance(length, int) and length > 0 else None
+
+
+def _assignment(index: GraphIndex, shapes: dict, name: str):
+    """``name`` = Cast(Equal(arange(n) as [n, 1], Unsqueeze(D [B, r], axis 1))) to float with D provably in
+    [0, n): (D, n, nodes), else None. Then ``name[b, j, m] = (j == D[b, m])``, D's scatter form."""
+    cast = index.node(name, "Cast")
+    equal = index.node(cast.input[0], "Equal") if cast is not None else None
+    if equal is None or _attr(cast, "to") != onnx.TensorProto.FLOAT:
+        return None
+    for position, other in ((equal.input[0], equal.input[1]), (equal.input[1], equal.input[0])):
+        column, unsqueeze = index.value(position), index.node(other, "Unsqueeze")
+        if column is None or unsqueeze is None or column.ndim < 2 or column.shape[-1] != 1 or column.ndim > 3:
+            continue
+        n = column.shape[-2]
+        if column.size != n or not np.array_equal(column.reshape(-1), np.arange(n)) or _axes(index, unsqueeze) != [1]:
+            continue
+        destination = unsqueeze.input[0]
+        if len(shapes.get(destination) or []) != 2 or _index_bound(index, shapes, destination) != n:
+            continue
+        return destination, n, [cast, equal, unsqueeze]
+    return None
+
+
+def _scatter_indices(graph: onnx.GraphProto, shapes: dict, destination: str, tag: str) -> list:
+    """Nodes making ``{tag}_scatter_index`` [B, r, 2] = (b, D[b, m]) from D [B, r]: ScatterND's row addresses.
+    The batch ids are a constant when the batch is fixed, else a Range over D's batch."""
+    batch, merged = shapes[destination]
+
+    def const(name, array):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(array), f"{tag}_{name}"))
+        return f"{tag}_{name}"
+
+    nodes = [helper.make_node("Unsqueeze", [destination, const("last_axis", np.array([-1], np.int64))], [f"{tag}_rows_at"], name=f"{tag}_rows_at")]
+    if isinstance(batch, int):
+        batch_ids = const("batch_ids", np.repeat(np.arange(batch, dtype=np.int64), merged).reshape(batch, merged, 1))
+    else:
+        batch_ids = f"{tag}_batch_ids"
+        nodes += [helper.make_node("Shape", [destination], [f"{tag}_dest_shape"], name=f"{tag}_dest_shape"),
+                  helper.make_node("Gather", [f"{tag}_dest_shape", const("zero", np.array(0, np.int64))], [f"{tag}_batch"], name=f"{tag}_batch", axis=0),
+                  helper.make_node("Range", [const("start", np.array(0, np.int64)), f"{tag}_batch", const("step", np.array(1, np.int64))],
+                                   [f"{tag}_batch_range"], name=f"{tag}_batch_range"),
+                  helper.make_node("Reshape", [f"{tag}_batch_range", const("column", np.array([-1, 1, 1], np.int64))],
+                                   [f"{tag}_batch_column"], name=f"{tag}_batch_column"),
+                  helper.make_node("Expand", [f"{tag}_batch_column", const("per_row", np.array([1, merged, 1], np.int64))],
+                                   [batch_ids], name=batch_ids)]
+    nodes.append(helper.make_node("Concat", [batch_ids, f"{tag}_rows_at"], [f"{tag}_scatter_index"], name=f"{tag}_scatter_index", axis=-1))
+    return nodes
+
+
+def fuse_assignment_scatter_add(model: onnx.ModelProto) -> int:
+    """``base + onehot(D) @ rows`` (the 0/1 assignment MatMul of a merge) → ScatterND(base, (b, D), rows,
+    reduction add); returns the count. Exact up to the order of the sums into each row. ScatterND rather
+    than ScatterElements: ORT's ScatterElements reduces element by element (slower than the MatMul it
+    replaces, measured), ScatterND adds whole rows."""
+    if max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0) < 16:
+        return 0  # ScatterND's reduction attribute: opset 16 on
+    graph, shapes, fused = model.graph, _shapes(model), 0
+    while True:
+        index = GraphIndex.of(graph)
+        for add in [n for n in graph.node if n.op_type == "Add" and n.domain in ("", "ai.onnx")]:
+            match = _assignment_add(index, shapes, add)
+            if match is None:
+                continue
+            base, destination, rows, removed = match
+            tag = add.name or add.output[0]
+            new = _scatter_indices(graph, shapes, destination, tag)
+            new.append(helper.make_node("ScatterND", [base, f"{tag}_scatter_index", rows], [add.output[0]],
+                                        name=f"{tag}_scatter_add", reduction="add"))
+            _replace(graph, removed, add, new)
+            fused += 1
+            break
+        else:
+            return fused
+
+
+def _assignment_add(index: GraphIndex, shapes: dict, add: onnx.NodeProto):
+    """(base, D, rows, nodes to remove) when ``add`` is base [B, n, C] + onehot(D) [B, n, r] @ rows [B, r, C]."""
+    for base, product in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+        matmul = index.node(product, "MatMul")
+        found = _assignment(index, shapes, matmul.input[0]) if matmul is not None else None
+        if found is None:
+            continue
+        destination, n, nodes = found
+        rows = matmul.input[1]
+        base_shape, rows_shape, dest_shape = shapes.get(base), shapes.get(rows), shapes.get(destination)
+        if (not base_shape or not rows_shape or len(base_shape) != 3 or not isinstance(dest_shape[1], int) or len(rows_shape) != 3
+                or base_shape[1] != n or None in (base_shape[2], rows_shape[1]) or base_shape[2] != rows_shape[2]
+                or rows_shape[1] != dest_shape[1] or shapes.get(add.output[0]) != base_shape
+                or not base_shape[0] == rows_shape[0] == dest_shape[0]):
+            continue
+        cast, equal, unsqueeze = nodes
+        removed = [add, matmul, cast, equal]
+        if not index.private([product, cast.output[0], equal.output[0]], removed):
+            continue
+        if index.private([unsqueeze.output[0]], [equal]):
+            removed.append(unsqueeze)
+        return base, destination, rows, removed
+    return None
+
+
+def fuse_sum_of_squares_l2_normalization(model: onnx.ModelProto) -> int:
+    """``x / Sqrt(ReduceSum(x * x, last axis, keepdims))`` → ``LpNormalization(x, p=2)`` where nothing else
+    reads the sum or the norm; returns the count (the form written where ReduceL2 would stop shape inference)."""
+    graph, ranks, fused = model.graph, _ranks(model), 0
+    while True:
+        index = GraphIndex.of(graph)
+        for div in [n for n in graph.node if n.op_type == "Div" and n.domain in ("", "ai.onnx")]:
+            x, norm = div.input
+            sqrt = index.node(norm, "Sqrt")
+            reduce_sum = index.node(sqrt.input[0], "ReduceSum") if sqrt is not None else None
+            square = index.node(reduce_sum.input[0], "Mul") if reduce_sum is not None else None
+            if (square is None or list(square.input) != [x, x] or _attr(reduce_sum, "keepdims", 1) != 1
+                    or not _last_axis(index, ranks, x, _axes(index, reduce_sum))
+                    or not index.private([norm, sqrt.input[0], square.output[0]], [div, sqrt, reduce_sum])):
+                continue
+            node = helper.make_node("LpNormalization", [x], [div.output[0]],
+                                    name=f"{div.name or div.output[0]}_l2_normalization", axis=-1, p=2)
+            _replace(graph, [div, sqrt, reduce_sum, square], div, node)
+            fused += 1
+            break
+        else:
+            return fused
+
+
 # The passes in the order they run: the softmax fusion first, so the attention blocks it
 # turns back into a plain softmax can be fused too.
 PASSES = (("regularised_softmax", fuse_regularised_softmax), ("attention", fuse_attention))
@@ -890,6 +1042,8 @@ PASSES += (("shared_qkv_attention", fuse_shared_qkv_attention),)
 PASSES += (("l2_normalization", fuse_l2_normalization),)
 PASSES += (("attention_with_rows", fuse_attention_with_rows),)  # after attention: the blocks it refused
 PASSES += (("conv_add", fuse_conv_add),)
+PASSES += (("assignment_scatter_add", fuse_assignment_scatter_add),)
+PASSES += (("sum_of_squares_l2_normalization", fuse_sum_of_squares_l2_normalization),)
 
 
 def optimize_graph(model: onnx.ModelProto) -> dict[str, int]:

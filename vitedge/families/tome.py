@@ -244,19 +244,22 @@ def static_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tenso
     if size is None:
         size = torch.ones_like(x[..., :1])
     weighted = torch.cat([x * size, size], dim=-1)  # merge x * size and size in one product
-    wa, wb = weighted[:, a_start::2], weighted[:, b_start::2]
+    wb = weighted[:, b_start::2]
+    # a tokens are gathered from ``weighted`` at their positions: no strided copy of the a side
+    unmerged_at, merged_at = 2 * unmerged + a_start, 2 * merged + a_start
     if merge_with == "scatter":
         index = destination.unsqueeze(-1).expand(-1, -1, channels + 1)
-        wb = wb.scatter_reduce(1, index, gather_tokens(wa, merged), reduce="sum")
+        wb = wb.scatter_reduce(1, index, gather_tokens(weighted, merged_at), reduce="sum")
     else:
         # [B, num_b, r] assignment of the merged tokens to their b tokens
         assign = (torch.arange(num_b, device=x.device).unsqueeze(-1) == destination.unsqueeze(1)).to(x.dtype)
-        wb = wb + assign @ gather_tokens(wa, merged)
-    out = torch.cat([weighted[:, :prefix], gather_tokens(wa, unmerged), wb] if prefix else [gather_tokens(wa, unmerged), wb], dim=1)
+        wb = wb + assign @ gather_tokens(weighted, merged_at)
+    kept = gather_tokens(weighted, unmerged_at)
+    out = torch.cat([weighted[:, :prefix], kept, wb] if prefix else [kept, wb], dim=1)
     size = out[..., channels:]
     kept_a = num_a - r
     positions = [
-        2 * torch.cat([unmerged, merged], dim=1) + a_start,
+        torch.cat([unmerged_at, merged_at], dim=1),
         (2 * torch.arange(num_b, device=x.device) + b_start).expand(batch, -1),
     ]
     new_index = [
