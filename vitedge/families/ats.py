@@ -265,11 +265,11 @@ class ATSViT(VisionTransformer):
 
 
 def static_policy_softmax(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """``policy_softmax`` with the same float results and two cheaper passes over [B, H, N, N].
+    """``policy_softmax`` (the same up to float rounding) with two cheaper passes over [B, H, N, N].
 
     Masked keys get ``MASKED_KEY_BIAS`` added (an Add) instead of ``MASKED_LOGIT`` written (a
     Where): live logits are unchanged (+ 0), and since a masked slot holds a copy of the class
-    token (``StaticATSBlock``), its logit sits 32 below a live one, its weight at most e^-32 of
+    token (``StaticATSBlock``), its logit sits 32 below the class token's, its weight at most e^-32 of
     the class token's: the live keys' probabilities move by at most 2.5e-12. The row max is a
     ReduceMax instead of a TopK of 1: the same values, without ONNX Runtime's TopK kernel.
     """
