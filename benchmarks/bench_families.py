@@ -263,8 +263,8 @@ def run_family(name: str, args, tmp: Path) -> dict:
         paths = {variant: path for variant, path in paths.items() if variant in runners}
         with torch.inference_mode():
             expected = reference(example).numpy()
-        fidelity = {variant: float(np.abs(runner()[0] - expected).max()) for variant, runner in runners.items()
-                    if variant != "dense"}
+        fidelity = {variant: float(np.abs(runner()[0] - expected).max()) for variant, runner in runners.items()  # the family's graphs only
+                    if not variant.startswith("dense")}
         print(f"{name} batch {batch}: timing {len(runners)} variants x {args.rounds} rounds", file=sys.stderr, flush=True)
         load_before = os.getloadavg()[0]
         samples, cpu = interleaved(runners, args.rounds, args.warmup)

@@ -31,7 +31,8 @@ from vitedge.check import check_model
 from vitedge.data import load_dataset
 from vitedge.errors import VitedgeError
 from vitedge.families import detect_family, get_family
-from vitedge.families.ats import MASKED, duplicate_picks, sample_points
+from vitedge.families.ats import (MASKED, MASKED_KEY_BIAS, StaticATSBlock, attention_logits, duplicate_picks,
+                                  sample_points, static_policy_softmax)
 from vitedge.load import load_model
 from vitedge.rewrite import to_static
 from vitedge.runtime import ort_session, run_batched
@@ -298,6 +299,37 @@ def test_with_all_points_on_few_tokens_the_static_form_masks_what_the_reference_
         assert same_sets(ref, st)
 
 
+@pytest.mark.parametrize("settings", [{}, {"num_tokens": 8}])
+def test_masked_slots_are_class_token_copies_whose_key_weight_is_bounded(ats_ckpt, fmnist_batch, settings):
+    """A masked slot leaves its ATS block as a copy of the class token's row, so as a key in the next
+    block its logit is the class token's + MASKED_KEY_BIAS: its weight is at most e^-32 of the class
+    token's (what lets the bias be -32 instead of -1e4, whose exp is denormal in ONNX Runtime)."""
+    loaded = load_model(ats_ckpt, family="ats", num_heads=HEADS, settings=settings)
+    static = to_static(loaded.model, loaded.plan)
+    seen = []
+    blocks = list(static.blocks)
+    hooks = [block.register_forward_hook(lambda module, args, out, i=i: seen.append((i, out)))
+             for i, block in enumerate(blocks) if isinstance(block, StaticATSBlock)]
+    with torch.no_grad():
+        static.forward_tokens(torch.from_numpy(fmnist_batch[0][:64]))
+        masked_total = 0
+        for i, (x, valid, _) in seen:
+            masked = ~valid
+            masked_total += int(masked.sum())
+            copies = x.masked_select(masked[..., None]).reshape(-1, x.shape[2])
+            rows = x[:, :1].expand_as(x).masked_select(masked[..., None]).reshape(-1, x.shape[2])
+            assert torch.equal(copies, rows)
+            if i + 1 < len(blocks):
+                block = blocks[i + 1]
+                logits, _ = attention_logits(block.attn, block.norm1(x))
+                weights = static_policy_softmax(logits, valid)
+                relative = (weights / weights[..., :1]).masked_select(masked[:, None, None, :])
+                assert (relative <= np.exp(MASKED_KEY_BIAS) * (1 + 1e-4)).all()
+    for hook in hooks:
+        hook.remove()
+    assert masked_total > 0  # the case is exercised: some slots were masked
+
+
 # ---------------------------------------------------------------- exported graph
 
 
@@ -308,6 +340,7 @@ def test_exported_graph_passes_check_and_matches_in_onnx_runtime(ats_artifact, a
     ops = {n.op_type for n in proto.graph.node}
     assert not ops & {"NonZero", "Unique", "Loop", "If", "Scan", "Compress"}
     assert {"TopK", "ArgMin", "CumSum"} <= ops
+    assert "Pow" not in ops  # ‖v‖ as v * v summed in v's own layout (static_significance)
     shapes = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
     assert shapes == {"logits": [1, 10], **{f"kept_tokens_{i}": [1, 49] for i in range(3, 12)}}
     report = vitedge.check(ats_artifact)

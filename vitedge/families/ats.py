@@ -23,7 +23,8 @@ tokens remain. vitedge's reference runs each image alone; with K < N it draws K 
 patch tokens keep them.
 
 The static form keeps ``min(K, slots)`` slots per ATS block with a validity mask instead of
-removing duplicates: masked slots are invisible as keys (a −1e4 logit bias, no eps share),
+removing duplicates: masked slots hold copies of the class token and are invisible as keys
+(a −32 logit bias: at most e^-32 of the class token's weight; no eps share),
 excluded from the significance sort, the CDF normalisation and the draw, and every count is
 a constant (TopK, ArgMin, CumSum, Where, Gather; no NonZero/Unique).
 """
@@ -87,6 +88,13 @@ def row_max(x: torch.Tensor, dim: int = -1, largest: bool = True) -> torch.Tenso
 # Logit of a masked key. exp(MASKED_LOGIT - row max) underflows to exactly 0 in float32 (and
 # float16) like -inf would, but a finite constant survives FP16 conversion and shape inference.
 MASKED_LOGIT = -1e4
+# Logit bias of a masked key in the static form, whose masked slots are copies of the class token
+# (a live key): a masked key's logit is the class token's minus 32, so its weight is at most e^-32
+# (1.3e-14) of a live one, and all masked keys together move a probability by at most
+# 196 e^-32 = 2.5e-12, below float32's resolution at 1. MASKED_LOGIT's -1e4 sends the exponent
+# below float32's normal range, where ONNX Runtime's exp kernel takes its slow denormal path
+# (4x the softmax time over those entries, measured); -32 keeps it in range.
+MASKED_KEY_BIAS = -32.0
 
 
 def policy_softmax(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,18 +265,19 @@ class ATSViT(VisionTransformer):
 
 
 def static_policy_softmax(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """``policy_softmax`` with the same float results and two cheaper passes over [B, H, N, N].
+    """``policy_softmax`` (the same up to float rounding) with two cheaper passes over [B, H, N, N].
 
-    Masked keys get ``MASKED_LOGIT`` added (an Add) instead of written (a Where): live logits
-    are unchanged (+ 0) and a masked one still underflows to exactly 0 after the row max is
-    taken off, since the class token's finite logit is in every row. The row max is a
+    Masked keys get ``MASKED_KEY_BIAS`` added (an Add) instead of ``MASKED_LOGIT`` written (a
+    Where): live logits are unchanged (+ 0), and since a masked slot holds a copy of the class
+    token (``StaticATSBlock``), its logit sits 32 below the class token's, its weight at most e^-32 of
+    the class token's: the live keys' probabilities move by at most 2.5e-12. The row max is a
     ReduceMax instead of a TopK of 1: the same values, without ONNX Runtime's TopK kernel.
     """
     if valid is None:
         weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
         return (weights + SOFTMAX_EPS / logits.shape[-1]) / (weights.sum(dim=-1, keepdim=True) + SOFTMAX_EPS)
     keys = valid[:, None, None, :]
-    logits = logits + torch.where(keys, 0.0, MASKED_LOGIT)
+    logits = logits + torch.where(keys, 0.0, MASKED_KEY_BIAS)
     weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
     live = valid.sum(dim=1, dtype=logits.dtype).reshape(-1, 1, 1, 1)
     share = torch.where(keys, SOFTMAX_EPS / live, torch.zeros_like(live))
@@ -288,6 +297,14 @@ class StaticATSPlainBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def static_significance(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``significance`` with ‖v‖ summed in v's own [B, H, N, d] layout (per head, then over the
+    heads) as ``v * v``: no transposed copy of v and a Mul instead of a Pow; the same norm up to
+    float summation order."""
+    v_norm = (v * v).sum(dim=3).sum(dim=1).sqrt()
+    return (attn[:, :, 0].sum(dim=1) * v_norm)[:, 1:]
+
+
 def sample_slots(attn, v, valid, points: int, out_slots: int):
     """Static sampler: for ``out_slots`` patch slots, the input patch slot each takes and whether it is live.
 
@@ -297,7 +314,7 @@ def sample_slots(attn, v, valid, points: int, out_slots: int):
     masked slots. Unique picks come first in ascending order, duplicates after them masked.
     """
     patch_valid = valid[:, 1:]
-    scores = significance(attn, v).masked_fill(~patch_valid, 0.0)
+    scores = static_significance(attn, v).masked_fill(~patch_valid, 0.0)
     total = scores.sum(dim=1, keepdim=True)
     scores = scores / torch.where(total > 0, total, torch.ones_like(total))
     keys = torch.where(patch_valid, scores, torch.full_like(scores, -1.0))
@@ -337,9 +354,13 @@ class StaticATSBlock(nn.Module):
         logits, v = attention_logits(self.attn, self.norm1(x))
         attn = static_policy_softmax(logits, valid)
         slot_index, slot_live = sample_slots(attn, v, valid, self.points, self.out_slots - 1)
-        rows = torch.cat([torch.zeros_like(slot_index[:, :1]), slot_index + 1], dim=1)
+        # a masked slot takes a copy of the class token: a live key, which bounds its weight (static_policy_softmax)
+        rows = torch.cat([torch.zeros_like(slot_index[:, :1]), torch.where(slot_live, slot_index + 1, 0)], dim=1)
         heads_out = (attn @ v).transpose(1, 2).flatten(2)
-        x = gather_tokens(x, rows) + self.attn.proj(gather_tokens(heads_out, rows))
+        if self.out_slots == x.shape[1]:  # every slot stays (K = N): proj and residual on all rows, one gather
+            x = gather_tokens(x + self.attn.proj(heads_out), rows)
+        else:
+            x = gather_tokens(x, rows) + self.attn.proj(gather_tokens(heads_out, rows))
         x = x + self.mlp(self.norm2(x))
         valid = torch.cat([valid[:, :1], slot_live], dim=1)
         positions = torch.where(slot_live, gather_tokens(positions, slot_index), torch.full_like(slot_index, MASKED))
