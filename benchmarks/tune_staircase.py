@@ -87,7 +87,7 @@ def grid(family: str, args) -> tuple[list[dict] | None, str]:
 
 
 def run_family(family: str, args, tmp: Path) -> dict:
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     checkpoint = ROOT / "models" / f"fmnist-{family}.safetensors"
     outdir = tmp / family
     candidates, reduced = grid(family, args)
@@ -126,7 +126,7 @@ def run_family(family: str, args, tmp: Path) -> dict:
     plot = outdir / "staircase.png"
     if not args.quick and plot.is_file():
         shutil.copy(plot, ROOT / "docs" / f"tune_staircase_{family}.png")
-    return {"date": datetime.date.today().isoformat(), "load_average": os.getloadavg()[0], "batch": args.batch,
+    return {"date": datetime.date.today().isoformat(), "load_average": load_before, "batch": args.batch,
             "threads": args.threads, "rounds": args.rounds, "images": summary["data"]["images"], "graph": args.graph,
             "load_average_after": os.getloadavg()[0], "candidates": len(summary["candidates"]),
             "seconds": round(time.perf_counter() - started), "reduced": reduced,

@@ -328,7 +328,10 @@ def add_snapped(family, cfg: ViTConfig, candidates: list[dict], calibrated: list
             move["settings"], move["original"] = after, before
     if log:
         moved = sum(1 for m in record["moves"] if m and m["tokens_after"] != m["tokens_before"])
-        log(f"snapped {moved} of {len(candidates)} candidate(s) to the top of their latency steps")
+        stair = record["staircase"]
+        log(f"snapped {moved} of {len(candidates)} candidate(s) to the top of their latency steps (noise "
+            f"{stair['noise_ms']:.3f} ms, {stair['noise_ms'] / float(np.median(stair['level_ms'])):.1%} of the median level; "
+            f"no snap where it is over {MAX_NOISE:.0%})")
     return out, out_calibrated, record
 
 
