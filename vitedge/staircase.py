@@ -51,7 +51,7 @@ DEFAULT_STEP = 8
 DEFAULT_WINDOW = 16
 DEFAULT_ROUNDS = 20  # interleaved rounds of the staircase (each times every count once)
 GRAPHS = ("auto", "portable", "optimized")  # as profile's --graph: the ORT form of the block stack timed
-VERIFY_ROUNDS = 30  # interleaved rounds (5 runs each) of a snapped graph against its original
+VERIFY_ROUNDS = 60  # interleaved rounds (5 runs each) of a snapped graph against its original: 30 were too few under load
 
 
 @dataclass
