@@ -17,7 +17,8 @@ import vitedge
 from vitedge.backbone import ARCHS
 from vitedge.errors import VitedgeError
 from vitedge.families import get_family
-from vitedge.staircase import Staircase, find_steps, measure, median_stderr, snap, snap_settings, token_counts
+from vitedge.staircase import (Staircase, find_steps, measure, median_stderr, snap, snap_pairs, snap_settings, snap_verdict,
+                               token_counts, verify_snap)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 EVIT = MODELS / "fmnist-evit.safetensors"
@@ -181,6 +182,9 @@ def test_tune_snap_budgets_measures_the_snapped_candidate_beside_the_original(tm
     labels = [c["label"] for c in summary["candidates"]]
     if move["tokens_after"] != move["tokens_before"]:
         assert len(labels) == 2 and summary["candidates"][1]["settings"] == move["settings"]
+        check = move["verification"]  # the snapped graph timed against the original's, reverted when slower
+        assert check["candidates"] == [0, 1] and check["kept"] == (check["ratio_ci95"][0] <= 1.0)
+        assert summary["candidates"][1]["reverted"] == (None if check["kept"] else check["reason"])
     else:
         assert len(labels) == 1
     expected, previous = [], CFG.num_patches + 1
@@ -190,3 +194,75 @@ def test_tune_snap_budgets_measures_the_snapped_candidate_beside_the_original(tm
     assert move["tokens_after"] == expected
     assert "## Latency staircase" in (outdir / "tune.md").read_text()
     assert (outdir / "staircase.png").is_file() and read_json(outdir / "tune.json")["snapping"]["plot"] == "staircase.png"
+
+
+def _matmul_chain(path: Path, depth: int) -> Path:
+    """A graph of ``depth`` [64, 256] x [256, 256] MatMuls: latency grows with depth."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.eye(256, dtype=np.float32) * 0.5, "w")
+    nodes, last = [], "x"
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [last, "w"], [f"h{i}"]))
+        last = f"h{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, [64, 256])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_the_verification_reverts_a_snap_whose_own_graph_is_slower(tmp_path):
+    from vitedge.profile import ort_runner
+
+    light = ort_runner(_matmul_chain(tmp_path / "light.onnx", 1), 64, 1)
+    heavy = ort_runner(_matmul_chain(tmp_path / "heavy.onnx", 16), 64, 1)
+    slower = verify_snap(light, heavy, rounds=10)  # the snapped graph does 16 x the work
+    assert slower["kept"] is False and slower["ratio"] > 2 and slower["ratio_ci95"][0] > 1
+    assert slower["reason"].startswith("reverted, measurably slower:")
+    faster = verify_snap(heavy, light, rounds=10)
+    assert faster["kept"] is True and faster["reason"].startswith("within noise:")
+
+
+def test_snap_verdict_keeps_what_is_within_noise_only():
+    timing = {"reference_ms": 10.0, "optimized_ms": 10.2, "ratio": 1.02, "rounds": 30}
+    assert snap_verdict({**timing, "ratio_ci95": [0.99, 1.05]})["kept"]
+    assert snap_verdict({**timing, "ratio_ci95": [1.0, 1.04]})["kept"]  # reaching 1 is within noise
+    slower = snap_verdict({**timing, "ratio": 1.05, "ratio_ci95": [1.03, 1.07]})
+    assert not slower["kept"] and "1.050 x the original's latency [95 % CI 1.030, 1.070]" in slower["reason"]
+
+
+def test_snap_pairs_find_both_candidates_and_mark_what_cannot_be_timed():
+    a, b, c, d = ({"keep_rate": [k]} for k in (0.7, 0.72, 0.5, 0.52))
+    moves = [{"tokens_before": [35], "tokens_after": [36], "original": a, "settings": b}, None,
+             {"tokens_before": [25], "tokens_after": [26], "original": c, "settings": d},
+             {"tokens_before": [20], "tokens_after": [20], "original": c, "settings": c}]
+    found = snap_pairs([a, b, c, None], moves)  # d failed validation; the unmoved candidate has no pair
+    assert [(first, second) for first, second, _ in found] == [(0, 1), (2, None)]
+
+
+@pytest.mark.parametrize("graph", ["portable", "optimized"])
+def test_the_stack_is_timed_in_the_form_asked_for(graph):
+    curve = measure(CFG, [8, 16], batch=1, threads=1, rounds=3, warmup=0, depth=2, graph=graph)
+    assert curve.graph == graph
+    if graph == "optimized":
+        assert curve.graph_choice["passes"]["attention"] == 2  # one fused attention per block
+    assert all(m > 0 for m in curve.median_ms)
+    auto = measure(CFG, [8, 16], batch=1, threads=1, rounds=3, warmup=0, depth=2, graph="auto")
+    assert auto.graph in ("portable", "optimized") and "ratio" in auto.graph_choice  # decided by timing both
+    with pytest.raises(VitedgeError, match="use --backend ort"):
+        measure(CFG, [8, 16], backend="torch", rounds=3, graph="optimized")
+    with pytest.raises(VitedgeError, match="unknown graph 'fast'"):
+        measure(CFG, [8, 16], rounds=3, graph="fast")
+
+
+def test_profile_tokens_cli_graph_flag(tmp_path):
+    outdir = tmp_path / "stairs"
+    result = run_cli("profile-tokens", EVIT, "-o", outdir, "--tokens", "20:24", "--step", "8", "--rounds", "3",
+                     "--warmup", "0", "--threads", "1", "--graph", "portable")
+    assert result.exit_code == 0, result.output
+    assert read_json(outdir / "staircase.json")["graph"] == "portable" and '"graph": "portable"' in result.stdout
+    for args, message in ((["--graph", "fast"], "Invalid value for '--graph'"),
+                          (["--graph", "optimized", "--backend", "torch"], "use --backend ort")):
+        bad = tmp_path / "bad"
+        assert message in assert_clean_failure(run_cli("profile-tokens", EVIT, "-o", bad, *args), bad)

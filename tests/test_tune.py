@@ -16,7 +16,8 @@ from support import assert_clean_failure, quiet, read_json, run_cli
 import vitedge
 from vitedge.data import load_dataset
 from vitedge.errors import BudgetMissed, VitedgeError
-from vitedge.tune import Candidate, choose, pareto_front
+from vitedge.staircase import snap_pairs
+from vitedge.tune import Candidate, _verify_snaps, choose, pareto_front
 from vitedge.validate import input_spec
 
 EVIT = Path(__file__).resolve().parents[1] / "models" / "fmnist-evit.safetensors"
@@ -47,8 +48,9 @@ def test_every_candidate_is_measured_and_the_most_accurate_wins(tuned):
 
 def test_the_written_artifact_is_the_winner_with_the_measured_accuracy(tuned):
     outdir, summary = tuned
+    optimized = ["model.ort.onnx"] if summary["chosen"]["graph"] == "optimized" else []  # graph auto: where it paid
     assert sorted(p.name for p in outdir.iterdir()) == sorted(
-        ["model.onnx", "vitedge.json", "report.json", "report.md", "tune.json", "tune.md", "tune_pareto.png"])
+        ["model.onnx", "vitedge.json", "report.json", "report.md", "tune.json", "tune.md", "tune_pareto.png", *optimized])
     meta = read_json(outdir / "vitedge.json")
     dataset = load_dataset("fashion-mnist", IMAGES)
     images = np.concatenate([batch for batch, _ in dataset.batches(input_spec(meta), 100)])
@@ -106,6 +108,44 @@ def test_choose_and_pareto_follow_the_measurements():
     tie = _point(1.5, 0.85)
     assert choose([mid, tie]) is tie  # equal accuracy: the faster
     assert choose([slow_best, failed]) is None
+    reverted = _point(0.5, 0.95)
+    reverted.reverted = "reverted, measurably slower: 1.050 x the original's latency"
+    assert choose([mid, reverted]) is mid and pareto_front([mid, reverted]) == [mid]  # never chosen, not on the front
+
+
+def test_a_snap_whose_graph_is_slower_than_its_originals_is_reverted(tmp_path):
+    """Real exports: keep 1.0 posing as the "snapped" form of keep 0.4 is far slower and must be reverted;
+    the other way round it is kept."""
+    outdir = tmp_path / "out"
+    summary = vitedge.tune(EVIT, outdir, 1e6, candidates=[{"keep_rate": 0.4}, {"keep_rate": 1.0}], keep_candidates=True,
+                           **{**FAST, "batch": 16, "graph": "portable"})
+    fields = ("settings", "label", "latency_ms", "accuracy", "meets_budget", "graph")
+    results = [Candidate(**{k: c[k] for k in fields}) for c in summary["candidates"]]
+    few, all_tokens = (c.settings for c in results)
+    moves = [{"tokens_before": [23, 11, 6], "tokens_after": [50, 50, 50], "original": few, "settings": all_tokens}]
+    timing = {"backend": "ort", "batch": 16, "threads": 1}
+    _verify_snaps(results, moves, outdir / "candidates", timing, quiet)
+    check = moves[0]["verification"]
+    assert check["kept"] is False and check["ratio_ci95"][0] > 1 and check["candidates"] == [0, 1]
+    assert results[1].reverted == check["reason"] and results[1].reverted.startswith("reverted, measurably slower")
+    results[1].accuracy = 1.0  # even the most accurate candidate is not chosen once reverted
+    assert choose(results) is results[0]
+    results = [Candidate(**{k: c[k] for k in fields}) for c in summary["candidates"]]
+    moves = [{"tokens_before": [50, 50, 50], "tokens_after": [23, 11, 6], "original": all_tokens, "settings": few}]
+    _verify_snaps(results, moves, outdir / "candidates", timing, quiet)
+    assert moves[0]["verification"]["kept"] is True and results[0].reverted is None
+    assert snap_pairs([few, None], moves)[0][:2] == (None, 0)  # an original that failed validation: nothing to time
+
+
+@pytest.mark.parametrize("graph", ["portable", "optimized"])
+def test_graph_decides_which_ort_graph_is_timed_and_kept(tmp_path, graph):
+    outdir = tmp_path / graph
+    summary = vitedge.tune(EVIT, outdir, 1e6, candidates=[{"keep_rate": 0.5}], graph=graph, **FAST)
+    assert summary["graph"] == graph and summary["chosen"]["graph"] == graph
+    assert (outdir / "model.ort.onnx").is_file() == (graph == "optimized")  # the winner's artifact holds what was timed
+    if graph == "optimized":
+        assert "(model.ort.onnx)" in (outdir / "tune.md").read_text()
+        assert read_json(outdir / "report.json")["optimize"]["ort"]["fidelity"]["passed"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -118,6 +158,8 @@ def test_choose_and_pareto_follow_the_measurements():
     ({"candidates": [{"keep_rate": 1.5}]}, r"keep rate must be in \(0, 1\], got 1.5"),
     ({"candidates": [{"merge_count": 4}]}, "family 'evit' has no setting merge_count"),
     ({"candidates": []}, "no candidates to try"),
+    ({"graph": "fast"}, "unknown graph 'fast'"),
+    ({"graph": "optimized", "backend": "torch"}, "use --backend ort"),
 ])
 def test_bad_arguments_fail_before_anything_is_written(tmp_path, kwargs, message):
     outdir = tmp_path / "out"
@@ -150,6 +192,14 @@ def test_cli(tmp_path):
     assert "no candidate meets p90" in assert_clean_failure(missed, tmp_path / "missed")
     bad = run_cli("tune", EVIT, "-o", tmp_path / "bad", "--latency-budget-ms", "5", "--keep-rates", "0.5,x")
     assert "expected comma-separated numbers" in assert_clean_failure(bad, tmp_path / "bad")
+    for args, message in ((["--graph", "fast"], "Invalid value for '--graph'"),
+                          (["--graph", "optimized", "--backend", "torch"], "use --backend ort")):
+        bad = run_cli("tune", EVIT, "-o", tmp_path / "bad", "--latency-budget-ms", "5", *args)
+        assert message in assert_clean_failure(bad, tmp_path / "bad")
+    portable = run_cli("tune", EVIT, "-o", tmp_path / "portable", "--latency-budget-ms", "1000000", "--keep-rates", "0.7",
+                       "--limit", "50", "--iterations", "2", "--warmup", "0", "--threads", "1", "--graph", "portable")
+    assert portable.exit_code == 0, portable.stderr
+    assert "(portable graph)" in portable.stderr and read_json(tmp_path / "portable" / "tune.json")["graph"] == "portable"
 
 
 # --- A-ViT: candidates whose token budgets are calibrated on other images than the tuning ones ---

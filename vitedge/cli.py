@@ -510,11 +510,15 @@ def predict(outdir, inputs, output_npy, save_input, top, as_json, graph):
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--snap-budgets", is_flag=True,
-              help="Also try each candidate with its token budgets raised to the top of their measured latency step.")
+              help="Also try each candidate with its token budgets raised to the top of their measured latency step; "
+                   "a snap whose graph is measurably slower than the original's is reverted.")
+@click.option("--graph", type=click.Choice(["auto", "portable", "optimized"]), default="auto", show_default=True,
+              help="ONNX Runtime graph timed per candidate: model.ort.onnx where 'vitedge optimize' passes and pays (auto), "
+                   "model.onnx (portable), or model.ort.onnx always (optimized).")
 @setting_options(many=True)
 @friendly
 def tune(checkpoint, outdir, latency_budget_ms, family, arch, calib, backend, data, limit, shuffle_seed, skip_bad_images,
-         batch, statistic, iterations, warmup, threads, snap_budgets, settings, grid):
+         batch, statistic, iterations, warmup, threads, snap_budgets, graph, settings, grid):
     """Export the most accurate token budget of CHECKPOINT that meets a latency budget (exit 4: none does).
 
     Candidates: the family's grid, or every combination of the values its list flags give (see 'vitedge families')."""
@@ -522,7 +526,8 @@ def tune(checkpoint, outdir, latency_budget_ms, family, arch, calib, backend, da
                            candidates=candidate_grid(grid) if grid else None, settings=settings,
                            backend=backend, data=None if data == "default" else data, limit=limit, batch=batch,
                            statistic=statistic, iterations=iterations, warmup=warmup, threads=threads, log=log, calib=calib,
-                           shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images, snap_budgets=snap_budgets)
+                           shuffle_seed=shuffle_seed, skip_bad_images=skip_bad_images, snap_budgets=snap_budgets,
+                           graph=graph)
     chosen = summary["chosen"]
     click.echo(json.dumps({"outdir": outdir, "chosen": chosen["settings"], "accuracy": chosen["accuracy"],
                            f"{statistic}_ms": chosen["latency_ms"], "budget_ms": latency_budget_ms}))
@@ -675,15 +680,18 @@ def _token_range(ctx, param, value):
 @click.option("--rounds", type=int, default=20, show_default=True, help="Interleaved rounds (each times every count once).")
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--graph", type=click.Choice(["auto", "portable", "optimized"]), default="auto", show_default=True,
+              help="ONNX Runtime form of the blocks: with the 'vitedge optimize' passes where they apply and are faster "
+                   "(auto), as exported (portable), or with the passes (optimized).")
 @friendly
 def profile_tokens(checkpoint, outdir, family, arch, num_heads, token_range, step, near, window, snap_tokens, backend, batch,
-                   rounds, warmup, threads):
+                   rounds, warmup, threads, graph):
     """Latency of CHECKPOINT's blocks against the token count: steps found, budgets snapped."""
     low, high = token_range or (None, None)
     result = vitedge.profile_tokens(checkpoint, outdir, family=family, arch=arch, num_heads=num_heads, low=low, high=high, step=step,
                                     near=near, window=window, snap_tokens=snap_tokens, batch=batch, backend=backend,
-                                    threads=threads, rounds=rounds, warmup=warmup, log=log)
-    click.echo(json.dumps({"outdir": outdir, "steps": [[s["first"], s["last"]] for s in result["steps"]],
+                                    threads=threads, rounds=rounds, warmup=warmup, log=log, graph=graph)
+    click.echo(json.dumps({"outdir": outdir, "graph": result["graph"], "steps": [[s["first"], s["last"]] for s in result["steps"]],
                            "snapped": result["snapped"]}))
 
 

@@ -143,6 +143,18 @@ def export_onnx(
     return proto
 
 
+def export_token_stack(module: nn.Module, example: torch.Tensor, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Export a [B, N, C] -> [B, N, C] module (a stack of blocks) with a symbolic token axis N,
+    with the exporter settings of ``export_onnx``, so that it is the graph a model's blocks become
+    (the same ops, the same GELU form, the same patterns for the ONNX Runtime passes)."""
+    tokens = torch.export.Dim("tokens", min=1, max=max(2, example.shape[1]))
+    with _quiet():
+        program = torch.onnx.export(module.eval(), (example,), dynamo=True, opset_version=opset, input_names=["tokens"],
+                                    output_names=["out"], dynamic_shapes=({1: tokens},), external_data=False,
+                                    optimize=True, custom_translation_table=_translations(opset))
+    onnx.save_model(program.model_proto, str(path))
+
+
 def _convert_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Down-convert an (optimised) export with ONNX's version converter, or fail in one line."""
     converted = onnx.ModelProto()

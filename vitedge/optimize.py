@@ -1080,16 +1080,22 @@ def interleaved_timing(reference: Path, candidate: Path, batch: int, threads: in
     inputs = sessions[0].get_inputs()[0]
     shape = [batch, *(d if isinstance(d, int) else size for d in inputs.shape[1:])]
     feed = {inputs.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+    timing = interleaved_ratio([lambda s=s: s.run(None, feed) for s in sessions], rounds, runs)
+    return {**timing, "batch": batch, "threads": threads}
+
+
+def interleaved_ratio(runners: list, rounds: int = 30, runs: int = 5) -> dict:
+    """``interleaved_timing`` for two callables (reference, candidate): any backend's runs."""
     samples: list[list[float]] = [[], []]
-    for session in sessions:  # warm-up
+    for run in runners:  # warm-up
         for _ in range(3):
-            session.run(None, feed)
+            run()
     for round_index in range(rounds):
         order = (0, 1) if round_index % 2 == 0 else (1, 0)
         for which in order:
             start = time.perf_counter()
             for _ in range(runs):
-                sessions[which].run(None, feed)
+                runners[which]()
             samples[which].append((time.perf_counter() - start) * 1000.0 / runs)
     reference_ms, candidate_ms = (float(np.median(s)) for s in samples)
     # 95 % interval of the ratio of medians: rounds resampled with their pairs kept
@@ -1097,7 +1103,7 @@ def interleaved_timing(reference: Path, candidate: Path, batch: int, threads: in
     boot = np.median(np.asarray(samples[1])[picks], axis=1) / np.median(np.asarray(samples[0])[picks], axis=1)
     return {"reference_ms": reference_ms, "optimized_ms": candidate_ms, "ratio": candidate_ms / reference_ms,
             "ratio_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-            "rounds": rounds, "runs_per_round": runs, "batch": batch, "threads": threads}
+            "rounds": rounds, "runs_per_round": runs}
 
 
 def optimize(outdir, data: str | None = "default", limit: int | None = 1000, rounds: int = 30, threads: int = 2,

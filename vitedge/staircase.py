@@ -4,10 +4,14 @@ On real kernels latency is not linear in the token count: GEMM tiling and attent
 make it a staircase (POMT, WACV 2025, measured it on Jetson), so a budget a few tokens lower can
 cost the same and a few tokens higher can be free. What is timed is the backbone's own blocks
 (``depth`` dense ViT blocks of the model's width, random weights: latency does not depend on
-them) at T tokens, for every T asked, on the backend at hand; a family's budgeted blocks run the
-same blocks at its kept counts, so their steps are where the family's latency steps are. Stage
-code never names a family: ``Family.budget_tokens`` says which counts a setting fixes and
-``Family.with_budget_tokens`` turns raised counts back into settings.
+them) at T tokens, for every T asked, on the backend at hand, exported the way a model is (the
+dynamo exporter, ``export.export_token_stack``) and, on ONNX Runtime, in the form that runs: with
+the ``vitedge optimize`` passes where they apply and pay (``graph``). A family's budgeted blocks
+run these blocks at its kept counts, but around them its own selection ops, so a snap is a
+prediction: ``tune`` keeps one only after timing the snapped candidate's own graph against the
+original's in one interleaved run (``verify_snap``: not measurably slower), and reverts it
+otherwise. Stage code never names a family: ``Family.budget_tokens`` says which counts a setting
+fixes and ``Family.with_budget_tokens`` turns raised counts back into settings.
 
 Step rule (stated so it can be checked). Each count's median over the interleaved rounds is
 smoothed by a running median of 5 neighbouring measured counts (within a run of consecutive
@@ -23,6 +27,7 @@ of the latency at t is too noisy to snap at all: t stays.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +49,9 @@ STAIRCASE_JSON = "staircase.json"
 STAIRCASE_PLOT = "staircase.png"
 DEFAULT_STEP = 8
 DEFAULT_WINDOW = 16
+DEFAULT_ROUNDS = 20  # interleaved rounds of the staircase (each times every count once)
+GRAPHS = ("auto", "portable", "optimized")  # as profile's --graph: the ORT form of the block stack timed
+VERIFY_ROUNDS = 60  # interleaved rounds (5 runs each) of a snapped graph against its original: 30 were too few under load
 
 
 @dataclass
@@ -61,6 +69,8 @@ class Staircase:
     level_ms: list[float] = field(default_factory=list)
     noise_ms: float = 0.0
     steps: list[dict] = field(default_factory=list)
+    graph: str = "portable"  # ORT: the block stack as exported, or "optimized" (the vitedge optimize passes)
+    graph_choice: dict = field(default_factory=dict)  # why that form: the passes and, for auto, their timing
 
     def __post_init__(self):
         if not self.level_ms:
@@ -171,7 +181,9 @@ def token_counts(max_tokens: int, near: list[int] = (), window: int = DEFAULT_WI
     return sorted(counts)
 
 
-def _runners(cfg: ViTConfig, counts: list[int], batch: int, threads: int, backend: str, depth: int, tmp: Path) -> dict:
+def _runners(cfg: ViTConfig, counts: list[int], batch: int, threads: int, backend: str, depth: int, tmp: Path,
+             graph: str = "auto", log=None) -> tuple[dict, str, dict]:
+    """One callable per count, the form of the stack timed ("portable"/"optimized") and why."""
     torch.manual_seed(0)
     stack = BlockStack(cfg, depth).eval()
     rng = np.random.default_rng(0)
@@ -185,30 +197,69 @@ def _runners(cfg: ViTConfig, counts: list[int], batch: int, threads: int, backen
                     stack(x)
             return run
         torch.set_num_threads(threads)
-        return {t: make(t) for t in counts}
+        return {t: make(t) for t in counts}, "portable", {}
+    from .export import export_token_stack
     from .runtime import ort_session
 
     path = tmp / "blocks.onnx"
-    example = torch.from_numpy(inputs[counts[-1]])
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(stack, (example,), str(path), dynamo=False, opset_version=17, input_names=["tokens"],
-                          output_names=["out"], dynamic_axes={"tokens": {1: "n"}, "out": {1: "n"}})
+    export_token_stack(stack, torch.from_numpy(inputs[counts[-1]]), path)
+    path, form, choice = _stack_form(path, graph, batch, threads, counts, inputs, log)
     session = ort_session(path, threads)
 
     def make(t):
         feed = {"tokens": inputs[t]}
         return lambda: session.run(None, feed)
-    return {t: make(t) for t in counts}
+    return {t: make(t) for t in counts}, form, choice
+
+
+def _stack_form(path: Path, graph: str, batch: int, threads: int, counts: list[int], inputs: dict, log):
+    """The block stack with the ORT passes (``vitedge optimize``'s) where ``graph`` asks for them:
+    "optimized" always (an error where none applies), "auto" where one applies and the optimised
+    stack is faster at the middle count in one interleaved run; its outputs must match the stack's."""
+    if graph == "portable":
+        return path, "portable", {}
+    import onnx
+
+    from .optimize import interleaved_timing, optimize_graph
+    from .runtime import ort_session
+
+    model = onnx.load(str(path))
+    passes = optimize_graph(model)
+    if not any(passes.values()):
+        if graph == "optimized":
+            raise VitedgeError("no ONNX Runtime pass applies to this model's blocks; use --graph portable or auto")
+        return path, "portable", {"passes": passes, "reason": "no pass applies"}
+    optimized = path.with_name("blocks.ort.onnx")
+    onnx.save_model(model, str(optimized))
+    middle = counts[len(counts) // 2]
+    feed = {"tokens": inputs[middle]}
+    same = np.allclose(ort_session(path, threads).run(None, feed)[0], ort_session(optimized, threads).run(None, feed)[0],
+                       rtol=1e-3, atol=1e-3)
+    if not same:
+        raise VitedgeError("the optimised block stack computes other values than the stack (a bug in vitedge's passes); "
+                           "use --graph portable")
+    choice = {"passes": passes}
+    if graph == "auto":
+        timing = interleaved_timing(path, optimized, batch, threads, rounds=10, size=middle)
+        choice.update({"timed_at_tokens": middle, "ratio": timing["ratio"], "ratio_ci95": timing["ratio_ci95"]})
+        if timing["ratio"] >= 1.0:
+            choice["reason"] = "not faster than the stack as exported"
+            return path, "portable", choice
+        choice["reason"] = "faster than the stack as exported"
+    if log:
+        log(f"block stack: the ORT passes ({', '.join(f'{k} x{v}' for k, v in passes.items() if v)}) apply"
+            + (f", {choice['ratio']:.3f} x the portable stack's latency at {middle} tokens" if "ratio" in choice else ""))
+    return optimized, "optimized", choice
 
 
 def measure(cfg: ViTConfig, counts: list[int], batch: int = 1, backend: str = "ort", threads: int = 2,
-            rounds: int = 20, warmup: int = 2, depth: int | None = None, log=None) -> Staircase:
+            rounds: int = DEFAULT_ROUNDS, warmup: int = 2, depth: int | None = None, log=None, graph: str = "auto") -> Staircase:
     """Interleaved rounds: each round times every count once (order rotated and reversed
-    from round to round); medians and their standard errors per count."""
+    from round to round); medians and their standard errors per count. ``graph`` (ORT): the
+    stack as exported ("portable"), with the ORT passes ("optimized"), or the faster ("auto")."""
     if backend not in BACKENDS:
         raise VitedgeError(f"unknown backend '{backend}'; profile-tokens runs on: {', '.join(BACKENDS)}")
+    check_graph(graph, backend)
     if batch < 1 or threads < 1 or rounds < 3 or warmup < 0:
         raise VitedgeError(f"need batch >= 1, threads >= 1, rounds >= 3 (for a noise estimate), warmup >= 0; "
                            f"got batch {batch}, threads {threads}, rounds {rounds}, warmup {warmup}")
@@ -218,7 +269,7 @@ def measure(cfg: ViTConfig, counts: list[int], batch: int = 1, backend: str = "o
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="vitedge-staircase-") as tmp:
-        runners = _runners(cfg, counts, batch, threads, backend, depth, Path(tmp))
+        runners, form, choice = _runners(cfg, counts, batch, threads, backend, depth, Path(tmp), graph, log)
         if log:
             log(f"timing {depth} blocks at {len(counts)} token counts ({counts[0]}..{counts[-1]}) on {backend}, "
                 f"batch {batch}: {rounds} interleaved rounds")
@@ -236,7 +287,15 @@ def measure(cfg: ViTConfig, counts: list[int], batch: int = 1, backend: str = "o
                 samples[r, i] = (time.perf_counter() - start) * 1000.0
     median, stderr = median_stderr(samples)
     return Staircase(list(counts), [float(v) for v in median], [float(v) for v in stderr], backend, batch, threads,
-                     rounds, depth)
+                     rounds, depth, graph=form, graph_choice=choice)
+
+
+def check_graph(graph: str, backend: str) -> None:
+    """``graph`` is one of GRAPHS, and "optimized" only on ONNX Runtime (the passes are ORT's)."""
+    if graph not in GRAPHS:
+        raise VitedgeError(f"unknown graph '{graph}'; use one of {', '.join(GRAPHS)}")
+    if graph == "optimized" and backend != "ort":
+        raise VitedgeError("--graph optimized is the ONNX Runtime form: use --backend ort")
 
 
 def snap_settings(family, cfg: ViTConfig, settings: dict, staircase: Staircase) -> tuple[dict, dict | None]:
@@ -255,10 +314,10 @@ def snap_settings(family, cfg: ViTConfig, settings: dict, staircase: Staircase) 
 
 
 def add_snapped(family, cfg: ViTConfig, candidates: list[dict], calibrated: list[dict], batch: int, backend: str,
-                threads: int, rounds: int = 20, log=None) -> tuple[list[dict], list[dict], dict]:
+                threads: int, rounds: int = DEFAULT_ROUNDS, log=None, graph: str = "auto") -> tuple[list[dict], list[dict], dict]:
     """``vitedge tune --snap-budgets``: each candidate followed by its snapped form (where that
     differs), so the search measures both and tune.md shows what snapping cost and bought."""
-    snapped, record = snap_candidates(family, cfg, candidates, batch, backend, threads, rounds, log=log)
+    snapped, record = snap_candidates(family, cfg, candidates, batch, backend, threads, rounds, log=log, graph=graph)
     out, out_calibrated = [], []
     for before, after, calib, move in zip(candidates, snapped, calibrated, record["moves"]):
         out.append(before)
@@ -269,35 +328,79 @@ def add_snapped(family, cfg: ViTConfig, candidates: list[dict], calibrated: list
             move["settings"], move["original"] = after, before
     if log:
         moved = sum(1 for m in record["moves"] if m and m["tokens_after"] != m["tokens_before"])
-        log(f"snapped {moved} of {len(candidates)} candidate(s) to the top of their latency steps")
+        stair = record["staircase"]
+        log(f"snapped {moved} of {len(candidates)} candidate(s) to the top of their latency steps (noise "
+            f"{stair['noise_ms']:.3f} ms, {stair['noise_ms'] / float(np.median(stair['level_ms'])):.1%} of the median level; "
+            f"no snap where it is over {MAX_NOISE:.0%})")
     return out, out_calibrated, record
+
+
+def settings_key(settings: dict) -> str:
+    """A candidate's identity: its full settings (labels come from the family's schema)."""
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def snap_pairs(measured: list[dict | None], moves: list[dict | None]) -> list[tuple[int | None, int | None, dict]]:
+    """(index of the original, index of the snapped candidate, move) for every move that changed
+    the counts; ``measured`` holds each candidate's settings, None where it failed validation
+    (its index is then None: that pair cannot be timed)."""
+    where: dict[str, int] = {}
+    for index, settings in enumerate(measured):
+        if settings is not None:
+            where.setdefault(settings_key(settings), index)
+    return [(where.get(settings_key(move["original"])), where.get(settings_key(move["settings"])), move)
+            for move in moves if move and move["tokens_after"] != move["tokens_before"]]
+
+
+def snap_verdict(timing: dict) -> dict:
+    """Keep a snap whose own graph is not measurably slower than its original's (the 95 % interval
+    of snapped / original latency reaches 1: within noise); revert it otherwise, saying why.
+    ``timing``: ``optimize.interleaved_ratio`` with the original as reference."""
+    low, high = timing["ratio_ci95"]
+    kept = bool(low <= 1.0)
+    measured = f"{timing['ratio']:.3f} x the original's latency [95 % CI {low:.3f}, {high:.3f}]"
+    return {"original_ms": timing["reference_ms"], "snapped_ms": timing["optimized_ms"], "ratio": timing["ratio"],
+            "ratio_ci95": [low, high], "rounds": timing["rounds"], "kept": kept,
+            "reason": (f"within noise: {measured}" if kept else f"reverted, measurably slower: {measured}")}
+
+
+def verify_snap(original_run, snapped_run, rounds: int = VERIFY_ROUNDS) -> dict:
+    """Time the original's and the snapped candidate's graphs (callables) in one interleaved run; ``snap_verdict``."""
+    from .optimize import interleaved_ratio
+
+    return snap_verdict(interleaved_ratio([original_run, snapped_run], rounds))
 
 
 def markdown(record: dict, plot_name: str | None) -> str:
     """The tune.md section: the rule, each candidate's counts before and after snapping."""
     stair = record["staircase"]
+    form = " (the ORT-optimised stack)" if stair.get("graph") == "optimized" else ""
     lines = ["", "## Latency staircase", "",
-             f"{stair['blocks']} dense blocks of this width timed at {len(stair['counts'])} token counts "
+             f"{stair['blocks']} dense blocks of this width{form} timed at {len(stair['counts'])} token counts "
              f"({stair['counts'][0]}..{stair['counts'][-1]}) on {stair['backend']}, batch {stair['batch']}, "
              f"{stair['rounds']} interleaved rounds, medians. Rule: {stair['rule']} (se: standard error of the "
              "median from the MAD); a budget moves up to the last count on its step or cheaper, never across an "
-             "unmeasured count. Each snapped candidate is measured beside its original above.", "",
+             "unmeasured count. Each snapped candidate is measured beside its original above, and its own graph "
+             "is timed against the original's in one interleaved run: a snap measurably slower (the 95 % interval "
+             "of the ratio above 1) is reverted, neither chosen nor on the front.", "",
              f"Noise (median standard error of a count's median): {stair['noise_ms']:.4f} ms.", "",
-             "| candidate tokens per step | snapped to | blocks' level ms before → after |", "|---|---|---|"]
+             "| candidate tokens per step | snapped to | blocks' level ms before → after | own graphs: snapped / original |",
+             "|---|---|---|---|"]
     for move in record["moves"]:
         if move is None:
             continue
         after_ms = " ".join("—" if v is None else f"{v:.3f}" for v in move["stack_ms_after"])
         moved = ",".join(map(str, move["tokens_after"])) + (" (too noisy to snap)" if move["too_noisy"] else "")
+        check = move.get("verification") or {}
         lines.append(f"| {','.join(map(str, move['tokens_before']))} | {moved} | "
-                     f"{' '.join(f'{v:.3f}' for v in move['stack_ms_before'])} → {after_ms} |")
+                     f"{' '.join(f'{v:.3f}' for v in move['stack_ms_before'])} → {after_ms} | {check.get('reason', '')} |")
     if plot_name:
         lines += ["", f"![staircase]({plot_name})"]
     return "\n".join(lines) + "\n"
 
 
 def snap_candidates(family, cfg: ViTConfig, candidates: list[dict], batch: int, backend: str, threads: int,
-                    rounds: int = 20, window: int = DEFAULT_WINDOW, log=None) -> tuple[list[dict], dict]:
+                    rounds: int = DEFAULT_ROUNDS, window: int = DEFAULT_WINDOW, log=None, graph: str = "auto") -> tuple[list[dict], dict]:
     """Profile the block stack near every candidate's budgets, snap each; returns the new
     candidates and a record (the staircase, what each candidate's counts became)."""
     wanted = sorted({t for s in candidates for t in (family.budget_tokens(cfg, s) or [])})
@@ -305,7 +408,7 @@ def snap_candidates(family, cfg: ViTConfig, candidates: list[dict], batch: int, 
         raise VitedgeError(f"family '{family.name}' has no token budget to snap in these candidates; "
                            "drop --snap-budgets")
     counts = token_counts(cfg.num_patches + 1, wanted, window)
-    staircase = measure(cfg, counts, batch, backend, threads, rounds, log=log)
+    staircase = measure(cfg, counts, batch, backend, threads, rounds, log=log, graph=graph)
     out, moves = [], []
     for settings in candidates:
         snapped, record = snap_settings(family, cfg, settings, staircase)
@@ -348,7 +451,8 @@ def plot(staircase: dict, path: Path, marks: list[dict] = (), title: str = "") -
                               arrowprops={"arrowstyle": "->", "color": "C3"})
             axes.plot([before], [by_count.get(before, np.nan)], "o", color="C3", markersize=4)
     axes.set_xlabel("tokens per block")
-    axes.set_ylabel(f"{staircase['blocks']} blocks, median ms ({staircase['backend']}, batch {staircase['batch']})")
+    form = ", ORT-optimised" if staircase.get("graph") == "optimized" else ""
+    axes.set_ylabel(f"{staircase['blocks']} blocks, median ms ({staircase['backend']}{form}, batch {staircase['batch']})")
     axes.set_title(title or "latency staircase", fontsize=10)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -362,15 +466,18 @@ def profile_tokens(checkpoint, outdir, family: str | None = None, arch: str | No
                    num_heads: int | None = None, low: int | None = None,
                    high: int | None = None, step: int = DEFAULT_STEP, near: list[int] | None = None,
                    window: int = DEFAULT_WINDOW, snap_tokens: list[int] | None = None, batch: int = 1,
-                   backend: str = "ort", threads: int = 2, rounds: int = 20, warmup: int = 2, log=None) -> dict:
+                   backend: str = "ort", threads: int = 2, rounds: int = DEFAULT_ROUNDS, warmup: int = 2, log=None,
+                   graph: str = "auto") -> dict:
     """Measure the staircase of CHECKPOINT's blocks; OUTDIR gets staircase.json and staircase.png.
 
     ``near`` and ``snap_tokens`` add every count up to ``window`` above them; ``snap_tokens``
     are also snapped (``"snapped": {t: top of t's step}``). By default ``near`` is the budgeted
-    counts of the checkpoint's own settings (``Family.budget_tokens``).
+    counts of the checkpoint's own settings (``Family.budget_tokens``). ``graph`` (ORT): which form of
+    the stack is timed, as in ``measure``; the result's ``graph`` says which one ran.
     """
     from .load import load_model
 
+    check_graph(graph, backend)
     loaded = load_model(checkpoint, family=family, arch=arch, num_heads=num_heads)
     if not loaded.cfg.uniform_width:
         raise VitedgeError("profile-tokens times a stack of equal-width blocks, but this checkpoint's blocks change "
@@ -381,7 +488,7 @@ def profile_tokens(checkpoint, outdir, family: str | None = None, arch: str | No
         near = loaded.family.budget_tokens(loaded.cfg, loaded.settings) or []
         near = [t for t in near if (low or 1) <= t <= (high or top)]
     counts = token_counts(top, near, window, step, low, high)
-    staircase = measure(loaded.cfg, counts, batch, backend, threads, rounds, warmup, log=log)
+    staircase = measure(loaded.cfg, counts, batch, backend, threads, rounds, warmup, log=log, graph=graph)
     result = {"family": loaded.family.name, "checkpoint": str(checkpoint), **staircase.to_dict(),
               "snapped": {str(t): snap(staircase, t) for t in snap_tokens or []}}
     with staged_outdir(Path(outdir)) as stage:

@@ -6,6 +6,9 @@ is exported, proven against its reference on labelled images, and timed on the b
 hand. The winner is the most accurate candidate whose latency statistic meets the budget; the
 whole table, its Pareto front and a plot are written beside it.
 
+On ONNX Runtime each candidate is timed in the form that would run: with ``graph`` "auto"
+``vitedge optimize`` runs on it and model.ort.onnx is timed where it passed and was faster.
+
 Some settings are resolved from data (``Family.calibrated_settings``: A-ViT's budget quantile
 becomes per-block token budgets). Those candidates are calibrated on a calibration set
 (``calibration/*.yaml``) that must not be the images accuracy is ranked on.
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .artifact import Artifact, staged_outdir, write_json_atomic, write_text_atomic
+from .artifact import GRAPHS, Artifact, failed_attempt_dir, staged_outdir, write_json_atomic, write_text_atomic
 from .calibrate import calibration_images, load_calibrated
 from .data import load_dataset
 from .errors import BudgetMissed, ValidationFailed, VitedgeError
@@ -49,6 +52,8 @@ class Candidate:
     meets_budget: bool = False
     pareto: bool = False
     error: str | None = None
+    graph: str | None = None  # ORT: the graph timed, "portable" (model.onnx) or "optimized" (model.ort.onnx)
+    reverted: str | None = None  # a snapped candidate slower than its original: why it is neither chosen nor on the front
     calibrated: dict = field(default_factory=dict)  # settings the calibration images decided (Family.calibrated_settings)
 
 
@@ -56,9 +61,14 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def eligible(candidate: Candidate) -> bool:
+    """Measured, and not a snap that its own timing reverted."""
+    return candidate.error is None and candidate.reverted is None
+
+
 def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
-    """Measured candidates that no other is both faster than (or as fast) and more accurate than."""
-    measured = [c for c in candidates if c.error is None]
+    """Eligible candidates that no other is both faster than (or as fast) and more accurate than."""
+    measured = [c for c in candidates if eligible(c)]
     front = []
     for c in measured:
         dominated = any(
@@ -73,11 +83,11 @@ def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
 
 def choose(candidates: list[Candidate]) -> Candidate | None:
     """The most accurate candidate that meets the budget; the faster one on a tie."""
-    meeting = [c for c in candidates if c.error is None and c.meets_budget]
+    meeting = [c for c in candidates if eligible(c) and c.meets_budget]
     return max(meeting, key=lambda c: (c.accuracy, -c.latency_ms)) if meeting else None
 
 
-def _check_arguments(latency_budget_ms, backend, statistic, batch, limit) -> None:
+def _check_arguments(latency_budget_ms, backend, statistic, batch, limit, graph) -> None:
     if latency_budget_ms is None or latency_budget_ms <= 0:
         raise VitedgeError(f"latency budget must be > 0 ms, got {latency_budget_ms}")
     if backend not in BACKENDS:
@@ -86,6 +96,10 @@ def _check_arguments(latency_budget_ms, backend, statistic, batch, limit) -> Non
         raise VitedgeError(f"unknown latency statistic '{statistic}'; use one of {', '.join(STATISTICS)}")
     if batch < 1:
         raise VitedgeError(f"batch must be >= 1, got {batch}")
+    if graph not in GRAPHS:
+        raise VitedgeError(f"unknown graph '{graph}'; use one of {', '.join(GRAPHS)}")
+    if graph == "optimized" and backend != "ort":
+        raise VitedgeError("--graph optimized times model.ort.onnx on ONNX Runtime: use --backend ort")
     if limit is not None and limit < 1:
         raise VitedgeError(f"image limit must be positive, got {limit}")
 
@@ -114,6 +128,8 @@ def tune(
     skip_bad_images: bool = False,
     snap_budgets: bool = False,
     keep_candidates: bool = False,
+    graph: str = "auto",
+    staircase_rounds: int | None = None,
 ) -> dict:
     """Search the family's token budgets; OUTDIR gets the winning artifact plus tune.json/.md/.png.
 
@@ -128,9 +144,15 @@ def tune(
     latency staircase and adds, after each candidate, the same candidate with its token budgets
     raised to the top of their latency step (vitedge.staircase). ``keep_candidates`` keeps every
     candidate's artifact in OUTDIR/candidates/<i>/ (i: its place in ``candidates`` of the summary),
-    for a benchmark that times the graphs again without exporting them again.
+    for a benchmark that times the graphs again without exporting them again. ``graph`` (ORT): time
+    model.ort.onnx where ``vitedge optimize`` wrote it for the candidate ("auto": it passed the
+    fidelity check on the tuning images and was faster), model.onnx ("portable"), or always the
+    optimised graph ("optimized", written even when not faster); the winner's artifact holds it.
+    With ``snap_budgets``, each snapped candidate's graph is then timed against its original's in
+    one interleaved run, and a snap measurably slower is reverted (``vitedge.staircase.verify_snap``);
+    ``staircase_rounds`` (None: the staircase's default) buys a lower noise on a loaded machine.
     """
-    _check_arguments(latency_budget_ms, backend, statistic, batch, limit)
+    _check_arguments(latency_budget_ms, backend, statistic, batch, limit, graph)
     load_dataset(data, limit, shuffle_seed=shuffle_seed, skip_bad=skip_bad_images)  # checks the source and limit first
     loaded = load_calibrated(checkpoint, family=family, arch=arch, img_size=img_size, num_heads=num_heads,
                              settings=settings, calib=calib, log=log)
@@ -156,10 +178,10 @@ def tune(
     graphs = grid if calibration is not None else resolved  # what each candidate exports, defaults filled in
     snapping = None
     if snap_budgets:
-        from .staircase import add_snapped
+        from .staircase import DEFAULT_ROUNDS, add_snapped
 
         grid, calibrated, snapping = add_snapped(loaded.family, loaded.cfg, graphs, calibrated, batch, backend, threads,
-                                                 log=log)
+                                                 staircase_rounds or DEFAULT_ROUNDS, log=log, graph=graph)
         graphs = grid
         labels = _with_snapped_labels(labels, calibrated)
     grid, labels, calibrated, same_graph = _drop_repeats(grid, labels, graphs, calibrated,
@@ -173,7 +195,7 @@ def tune(
                       "num_heads": loaded.cfg.num_heads, "batch_size": batch, "validate_data": data,
                       "validate_limit": limit, "validate_seed": shuffle_seed, "skip_bad_images": skip_bad_images}
     timing = {"backend": backend, "batch": batch, "iterations": iterations, "warmup": warmup, "threads": threads,
-              "histogram": False}
+              "histogram": False, "graph": graph if backend == "ort" else "auto"}
     results: list[Candidate] = []
     with staged_outdir(Path(outdir)) as stage:
         for index, settings in enumerate(grid):
@@ -182,6 +204,8 @@ def tune(
                                  statistic, latency_budget_ms, f"[{index + 1}/{len(grid)}]", log)
             candidate.calibrated = calibrated[index]
             results.append(candidate)
+        if snapping is not None:
+            _verify_snaps(results, snapping["moves"], stage / "candidates", timing, log)
         for point in pareto_front(results):
             point.pareto = True
         chosen = choose(results)
@@ -197,6 +221,8 @@ def tune(
             shutil.rmtree(stage / "candidates")
         summary = _summary(loaded.family.name, results, chosen, latency_budget_ms, statistic, backend, batch,
                            threads, dataset)
+        if backend == "ort":
+            summary["graph"] = graph
         if calibration is not None:
             summary["calibration"] = calibration
         if same_graph:
@@ -260,6 +286,8 @@ def _measure(checkpoint, folder, settings, label, export_options, timing, statis
     torch.set_num_threads(1)  # an idle multi-thread torch pool spin-waits and slows the timing that follows
     try:
         report = export(checkpoint, folder, settings=settings, log=_quiet, **export_options)
+        if timing["backend"] == "ort" and timing["graph"] != "portable":
+            _optimize(folder, timing, export_options)
     except ValidationFailed as exc:
         candidate.error = str(exc)
         log(f"{step} {candidate.label}: skipped, {exc}")
@@ -272,16 +300,65 @@ def _measure(checkpoint, folder, settings, label, export_options, timing, statis
     candidate.accuracy = report["validate"]["exported_accuracy"]
     candidate.top1_agreement = report["validate"]["top1_agreement"]
     stats = profile(folder, **timing)
+    candidate.graph = stats.get("graph")
     candidate.latency = {k: stats[f"{k}_ms"] for k in STATISTICS}
     candidate.latency_ms = candidate.latency[statistic]
     candidate.meets_budget = candidate.latency_ms <= budget
     log(f"{step} {candidate.label}: FLOPs {candidate.flops_ratio:.3f}, accuracy {candidate.accuracy:.4f}, "
-        f"{statistic} {candidate.latency_ms:.2f} ms {'meets' if candidate.meets_budget else 'misses'} the budget")
+        f"{statistic} {candidate.latency_ms:.2f} ms {'meets' if candidate.meets_budget else 'misses'} the budget"
+        + (f" ({candidate.graph} graph)" if candidate.graph else ""))
     return candidate
 
 
+def _optimize(folder: Path, timing: dict, export_options: dict) -> None:
+    """``vitedge optimize`` on one candidate, its fidelity checked on the tuning images. "auto": a
+    graph that fails the check is not used (model.onnx is timed); "optimized": the candidate fails."""
+    from .optimize import optimize
+
+    try:
+        optimize(folder, export_options["validate_data"], export_options["validate_limit"], threads=timing["threads"],
+                 force=timing["graph"] == "optimized", log=_quiet, shuffle_seed=export_options["validate_seed"],
+                 skip_bad_images=export_options["skip_bad_images"])
+    except ValidationFailed:
+        shutil.rmtree(failed_attempt_dir(folder), ignore_errors=True)
+        if timing["graph"] == "optimized":
+            raise
+
+
+def _runner(folder: Path, candidate: Candidate, timing: dict):
+    """A callable that runs the candidate as it was timed: its ORT graph, or its reference in PyTorch."""
+    from .profile import ort_runner, torch_runner
+
+    artifact = Artifact(folder)
+    meta = artifact.metadata
+    if timing["backend"] == "ort":
+        return ort_runner(artifact.ort_model(candidate.graph or "portable")[0], timing["batch"], timing["threads"],
+                          meta["input"]["shape"][2])
+    from .load import reference_from_metadata
+
+    return torch_runner(reference_from_metadata(meta).model, [timing["batch"], *meta["input"]["shape"][1:]],
+                        timing["threads"])
+
+
+def _verify_snaps(results: list[Candidate], moves: list, folders: Path, timing: dict, log) -> None:
+    """Time each snapped candidate's graph against its original's in one interleaved run; a snap
+    measurably slower is reverted (``Candidate.reverted``). Each move gets its ``verification``."""
+    from .staircase import snap_pairs, verify_snap
+
+    for first, second, move in snap_pairs([c.settings if c.error is None else None for c in results], moves):
+        if first is None or second is None:
+            move["verification"] = {"kept": None, "reason": "not timed: the original or the snapped graph failed validation"}
+            continue
+        runs = [_runner(folders / str(index), results[index], timing) for index in (first, second)]
+        verdict = verify_snap(*runs)
+        move["verification"] = {**verdict, "candidates": [first, second]}
+        if not verdict["kept"]:
+            results[second].reverted = verdict["reason"]
+        log(f"{results[second].label}: {verdict['reason']}")
+
+
 def _missed_message(results, statistic, budget, backend) -> str:
-    measured = [c for c in results if c.error is None]
+    measured = [c for c in results if eligible(c)]
     if not measured:
         return "no candidate passed validation against its reference; see 'vitedge validate' on a single export"
     fastest = min(measured, key=lambda c: c.latency_ms)
@@ -321,8 +398,10 @@ def render_markdown(summary: dict) -> str:
             lines.append(f"| {c['label']} | | | | | failed: {c['error']} | |")
             continue
         chosen = " **chosen**" if c["settings"] == summary["chosen"]["settings"] else ""
-        lines.append(f"| {c['label']}{chosen} | {c['flops_ratio']:.3f} | {c['accuracy']:.4f} | "
-                     f"{c['top1_agreement']:.4f} | {c['latency_ms']:.2f} | {'yes' if c['meets_budget'] else 'no'} | "
+        verdict = f"{c['reverted']}" if c.get("reverted") else ("yes" if c["meets_budget"] else "no")
+        graph = " (model.ort.onnx)" if c.get("graph") == "optimized" else ""
+        lines.append(f"| {c['label']}{chosen}{graph} | {c['flops_ratio']:.3f} | {c['accuracy']:.4f} | "
+                     f"{c['top1_agreement']:.4f} | {c['latency_ms']:.2f} | {verdict} | "
                      f"{'yes' if c['pareto'] else ''} |")
     calibration = summary.get("calibration")
     if calibration:
