@@ -320,20 +320,46 @@ def fmt_ratio(row: dict, variant: str) -> str:
     return f"{r['vs_dense']:.3f} [{r['vs_dense_ci95'][0]:.3f}, {r['vs_dense_ci95'][1]:.3f}]{lint}"
 
 
+RUN_KEYS = ("date", "cpu", "cores", "threads", "onnxruntime", "torch", "load_average_at_start", "warmup", "rounds",
+            "command")
+
+
+def run_record(env: dict) -> dict:
+    """What a family's rows say about the run that measured them: a subset run replaces some rows
+    and keeps the others, which may come from another day or machine."""
+    return {key: env[key] for key in RUN_KEYS}
+
+
+def run_sentence(run: dict) -> str:
+    return (f"{run['date']} on {run['cpu']} ({run['cores']} cores), {run['threads']} threads, ONNX Runtime "
+            f"{run['onnxruntime']} (spin-waiting off), torch {run['torch']}; load average "
+            f"{run['load_average_at_start'][0]} at the start; {run['warmup']} warm-up calls per variant, then "
+            f"{run['rounds']} rounds; `{run['command']}`")
+
+
 def markdown(env: dict, results: dict) -> str:
+    runs = []  # the distinct runs behind the rows, in row order
+    for fam in results.values():
+        if fam["run"] not in runs:
+            runs.append(fam["run"])
+    if len(runs) == 1:
+        measured = [f"Measured {run_sentence(runs[0])}."]
+    else:
+        measured = [f"The rows come from {len(runs)} runs (a subset run replaces its families' rows and keeps the "
+                    "others), marked in the model column:", ""]
+        measured += [f"- run {chr(ord('a') + i)}: {run_sentence(run)}" for i, run in enumerate(runs)]
     lines = [
         BEGIN,
         "## Every family vs both plain exporters",
         "",
-        f"Measured {env['date']} on {env['cpu']} ({env['cores']} cores), {env['threads']} threads, ONNX Runtime "
-        f"{env['onnxruntime']} (spin-waiting off), torch {env['torch']}; load average {env['load_average_at_start'][0]} "
-        f"at the start. Per family and batch, one interleaved run: {env['warmup']} warm-up calls per variant, then "
-        f"{env['rounds']} rounds timing every variant once in a rotating order; medians. Ratios are latency / dense "
-        "latency of the same shape in the same run, with 95 % bootstrap intervals; \"lint fails\": the plain graph "
-        "fails vitedge's TensorRT lint. Random weights, 224 px.",
+        *measured,
         "",
-        f"Reproduce: `{env['command']}` (writes `{env['results_file']}`"
-        + (" only)." if "--quick" in env["command"] else " and this section)."),
+        "Per family and batch, one interleaved run: warm-up calls per variant, then rounds timing every variant once "
+        "in a rotating order; medians. Ratios are latency / dense latency of the same shape in the same run, with "
+        "95 % bootstrap intervals; \"lint fails\": the plain graph fails vitedge's TensorRT lint. Random weights, 224 px.",
+        "",
+        f"Reproduce: `{env['command'] if len(runs) == 1 else 'python benchmarks/bench_families.py'}` (writes "
+        f"`{env['results_file']}`" + (" only)." if "--quick" in env["command"] else " and this section)."),
         "",
         "| batch | model | FLOPs / dense | bound (1.05 x) | plain TorchScript / dense | plain dynamo / dense | "
         "vitedge / dense | vitedge / best plain [95 % CI] | faster than every plain export | "
@@ -342,7 +368,7 @@ def markdown(env: dict, results: dict) -> str:
         "where the gap to dense goes (ms over dense, ORT profiler) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for batch in env["batches"]:
+    for batch in sorted({int(batch) for fam in results.values() for batch in fam["batches"]}):
         for name, fam in results.items():
             row = fam["batches"].get(str(batch))
             if row is None:
@@ -367,8 +393,9 @@ def markdown(env: dict, results: dict) -> str:
                 like = f"{row['fastest_vs_dense_ort']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
             mark = "" if row["within_flops_bound"] else " (over)"
             gaps = ", ".join(f"{op} {ms:.2f}" for op, ms in row.get("gap_ops", [])) or "—"
+            run = f" (run {chr(ord('a') + runs.index(fam['run']))})" if len(runs) > 1 else ""
             lines.append(
-                f"| {batch} | {fam['label']} | {fam['flops_ratio']:.3f} | {row['bound_ratio']:.3f} | "
+                f"| {batch} | {fam['label']}{run} | {fam['flops_ratio']:.3f} | {row['bound_ratio']:.3f} | "
                 f"{fmt_ratio(row, 'torchscript')} | {fmt_ratio(row, 'dynamo')} | {fmt_ratio(row, 'vitedge')}{mark} | "
                 f"{vs_plain} | {faster} | {optimized} | {fastest} | {fastest_faster} | {like} | {gaps} |")
     lines += ["", "What each plain export is, and why one failed:", ""]
@@ -426,7 +453,7 @@ def main(argv=None) -> None:
                           families=args.families, results_file=str(target.relative_to(ROOT)))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vitedge-families-") as tmp:
-        results = {name: run_family(name, args, Path(tmp)) for name in args.families}
+        results = {name: {**run_family(name, args, Path(tmp)), "run": run_record(env)} for name in args.families}
     env["wall_s"] = round(time.perf_counter() - started, 1)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not args.quick and target.exists():  # a subset run replaces its own rows and keeps the others

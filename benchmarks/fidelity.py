@@ -40,17 +40,19 @@ def measure(family: str, limit: int | None) -> dict:
         "tokens_after_selection": [s.get("tokens_after", "?") for s in meta["token_budgets"]["selections"]],
         "flops_ratio": meta["flops"]["ratio"],
         "seconds": round(time.time() - started, 1),
+        "date": datetime.date.today().isoformat(),
         **result,
     }
 
 
 def markdown(rows: list[dict]) -> str:
+    dates = sorted({row["date"] for row in rows})
     lines = [
         "# Fidelity of the bundled models",
         "",
         "Static ONNX graph (ONNX Runtime CPU) against the reference PyTorch model (the paper's eval",
         "semantics), on the Fashion-MNIST test set. Measured by `python benchmarks/fidelity.py` on "
-        f"{datetime.date.today().isoformat()}.",
+        f"{', '.join(dates)} (each row's date: benchmarks/results/fidelity.json).",
         "",
         "| model | settings | tokens after each selection | FLOPs vs dense | images | accuracy (reference) | accuracy (static ONNX) | top-1 agreement | kept-token sets identical (per selection) | every selection identical | max abs logit diff (selections agree / all images) | passed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -72,6 +74,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge_rows(previous: list[dict], rows: list[dict], order: list[str]) -> list[dict]:
+    """``previous`` with each family measured now replaced by its new row, in ``order``.
+
+    A run with ``--models X`` remeasures X; the other models' rows are still true and stay
+    (rewriting the results with X alone would drop them from the file and the docs table)."""
+    merged = {row["family"]: row for row in previous} | {row["family"]: row for row in rows}
+    return [merged[family] for family in order if family in merged] + [
+        row for family, row in merged.items() if family not in order]
+
+
 def keep_hand_written(table: str, path: Path) -> str:
     """``table`` followed by the hand-written part of the current ``path`` (from ``HAND_WRITTEN`` on)."""
     current = path.read_text() if path.is_file() else ""
@@ -84,9 +96,11 @@ def main() -> None:
     bundled = sorted(p.stem.removeprefix("fmnist-") for p in (ROOT / "models").glob("fmnist-*.safetensors"))
     parser.add_argument("--models", nargs="+", default=bundled, help="default: every bundled model")
     args = parser.parse_args()
-    rows = [measure(family, args.limit) for family in args.models]
-    (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "fidelity.json").write_text(json.dumps(rows, indent=2) + "\n")
+    results = ROOT / "benchmarks" / "results" / "fidelity.json"
+    previous = json.loads(results.read_text()) if results.is_file() else []
+    rows = merge_rows(previous, [measure(family, args.limit) for family in args.models], bundled)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(rows, indent=2) + "\n")
     (ROOT / "docs").mkdir(exist_ok=True)
     docs = ROOT / "docs" / "fidelity.md"
     docs.write_text(keep_hand_written(markdown(rows), docs))

@@ -29,6 +29,9 @@ import torch  # noqa: E402
 import vitedge  # noqa: E402
 from vitedge.optimize import optimize  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from fidelity import merge_rows  # noqa: E402
+
 BEGIN = "<!-- BEGIN fidelity_optimized (benchmarks/fidelity_optimized.py writes this table) -->"
 END = "<!-- END fidelity_optimized -->"
 DOC = ROOT / "docs" / "optimize.md"
@@ -39,6 +42,11 @@ def bundled() -> list[str]:
     return sorted(p.name[len("fmnist-"):-len(".safetensors")] for p in (ROOT / "models").glob("fmnist-*.safetensors"))
 
 
+def measured_on(limit: int | None) -> dict:
+    """Each row says when and on how many images it was measured: rows of several runs share the file."""
+    return {"date": datetime.date.today().isoformat(), "limit": limit}
+
+
 def measure(family: str, limit: int | None) -> dict:
     checkpoint = ROOT / "models" / f"fmnist-{family}.safetensors"
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,19 +55,19 @@ def measure(family: str, limit: int | None) -> dict:
         started = time.time()
         if not entry["written"]:  # no pass applies: the ORT graph is model.onnx itself
             return {"family": family, "checkpoint": str(checkpoint.relative_to(ROOT)), "passes": entry["passes"],
-                    "written": False}
+                    "written": False, **measured_on(limit)}
         try:
             result = vitedge.validate(tmp, "fashion-mnist", limit, batch_size=250, graph="optimized")
         except vitedge.ValidationFailed:  # recorded as measured, with the verdict
             result = vitedge.Artifact(tmp).report()["validate_ort"]
     return {"family": family, "checkpoint": str(checkpoint.relative_to(ROOT)), "passes": entry["passes"],
-            "written": True, "seconds": round(time.time() - started, 1), **result}
+            "written": True, **measured_on(limit), "seconds": round(time.time() - started, 1), **result}
 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
         BEGIN,
-        f"Measured by `python benchmarks/fidelity_optimized.py` on {datetime.date.today().isoformat()} "
+        f"Measured by `python benchmarks/fidelity_optimized.py` on {', '.join(sorted({r['date'] for r in rows}))} "
         f"(onnxruntime {__import__('onnxruntime').__version__}): model.ort.onnx against the reference PyTorch model, "
         "with model.onnx's thresholds (top-1 agreement ≥ 99.9 %, kept-token agreement ≥ 99.9 % with near-ties "
         "counted apart, max |logit diff| ≤ 1e-3 where every selection agrees).",
@@ -105,14 +113,14 @@ def main() -> None:
         print(f"{family}: export, optimise, validate", file=sys.stderr, flush=True)
         rows.append(measure(family, args.limit))
         print(f"{family}: {'passed' if rows[-1].get('passed', True) else 'FAILED'}", file=sys.stderr, flush=True)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    rows = merge_rows(previous.get("models", []), rows, bundled())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"date": datetime.date.today().isoformat(), "limit": args.limit, "models": rows},
-                                  indent=2, default=str) + "\n")
-    if args.limit is None and args.models == bundled():
+    RESULTS.write_text(json.dumps({"models": rows}, indent=2, default=str) + "\n")
+    if all(row["limit"] is None for row in rows) and [r["family"] for r in rows] == bundled():
         write_doc(markdown(rows))
     else:
         print(markdown(rows))
-
 
 if __name__ == "__main__":
     main()

@@ -37,9 +37,8 @@ def test_bundled_model_exports_and_validates(family, tmp_path):
 
 
 def test_bundled_ats_exports_with_its_family_thresholds(tmp_path):
-    """ATS's sampling flips a token on float near-ties (1-2 images in 10,000, one of them among the
-    first 256): the family's default thresholds gate on top-1 and allow that, so the plain export
-    of the bundled model passes."""
+    """ATS's sampling flips a token on float near-ties (1-2 images in 10,000): the family's default
+    thresholds gate on top-1 and allow that, so the plain export of the bundled model passes."""
     path = REPO / "models" / "fmnist-ats.safetensors"
     result = run_cli("export", path, "-o", tmp_path / "ats")
     assert result.exit_code == 0, result.output
@@ -47,10 +46,14 @@ def test_bundled_ats_exports_with_its_family_thresholds(tmp_path):
     assert meta["validation"] == {"min_top1_agreement": 0.995, "min_kept_agreement": 0.99, "max_abs_logit_diff": 1e-3}
     report = read_json(tmp_path / "ats" / "report.json")["validate"]
     assert report["passed"] and report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= 1e-4
-    # the near-tie image is among the 256: its first differing draw was an exact tie in the
-    # reference (margin 0), so it is a near-tie at block 3 and every later block, not a disagreement
-    assert 0.99 <= min(report["kept_identical"].values()) < 1.0
     assert set(report["kept_agreement"].values()) == {1.0}
+    # One of the validation images has a draw that is an exact tie in the reference (margin 0): which
+    # side ONNX Runtime lands on depends on the CPU's float kernels (AVX2 or AVX-512). Either every
+    # kept set is identical, or each differing one is that image, counted as a near-tie within its
+    # tolerance from block 3 on, never as a disagreement.
     ties = report["near_ties"]
-    assert ties["kept_tokens_3"]["count"] == 1 and ties["kept_tokens_3"]["largest_margin"] <= ties["kept_tokens_3"]["tolerance"]
-    assert all(t["count"] == t["from_earlier"] == 1 for name, t in ties.items() if name != "kept_tokens_3")
+    for name, identical in report["kept_identical"].items():
+        differing = round((1 - identical) * report["images"])
+        assert differing <= 1
+        if differing:
+            assert ties[name]["count"] == 1 and ties[name]["largest_margin"] <= ties[name]["tolerance"]

@@ -255,15 +255,17 @@ def test_keys_read_other_than_as_a_head_mean_are_not_folded():
     assert fuse_shared_qkv_attention(model) == 1  # MultiHeadAttention still serves it
 
 
-def l2_model(axis: int = -1, read_norm: bool = False) -> onnx.ModelProto:
-    """Castling-ViT's q / ||q||: ``x / ReduceL2(x, axis, keepdims=1)``."""
-    nodes = [helper.make_node("ReduceL2", ["x", "axes"], ["norm"], keepdims=1),
+def l2_model(axis: int = -1, read_norm: bool = False, norm_of: str = "x") -> onnx.ModelProto:
+    """Castling-ViT's q / ||q||: ``x / ReduceL2(norm_of, axis, keepdims=1)``, ``norm_of`` x itself or x + 1."""
+    nodes = [helper.make_node("ReduceL2", [norm_of, "axes"], ["norm"], keepdims=1),
              helper.make_node("Div", ["x", "norm"], ["unit"])]
+    if norm_of == "shifted":
+        nodes.insert(0, helper.make_node("Add", ["x", "one"], ["shifted"]))
     outputs = [helper.make_tensor_value_info("unit", TensorProto.FLOAT, [2, 3, 5, 4])]
     if read_norm:
         outputs.append(helper.make_tensor_value_info("norm", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "l2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 4])],
-                              outputs, [_const("axes", np.array([axis], np.int64))])
+                              outputs, [_const("axes", np.array([axis], np.int64)), _const("one", np.ones(1, np.float32))])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -278,9 +280,10 @@ def test_l2_normalisation_becomes_lpnormalization(tmp_path, axis):
     np.testing.assert_allclose(run(model, tmp_path, "fused", feeds)[0], expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("axis, read_norm", [(2, False), (-1, True)])
-def test_l2_normalisation_over_another_axis_or_with_its_norm_read_is_left_alone(axis, read_norm):
-    model = l2_model(axis, read_norm)
+@pytest.mark.parametrize("axis, read_norm, norm_of", [(2, False, "x"), (-1, True, "x"), (-1, False, "shifted")])
+def test_l2_normalisation_over_another_axis_or_with_its_norm_read_or_of_another_tensor_is_left_alone(
+        axis, read_norm, norm_of):
+    model = l2_model(axis, read_norm, norm_of)
     before = model.SerializeToString()
     assert fuse_l2_normalization(model) == 0 and model.SerializeToString() == before
 

@@ -307,18 +307,18 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
     return shapes
 
 
-def _rewrite_each(model: onnx.ModelProto, op_type: str, rewrite, index_type: type) -> int:
+def _rewrite_each(model: onnx.ModelProto, op_type: str, rewrite, index_type: type, contrib: bool = True) -> int:
     """Call ``rewrite(index, node)`` on the ``op_type`` nodes until none changes the graph; the count.
 
     One rewrite at a time, with the index rebuilt after each: a rewrite rebuilds the node list.
-    Every caller rewrites into ONNX Runtime's contrib ops, whose domain is then declared."""
+    A rewrite into ONNX Runtime's contrib ops (``contrib``) has their domain declared."""
     graph, count = model.graph, 0
     while True:
         index = index_type.of(graph)
         if not any(rewrite(index, node) for node in [n for n in graph.node if n.op_type == op_type and n.domain in ("", "ai.onnx")]):
             break
         count += 1
-    if count and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+    if contrib and count and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return count
 
@@ -648,45 +648,39 @@ def _replace_each(graph: onnx.GraphProto, removed: list[onnx.NodeProto], replace
     graph.node.extend(nodes)
 
 
+def _fuse_l2_normalization(model: onnx.ModelProto, norm_nodes) -> int:
+    """``x / ‖x‖`` over x's last axis → ``LpNormalization(x, axis -1, p 2)``; returns the count.
+
+    ``norm_nodes(index, div)`` gives the nodes that compute the Div's divisor as the norm of its
+    numerator, read by nothing else, the reduction first (its axes and keepdims are checked here), or None."""
+    ranks = _ranks(model)
+
+    def rewrite(index: GraphIndex, div: onnx.NodeProto) -> bool:
+        nodes = norm_nodes(index, div)
+        if nodes is None or _attr(nodes[0], "keepdims", 1) != 1:
+            return False
+        if not _last_axis(index, ranks, div.input[0], _axes(index, nodes[0])):
+            return False
+        node = helper.make_node("LpNormalization", [div.input[0]], [div.output[0]],
+                                name=f"{div.name or div.output[0]}_l2_normalization", axis=-1, p=2)
+        _replace(index.graph, [div, *nodes], div, node)
+        return True
+
+    return _rewrite_each(model, "Div", rewrite, GraphIndex, contrib=False)
+
+
+def _reduce_l2_norm(index: GraphIndex, div: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """[ReduceL2] when the Div's divisor is ReduceL2 of its numerator, read by nothing else."""
+    reduce_l2 = index.node(div.input[1], "ReduceL2")
+    if reduce_l2 is None or reduce_l2.input[0] != div.input[0] or not index.private([div.input[1]], [div]):
+        return None
+    return [reduce_l2]
+
+
 def fuse_l2_normalization(model: onnx.ModelProto) -> int:
     """``x / ReduceL2(x, last axis, keepdims)`` → ``LpNormalization(x, p=2)`` (Castling-ViT's q/‖q‖, k/‖k‖),
     where nothing else reads the norm; returns the count."""
-    graph, ranks, fused = model.graph, _ranks(model), 0
-    while True:  # one at a time: _replace rebuilds the node list, so the index is rebuilt too
-        index = GraphIndex.of(graph)
-        for div in [n for n in graph.node if n.op_type == "Div" and n.domain in ("", "ai.onnx")]:
-            x, norm = div.input
-            reduce_l2 = index.node(norm, "ReduceL2")
-            if (reduce_l2 is None or reduce_l2.input[0] != x or _attr(reduce_l2, "keepdims", 1) != 1
-                    or not _last_axis(index, ranks, x, _axes(index, reduce_l2)) or not index.private([norm], [div])):
-                continue
-            node = helper.make_node("LpNormalization", [x], [div.output[0]],
-                                    name=f"{div.name or div.output[0]}_l2_normalization", axis=-1, p=2)
-            _replace(graph, [div, reduce_l2], div, node)
-            fused += 1
-            break
-        else:
-            return fused
-def _row_read(index: GraphIndex, node: onnx.NodeProto, probs: str, tokens: int) -> list[int] | None:
-    """The query rows (0-based) that ``node`` reads from the [B, H, N, N] map ``probs``, or None when it
-    is no constant Gather/Slice along the query axis."""
-    if node.domain not in ("", "ai.onnx") or not node.input or node.input[0] != probs:
-        return None
-    if node.op_type == "Gather":
-        position = index.value(node.input[1])
-        if _attr(node, "axis", 0) not in (2, -2) or position is None or position.ndim > 1:
-            return None
-        rows = [int(v) for v in np.ravel(position)]
-        return rows if rows and all(-tokens <= r < tokens for r in rows) else None
-    if node.op_type == "Slice" and len(node.input) >= 4:
-        starts, ends, axes = (index.value(node.input[i]) for i in (1, 2, 3))
-        steps = index.value(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1, np.int64)
-        if (any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(axes.ravel()[0]) not in (2, -2)
-                or int(steps.ravel()[0]) == 0):
-            return None
-        rows = list(range(tokens))[int(starts.ravel()[0]):int(ends.ravel()[0]):int(steps.ravel()[0])]
-        return rows or None
-    return None
+    return _fuse_l2_normalization(model, _reduce_l2_norm)
 
 
 def _match_attention_with_rows(index: GraphIndex, softmax: onnx.NodeProto, shapes: dict):
@@ -1010,28 +1004,24 @@ def _assignment_add(index: GraphIndex, shapes: dict, add: onnx.NodeProto):
     return None
 
 
+def _sum_of_squares_norm(index: GraphIndex, div: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """[ReduceSum, Sqrt, Mul] when the Div's divisor is Sqrt(ReduceSum(x · x)) of its numerator x,
+    the intermediates read by nothing else."""
+    x = div.input[0]
+    sqrt = index.node(div.input[1], "Sqrt")
+    reduce_sum = index.node(sqrt.input[0], "ReduceSum") if sqrt is not None else None
+    square = index.node(reduce_sum.input[0], "Mul") if reduce_sum is not None else None
+    if square is None or list(square.input) != [x, x]:
+        return None
+    if not index.private([div.input[1], sqrt.input[0], square.output[0]], [div, sqrt, reduce_sum]):
+        return None
+    return [reduce_sum, sqrt, square]
+
+
 def fuse_sum_of_squares_l2_normalization(model: onnx.ModelProto) -> int:
     """``x / Sqrt(ReduceSum(x * x, last axis, keepdims))`` → ``LpNormalization(x, p=2)`` where nothing else
     reads the sum or the norm; returns the count (the form written where ReduceL2 would stop shape inference)."""
-    graph, ranks, fused = model.graph, _ranks(model), 0
-    while True:
-        index = GraphIndex.of(graph)
-        for div in [n for n in graph.node if n.op_type == "Div" and n.domain in ("", "ai.onnx")]:
-            x, norm = div.input
-            sqrt = index.node(norm, "Sqrt")
-            reduce_sum = index.node(sqrt.input[0], "ReduceSum") if sqrt is not None else None
-            square = index.node(reduce_sum.input[0], "Mul") if reduce_sum is not None else None
-            if (square is None or list(square.input) != [x, x] or _attr(reduce_sum, "keepdims", 1) != 1
-                    or not _last_axis(index, ranks, x, _axes(index, reduce_sum))
-                    or not index.private([norm, sqrt.input[0], square.output[0]], [div, sqrt, reduce_sum])):
-                continue
-            node = helper.make_node("LpNormalization", [x], [div.output[0]],
-                                    name=f"{div.name or div.output[0]}_l2_normalization", axis=-1, p=2)
-            _replace(graph, [div, sqrt, reduce_sum, square], div, node)
-            fused += 1
-            break
-        else:
-            return fused
+    return _fuse_l2_normalization(model, _sum_of_squares_norm)
 
 
 # The passes in the order they run: the softmax fusion first, so the attention blocks it
