@@ -683,6 +683,28 @@ def fuse_l2_normalization(model: onnx.ModelProto) -> int:
     return _fuse_l2_normalization(model, _reduce_l2_norm)
 
 
+def _row_read(index: GraphIndex, node: onnx.NodeProto, probs: str, tokens: int) -> list[int] | None:
+    """The query rows (0-based) that ``node`` reads from the [B, H, N, N] map ``probs``, or None when it
+    is no constant Gather/Slice along the query axis."""
+    if node.domain not in ("", "ai.onnx") or not node.input or node.input[0] != probs:
+        return None
+    if node.op_type == "Gather":
+        position = index.value(node.input[1])
+        if _attr(node, "axis", 0) not in (2, -2) or position is None or position.ndim > 1:
+            return None
+        rows = [int(v) for v in np.ravel(position)]
+        return rows if rows and all(-tokens <= r < tokens for r in rows) else None
+    if node.op_type == "Slice" and len(node.input) >= 4:
+        starts, ends, axes = (index.value(node.input[i]) for i in (1, 2, 3))
+        steps = index.value(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1, np.int64)
+        if (any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(axes.ravel()[0]) not in (2, -2)
+                or int(steps.ravel()[0]) == 0):
+            return None
+        rows = list(range(tokens))[int(starts.ravel()[0]):int(ends.ravel()[0]):int(steps.ravel()[0])]
+        return rows or None
+    return None
+
+
 def _match_attention_with_rows(index: GraphIndex, softmax: onnx.NodeProto, shapes: dict):
     probs = softmax.output[0]
     dims = shapes.get(probs)
