@@ -342,12 +342,13 @@ def markdown(env: dict, results: dict) -> str:
     for fam in results.values():
         if fam["run"] not in runs:
             runs.append(fam["run"])
+    letters = [chr(ord("a") + i) for i in range(len(runs))]
     if len(runs) == 1:
         measured = [f"Measured {run_sentence(runs[0])}."]
     else:
         measured = [f"The rows come from {len(runs)} runs (a subset run replaces its families' rows and keeps the "
                     "others), marked in the model column:", ""]
-        measured += [f"- run {chr(ord('a') + i)}: {run_sentence(run)}" for i, run in enumerate(runs)]
+        measured += [f"- run {letter}: {run_sentence(run)}" for letter, run in zip(letters, runs)]
     lines = [
         BEGIN,
         "## Every family vs both plain exporters",
@@ -393,7 +394,7 @@ def markdown(env: dict, results: dict) -> str:
                 like = f"{row['fastest_vs_dense_ort']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
             mark = "" if row["within_flops_bound"] else " (over)"
             gaps = ", ".join(f"{op} {ms:.2f}" for op, ms in row.get("gap_ops", [])) or "—"
-            run = f" (run {chr(ord('a') + runs.index(fam['run']))})" if len(runs) > 1 else ""
+            run = f" (run {letters[runs.index(fam['run'])]})" if len(runs) > 1 else ""
             lines.append(
                 f"| {batch} | {fam['label']}{run} | {fam['flops_ratio']:.3f} | {row['bound_ratio']:.3f} | "
                 f"{fmt_ratio(row, 'torchscript')} | {fmt_ratio(row, 'dynamo')} | {fmt_ratio(row, 'vitedge')}{mark} | "

@@ -23,6 +23,11 @@ import vitedge  # noqa: E402
 HAND_WRITTEN = "<!-- written by hand below: benchmarks/fidelity.py keeps it -->"
 
 
+def bundled() -> list[str]:
+    """The bundled Fashion-MNIST models by family name, as ``models/fmnist-<family>.safetensors`` names them."""
+    return sorted(p.stem.removeprefix("fmnist-") for p in (ROOT / "models").glob("fmnist-*.safetensors"))
+
+
 def measure(family: str, limit: int | None) -> dict:
     checkpoint = ROOT / "models" / f"fmnist-{family}.safetensors"
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,12 +98,11 @@ def keep_hand_written(table: str, path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--limit", type=int, default=None, help="first N test images (default: all 10,000)")
-    bundled = sorted(p.stem.removeprefix("fmnist-") for p in (ROOT / "models").glob("fmnist-*.safetensors"))
-    parser.add_argument("--models", nargs="+", default=bundled, help="default: every bundled model")
+    parser.add_argument("--models", nargs="+", default=bundled(), help="default: every bundled model")
     args = parser.parse_args()
     results = ROOT / "benchmarks" / "results" / "fidelity.json"
     previous = json.loads(results.read_text()) if results.is_file() else []
-    rows = merge_rows(previous, [measure(family, args.limit) for family in args.models], bundled)
+    rows = merge_rows(previous, [measure(family, args.limit) for family in args.models], bundled())
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(rows, indent=2) + "\n")
     (ROOT / "docs").mkdir(exist_ok=True)

@@ -30,16 +30,12 @@ import vitedge  # noqa: E402
 from vitedge.optimize import optimize  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from fidelity import merge_rows  # noqa: E402
+from fidelity import bundled, merge_rows  # noqa: E402
 
 BEGIN = "<!-- BEGIN fidelity_optimized (benchmarks/fidelity_optimized.py writes this table) -->"
 END = "<!-- END fidelity_optimized -->"
 DOC = ROOT / "docs" / "optimize.md"
 RESULTS = ROOT / "benchmarks" / "results" / "fidelity_optimized.json"
-
-
-def bundled() -> list[str]:
-    return sorted(p.name[len("fmnist-"):-len(".safetensors")] for p in (ROOT / "models").glob("fmnist-*.safetensors"))
 
 
 def measured_on(limit: int | None) -> dict:
@@ -121,6 +117,7 @@ def main() -> None:
         write_doc(markdown(rows))
     else:
         print(markdown(rows))
+
 
 if __name__ == "__main__":
     main()

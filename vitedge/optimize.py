@@ -150,19 +150,18 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
 
 def fuse_regularised_softmax(model: onnx.ModelProto) -> int:
     """``(exp(x - max x) [+ c1]) / (sum exp(x - max x) [+ c2])`` over the last axis → ``Softmax(x)``; returns the count."""
-    graph, ranks, fused = model.graph, _ranks(model), 0
-    while True:
-        index = GraphIndex.of(graph)
-        for div in [n for n in graph.node if n.op_type == "Div" and n.domain in ("", "ai.onnx")]:
-            match = _match_softmax(index, ranks, div)
-            if match:
-                x, removed = match
-                softmax = helper.make_node("Softmax", [x], [div.output[0]], name=f"{div.name or div.output[0]}_fused_softmax", axis=-1)
-                _replace(graph, removed, div, softmax)
-                fused += 1
-                break
-        else:
-            return fused
+    ranks = _ranks(model)
+
+    def rewrite(index: GraphIndex, div: onnx.NodeProto) -> bool:
+        match = _match_softmax(index, ranks, div)
+        if not match:
+            return False
+        x, removed = match
+        softmax = helper.make_node("Softmax", [x], [div.output[0]], name=f"{div.name or div.output[0]}_fused_softmax", axis=-1)
+        _replace(index.graph, removed, div, softmax)
+        return True
+
+    return _rewrite_each(model, "Div", rewrite, GraphIndex, contrib=False)
 
 
 def _tiny_term(index: GraphIndex, ranks: dict, node: onnx.NodeProto, base: str) -> tuple[str, float] | None:
@@ -982,23 +981,21 @@ def fuse_assignment_scatter_add(model: onnx.ModelProto) -> int:
     replaces, measured), ScatterND adds whole rows."""
     if max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0) < 16:
         return 0  # ScatterND's reduction attribute: opset 16 on
-    graph, shapes, fused = model.graph, _shapes(model), 0
-    while True:
-        index = GraphIndex.of(graph)
-        for add in [n for n in graph.node if n.op_type == "Add" and n.domain in ("", "ai.onnx")]:
-            match = _assignment_add(index, shapes, add)
-            if match is None:
-                continue
-            base, destination, rows, removed = match
-            tag = add.name or add.output[0]
-            new = _scatter_indices(graph, shapes, destination, tag)
-            new.append(helper.make_node("ScatterND", [base, f"{tag}_scatter_index", rows], [add.output[0]],
-                                        name=f"{tag}_scatter_add", reduction="add"))
-            _replace(graph, removed, add, new)
-            fused += 1
-            break
-        else:
-            return fused
+    shapes = _shapes(model)
+
+    def rewrite(index: GraphIndex, add: onnx.NodeProto) -> bool:
+        match = _assignment_add(index, shapes, add)
+        if match is None:
+            return False
+        base, destination, rows, removed = match
+        tag = add.name or add.output[0]
+        new = _scatter_indices(index.graph, shapes, destination, tag)
+        new.append(helper.make_node("ScatterND", [base, f"{tag}_scatter_index", rows], [add.output[0]],
+                                    name=f"{tag}_scatter_add", reduction="add"))
+        _replace(index.graph, removed, add, new)
+        return True
+
+    return _rewrite_each(model, "Add", rewrite, GraphIndex, contrib=False)
 
 
 def _assignment_add(index: GraphIndex, shapes: dict, add: onnx.NodeProto):
