@@ -19,8 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vitedge
 from vitedge.artifact import LOCK, OPTIMIZED_ORT
-from vitedge.optimize import (PASSES, fuse_attention, fuse_conv_add, fuse_head_mean_key_attention, fuse_l2_normalization,
-                              fuse_regularised_softmax, fuse_shared_qkv_attention, optimize, optimize_graph)
+from vitedge.optimize import (PASSES, fuse_attention, fuse_attention_key_mask, fuse_conv_add, fuse_head_mean_key_attention,
+                              fuse_l2_normalization, fuse_regularised_softmax, fuse_shared_qkv_attention, optimize,
+                              optimize_graph)
 from vitedge.runtime import ort_session
 
 from support import assert_clean_failure, folder_listing, quiet, read_json, run_cli
@@ -123,6 +124,70 @@ def test_attention_fuses_and_matches_the_unfused_graph(tmp_path, scale_on, unpac
     assert not any(n.op_type == "Softmax" for n in fused.graph.node)
     got = run(fused, tmp_path, "fused", feeds)
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def key_mask_model(condition_rank=2, live_value=0.0, masked_value=-1000.0, masked_input=False) -> onnx.ModelProto:
+    """``attention_model`` with its key bias computed as the static forms write it: ``Where(live, 0, c)``
+    over a [1, N] condition then unsqueezed (A-ViT), or over a [1, 1, 1, N] one (ATS); ``masked_input``
+    makes c a graph input, whose value the pass cannot know."""
+    model = attention_model(key_bias=True)
+    graph = model.graph
+    del graph.input[1]  # key_bias: computed below
+    shape = [1, TOKENS] if condition_rank == 2 else [1, 1, 1, TOKENS]
+    graph.input.append(helper.make_tensor_value_info("live", TensorProto.BOOL, shape))
+    graph.initializer.extend([_const("live_value", np.array(live_value, np.float32)),
+                              _const("bias_axes", np.array([1, 2], np.int64))])
+    if masked_input:
+        graph.input.append(helper.make_tensor_value_info("masked_value", TensorProto.FLOAT, []))
+    else:
+        graph.initializer.append(_const("masked_value", np.array(masked_value, np.float32)))
+    where_out = "per_key" if condition_rank == 2 else "key_bias"
+    nodes = [helper.make_node("Where", ["live", "live_value", "masked_value"], [where_out])]
+    if condition_rank == 2:
+        nodes.append(helper.make_node("Unsqueeze", ["per_key", "bias_axes"], ["key_bias"]))
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + rest)
+    return model
+
+
+def key_mask_feeds(model: onnx.ModelProto) -> dict:
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, TOKENS, WIDTH)).astype(np.float32)}
+    live = np.ones(TOKENS, bool)
+    live[[2, 4]] = False  # two halted keys
+    feeds["live"] = live.reshape([d.dim_value for d in model.graph.input[1].type.tensor_type.shape.dim])
+    if any(i.name == "masked_value" for i in model.graph.input):
+        feeds["masked_value"] = np.array(-1000.0, np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("condition_rank, masked_value", [(2, -1000.0), (4, -32.0), (2, -3.0)])
+def test_a_per_key_where_bias_becomes_the_attention_key_mask_bit_identically(tmp_path, condition_rank, masked_value):
+    model = key_mask_model(condition_rank, masked_value=masked_value)
+    feeds = key_mask_feeds(model)
+    unfused = run(model, tmp_path, "plain", feeds)[0]
+    with_bias = onnx.ModelProto()
+    with_bias.CopyFrom(model)
+    assert fuse_attention(with_bias) == 1
+    expected = run(with_bias, tmp_path, "bias", feeds)[0]
+    counts = optimize_graph(model)
+    assert counts["attention"] == 1 and counts["attention_key_mask"] == 1
+    (attention,) = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert attention.input[3].endswith("_key_mask") and len(attention.input) == 4  # no [B, 1, N, N] bias input
+    assert helper.get_attribute_value(next(a for a in attention.attribute if a.name == "mask_filter_value")) == masked_value
+    assert not any(n.op_type in ("Expand", "Where") for n in model.graph.node)
+    got = run(model, tmp_path, "mask", feeds)[0]
+    np.testing.assert_array_equal(got, expected)  # the same logits plus the same c: the same floats
+    np.testing.assert_allclose(got, unfused, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [{"live_value": 0.5}, {"masked_input": True}, {"masked_value": 2.0}])
+def test_a_bias_that_is_not_zero_or_a_known_negative_per_key_is_left_as_a_bias(variant):
+    model = key_mask_model(**variant)
+    assert fuse_attention(model) == 1
+    before = model.SerializeToString()
+    assert fuse_attention_key_mask(model) == 0
+    assert model.SerializeToString() == before
 
 
 @pytest.mark.parametrize("reader", ["read_probs", "read_keys"])

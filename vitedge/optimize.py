@@ -306,15 +306,18 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
     return shapes
 
 
-def _rewrite_each(model: onnx.ModelProto, op_type: str, rewrite, index_type: type, contrib: bool = True) -> int:
-    """Call ``rewrite(index, node)`` on the ``op_type`` nodes until none changes the graph; the count.
+def _rewrite_each(model: onnx.ModelProto, op_type: str, rewrite, index_type: type, contrib: bool = True,
+                  domain: str = "") -> int:
+    """Call ``rewrite(index, node)`` on the ``op_type`` nodes of ``domain`` (default ONNX's) until none
+    changes the graph; the count.
 
     One rewrite at a time, with the index rebuilt after each: a rewrite rebuilds the node list.
     A rewrite into ONNX Runtime's contrib ops (``contrib``) has their domain declared."""
     graph, count = model.graph, 0
+    domains = ("", "ai.onnx") if domain in ("", "ai.onnx") else (domain,)
     while True:
         index = index_type.of(graph)
-        if not any(rewrite(index, node) for node in [n for n in graph.node if n.op_type == op_type and n.domain in ("", "ai.onnx")]):
+        if not any(rewrite(index, node) for node in [n for n in graph.node if n.op_type == op_type and n.domain in domains]):
             break
         count += 1
     if contrib and count and not any(o.domain == MS_DOMAIN for o in model.opset_import):
@@ -1045,11 +1048,68 @@ def fuse_sum_of_squares_l2_normalization(model: onnx.ModelProto) -> int:
 
 # The passes in the order they run: the softmax fusion first, so the attention blocks it
 # turns back into a plain softmax can be fused too.
+def _key_mask(index: GraphIndex, dims: dict, bias: str, batch, tokens: int) -> tuple[str, float] | None:
+    """(condition [B, N] or [B, 1, 1, N], value) when the attention bias ``bias`` is ``Where(condition, 0,
+    value)`` over the keys, seen through the Expand over query rows and any Unsqueeze / Reshape."""
+    expand = index.node(bias, "Expand")
+    if expand is not None:
+        bias = expand.input[0]
+    while index.node(bias, "Unsqueeze") or index.node(bias, "Reshape"):
+        bias = index.producer[bias].input[0]
+    where = index.node(bias, "Where")
+    if where is None or dims.get(where.output[0]) not in ((batch, tokens), (batch, 1, 1, tokens)):
+        return None
+    condition, zero, value = where.input
+    zeros, filler = index.value(zero), index.value(value)
+    if zeros is None or zeros.any() or filler is None or filler.size != 1 or not float(filler.ravel()[0]) < 0:
+        return None
+    if dims.get(condition) not in ((batch, tokens), (batch, 1, 1, tokens)):
+        return None  # a condition that broadcasts over the batch is no per-image key mask
+    return condition, float(filler.ravel()[0])
+
+
+def fuse_attention_key_mask(model: onnx.ModelProto) -> int:
+    """A fused Attention whose bias is a per-key ``Where(live, 0, c)`` (A-ViT's halted keys at -1000, ATS's
+    masked slots at -32) → the same Attention with ``mask_index = live`` as int32 [B, N] and
+    ``mask_filter_value = c``; returns the count. ONNX Runtime adds the same c to the same logits (the
+    outputs are bit-identical), without the [B, 1, N, N] bias that each block expanded and read."""
+    dims = _dims(model)
+
+    def rewrite(index: GraphIndex, attention: onnx.NodeProto) -> bool:
+        inputs = list(attention.input) + [""] * (6 - len(attention.input))
+        x_dims = dims.get(inputs[0])
+        if not inputs[5] or any(inputs[3:5]) or not x_dims or len(x_dims) != 3 or None in x_dims:
+            return False
+        batch, tokens = x_dims[0], x_dims[1]
+        found = _key_mask(index, dims, inputs[5], batch, tokens)
+        if found is None:
+            return False
+        condition, value = found
+        mask = f"{condition}_key_mask"
+        extra = []
+        if mask not in index.producer:
+            flat = condition
+            if len(dims[condition]) == 4:
+                flat, shape = f"{condition}_keys", f"{condition}_keys_shape"
+                if shape not in index.constants:
+                    index.graph.initializer.append(numpy_helper.from_array(np.array([-1, tokens], np.int64), shape))
+                extra.append(helper.make_node("Reshape", [condition, shape], [flat], name=f"{flat}_view"))
+            extra.append(helper.make_node("Cast", [flat], [mask], name=f"{mask}_cast", to=onnx.TensorProto.INT32))
+        attributes = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
+        node = helper.make_node("Attention", [*inputs[:3], mask], list(attention.output), name=attention.name,
+                                domain=MS_DOMAIN, **{**attributes, "mask_filter_value": value})
+        _replace(index.graph, [attention], attention, [*extra, node])
+        return True
+
+    return _rewrite_each(model, "Attention", rewrite, GraphIndex, contrib=False, domain=MS_DOMAIN)
+
+
 PASSES = (("regularised_softmax", fuse_regularised_softmax), ("attention", fuse_attention))
 PASSES += (("head_mean_key_attention", fuse_head_mean_key_attention),)
 PASSES += (("shared_qkv_attention", fuse_shared_qkv_attention),)
 PASSES += (("l2_normalization", fuse_l2_normalization),)
 PASSES += (("attention_with_rows", fuse_attention_with_rows),)  # after attention: the blocks it refused
+PASSES += (("attention_key_mask", fuse_attention_key_mask),)  # after every pass that writes an Attention
 PASSES += (("conv_add", fuse_conv_add),)
 PASSES += (("assignment_scatter_add", fuse_assignment_scatter_add),)
 PASSES += (("sum_of_squares_l2_normalization", fuse_sum_of_squares_l2_normalization),)
