@@ -6,8 +6,8 @@ range, where x86 multiplies take microcode assists. ``vitedge.runtime.ort_sessio
 dense DeiT of the same shape, all after vitedge's ONNX Runtime passes (model.ort.onnx).
 
 Random weights halt no token (every key bias is 0, so nothing is masked), so A-ViT's gate centre
-is bisected as in bench_families (bench_families.halting_gate_center: a mean token depth of 78 %,
-A-ViT-S's 3.6 of DeiT-S's 4.6 GFLOPs); halted keys then carry the -1000 bias.
+is set as in bench_families (bench_families.row_overrides: a mean token depth of 78 %, A-ViT-S's
+3.6 of DeiT-S's 4.6 GFLOPs); halted keys then carry the -1000 bias.
 
 One interleaved run (bench_token_pruning's harness) of every graph twice: ``<graph>`` with the
 switch on and ``<graph>/denormals`` with it off. ONNX Runtime sets the calling thread's mode only
@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
 
-from bench_families import ROWS, halting_gate_center  # noqa: E402
+from bench_families import ROWS, row_overrides  # noqa: E402
 from bench_token_pruning import interleaved, quiet, ratio_ci, run_environment, summary, write_doc_section  # noqa: E402
 from vitedge.backbone import ARCHS  # noqa: E402
 from vitedge.export import export_onnx  # noqa: E402
@@ -84,11 +84,7 @@ def measure(families: list[str], batch: int, args, tmp: Path) -> dict:
     settings = {}
     for name in families:
         arch, overrides, _ = ROWS[name]
-        if name == "avit":
-            center, depth = halting_gate_center(ARCHS[arch], images)
-            overrides = {**overrides, "gate_center": center}
-            settings[name] = {"gate_center": round(center, 4), "mean_token_depth": round(depth, 4)}
-            print(f"batch {batch}: A-ViT gate centre {center:.3f}, mean token depth {depth:.3f}", file=sys.stderr)
+        overrides, settings[name] = row_overrides(name, ARCHS[arch], overrides)
         graphs[name] = ort_graph(name, arch, overrides, batch, tmp / f"{name}-b{batch}.onnx")
     runners = {}
     for name, path in graphs.items():

@@ -126,6 +126,21 @@ def halting_gate_center(cfg, images: np.ndarray, target: float = TARGET_DEPTH, s
     return center, token_depth(cfg, {"gate_center": center}, images)
 
 
+def row_overrides(name: str, cfg, overrides: dict) -> tuple[dict, dict]:
+    """A row's settings with what random weights need to exercise the family, and a record of that.
+
+    A-ViT's gate is set so that tokens halt (``halting_gate_center`` on 8 fixed random images):
+    random weights halt none, which would leave its masking idle."""
+    if name != "avit":
+        return overrides, {}
+    calibration = np.random.default_rng(0).standard_normal((8, cfg.in_chans, cfg.img_size, cfg.img_size),
+                                                           dtype=np.float32)
+    center, depth = halting_gate_center(cfg, calibration)
+    print(f"avit: gate centre {center:.3f} (mean token depth {depth:.3f})", file=sys.stderr, flush=True)
+    return {**overrides, "gate_center": center}, {"halting_gate_center": round(center, 4),
+                                                   "mean_token_depth": round(depth, 4)}
+
+
 RESULTS = ROOT / "benchmarks" / "results" / "families.json"
 QUICK_RESULTS = ROOT / "benchmarks" / "results" / "families_quick.json"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -247,14 +262,7 @@ def run_family(name: str, args, tmp: Path) -> dict:
     arch, overrides, label = ROWS[name]
     cfg = ARCHS[args.arch or arch]
     family, dense_family = get_family(name), get_family("deit")
-    halting = {}
-    if name == "avit":  # random weights halt nothing: set the gate so that the masking has work (halting_gate_center)
-        calibration = np.random.default_rng(0).standard_normal((8, cfg.in_chans, cfg.img_size, cfg.img_size),
-                                                               dtype=np.float32)
-        center, depth = halting_gate_center(cfg, calibration)
-        overrides = {**overrides, "gate_center": center}
-        halting = {"halting_gate_center": round(center, 4), "mean_token_depth": round(depth, 4)}
-        print(f"avit: gate centre {center:.3f} (mean token depth {depth:.3f})", file=sys.stderr, flush=True)
+    overrides, halting = row_overrides(name, cfg, overrides)
     settings = family.resolve_settings(cfg, overrides)
     plan = family.token_plan(cfg, settings)
     torch.manual_seed(0)

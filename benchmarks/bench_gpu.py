@@ -16,7 +16,8 @@ and kernel-launch cost that batch 1 is made of; medians over ``--rounds`` rounds
 order, 95 % bootstrap intervals of the ratios (rounds resampled, pairs kept). Accuracy beside
 every speedup: top-1 agreement and the largest logit difference of each variant against the
 official model in fp32 on the same ``--agreement-images`` random images (random weights: no
-labels, so agreement is the accuracy that can move).
+labels, so agreement is the accuracy that can move). A-ViT's gate is set so that its tokens halt
+(bench_families.row_overrides), as in the CPU table.
 
 It never runs in CI. On a lent GPU machine (the device tool), from the repository root:
 
@@ -45,7 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_families import ROWS, official_model  # noqa: E402
+from bench_families import ROWS, official_model, row_overrides  # noqa: E402
 from bench_token_pruning import ratio_ci, write_doc_section  # noqa: E402
 from vitedge.backbone import ARCHS  # noqa: E402
 from vitedge.families import get_family  # noqa: E402
@@ -127,6 +128,7 @@ def run_family(name: str, args, device: torch.device) -> dict:
     arch, overrides, label = ROWS[name] if name != "deit" else ("deit_small", {}, "dense DeiT")
     cfg = ARCHS[args.arch or arch]
     family, dense_family = get_family(name), get_family("deit")
+    overrides, calibrated = row_overrides(name, cfg, overrides)
     settings = family.resolve_settings(cfg, overrides)
     torch.manual_seed(0)
     reference = family.reference(cfg, settings).eval()
@@ -138,7 +140,8 @@ def run_family(name: str, args, device: torch.device) -> dict:
     pool = torch.randn(args.agreement_images, cfg.in_chans, cfg.img_size, cfg.img_size, generator=generator)
     with torch.no_grad():
         expected = logits_of(official.to(device).float()(pool.to(device))).float()
-    out = {"label": label, "arch": args.arch or arch, "settings": settings, "official_model": official_what, "runs": {}}
+    out = {"label": label, "arch": args.arch or arch, "settings": settings, "official_model": official_what, **calibrated,
+           "runs": {}}
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for precision in args.precisions:
         dtype = PRECISIONS[precision]
