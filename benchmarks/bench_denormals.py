@@ -53,6 +53,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "denormals.json"
 DOC = ROOT / "docs" / "optimize.md"
 BEGIN, END = "<!-- denormals:begin -->", "<!-- denormals:end -->"
 OFF = "/denormals"
+
+
 def ort_graph(family_name: str, arch: str, overrides: dict, batch: int, path: Path) -> Path:
     """The family's static graph after vitedge's ONNX Runtime passes (what model.ort.onnx holds)."""
     family, cfg = get_family(family_name), ARCHS[arch]

@@ -1046,8 +1046,6 @@ def fuse_sum_of_squares_l2_normalization(model: onnx.ModelProto) -> int:
     return _fuse_l2_normalization(model, _sum_of_squares_norm)
 
 
-# The passes in the order they run: the softmax fusion first, so the attention blocks it
-# turns back into a plain softmax can be fused too.
 def _key_mask(index: GraphIndex, dims: dict, bias: str, batch, tokens: int) -> tuple[str, float] | None:
     """(condition [B, N] or [B, 1, 1, N], value) when the attention bias ``bias`` is ``Where(condition, 0,
     value)`` over the keys, seen through the Expand over query rows and any Unsqueeze / Reshape."""
@@ -1104,6 +1102,8 @@ def fuse_attention_key_mask(model: onnx.ModelProto) -> int:
     return _rewrite_each(model, "Attention", rewrite, GraphIndex, contrib=False, domain=MS_DOMAIN)
 
 
+# The passes in the order they run: the softmax fusion first, so the attention blocks it
+# turns back into a plain softmax can be fused too.
 PASSES = (("regularised_softmax", fuse_regularised_softmax), ("attention", fuse_attention))
 PASSES += (("head_mean_key_attention", fuse_head_mean_key_attention),)
 PASSES += (("shared_qkv_attention", fuse_shared_qkv_attention),)

@@ -16,8 +16,8 @@ def ort_session(path: str | Path, threads: int = 2, profile_prefix: str | None =
                 flush_denormals: bool = True) -> ort.InferenceSession:
     """A CPU session with pinned thread count and spin-waiting off (fair interleaved timing on few cores).
 
-    Denormals are flushed to zero: masked attention keys (A-ViT's -1000 bias, a token budget's
-    empty slots) send MLAS's exp through float32's denormal range, where each multiply takes a
+    Denormals are flushed to zero: masked attention keys (A-ViT's -1000 bias on halted tokens)
+    send MLAS's exp through float32's denormal range, where each multiply takes a
     microcode assist (a Softmax with a quarter of its keys masked ran 4-8 x slower); their weights
     are below 1.2e-38 either way. ONNX Runtime applies the flag to each session's pool threads, but
     to the calling thread only from the first session a process creates (its documented rule), so
